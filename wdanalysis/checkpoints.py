@@ -1,0 +1,257 @@
+"""What a path holds: a full model, an adapter, or a training run of many checkpoints.
+
+Reads only headers and configs; tensors are read later, one at a time, by the analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wdanalysis.adapters import (
+    VLBART_CONFIG,
+    Adapter,
+    AdapterConfig,
+    group_adapter_keys,
+    read_adapter_config,
+)
+from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.keymatch import KeyAligner
+from wdanalysis.modules import CONV1D_MODEL_TYPES
+from wdanalysis.tensors import (
+    TensorStore,
+    open_shard_files,
+    open_sharded,
+    open_tensor_file,
+)
+
+STEP_FOLDER = re.compile(r"^(?:checkpoint|step|epoch|global_step|global-step|iter)[-_]?(\d+)$")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+FULL_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+# GPT-2's Conv1D modules store (in, out) weights.
+CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
+_VLBART_MARKERS = (".weight_m", ".lora_A", ".lora_B")
+
+
+@dataclass
+class FullModel:
+    """A complete set of weights: a base model or a fully fine-tuned checkpoint."""
+
+    path: Path
+    store: TensorStore
+    model_type: str | None = None
+    step: int | None = None
+    kind: str = "full model"
+    method: str = "FT"
+
+    def conv1d_layout(self) -> bool:
+        if self.model_type is not None:
+            return self.model_type in CONV1D_MODEL_TYPES
+        return any(k.endswith(".attn.c_attn.weight") for k in self.store.keys())
+
+    def transposed(self, key: str) -> bool:
+        leaf = key.rsplit(".", 2)[-2] if key.count(".") else key
+        return self.conv1d_layout() and leaf in CONV1D_LEAVES
+
+
+@dataclass
+class AdapterCheckpoint:
+    """An adapter file set; its effective weights need the base model."""
+
+    path: Path
+    adapter: Adapter
+    step: int | None = None
+    kind: str = "adapter"
+
+    @property
+    def method(self) -> str:
+        return self.adapter.method
+
+
+Checkpoint = FullModel | AdapterCheckpoint
+
+
+@dataclass
+class Run:
+    """One training run: its checkpoints sorted by step, and what was skipped."""
+
+    path: Path
+    name: str
+    checkpoints: list[Checkpoint]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    label: str | None = None  # user's display name, replaces the inferred method
+
+    @property
+    def method(self) -> str:
+        methods = {c.method for c in self.checkpoints}
+        return methods.pop() if len(methods) == 1 else "/".join(sorted(methods))
+
+
+# ------------------------------------------------------------------------------ opening
+
+
+def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
+    """Open one checkpoint (file or folder) by looking at its files and headers."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointFormatError("no such file or folder", path)
+    if step is None:
+        step = step_of(path)
+    if path.is_file():
+        return _open_file(path, step)
+    if (path / "adapter_config.json").is_file():
+        return _open_adapter_folder(path, step)
+    for name in FULL_WEIGHT_FILES:
+        if (path / name).is_file():
+            return _full(path, _open_weights(path / name), step)
+    loose = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    if loose:
+        return _full(path, open_shard_files(loose, path), step)
+    if any(path.glob("adapter_model.*")):
+        raise CheckpointFormatError(
+            "adapter weights without adapter_config.json", path, "copy the config beside them"
+        )
+    raise CheckpointFormatError(
+        "no recognisable checkpoint (expected model.safetensors, pytorch_model.bin, "
+        "an adapter_config.json, or checkpoint-N sub-folders)",
+        path,
+    )
+
+
+def _open_weights(path: Path) -> TensorStore:
+    return open_sharded(path) if path.name.endswith(".index.json") else open_tensor_file(path)
+
+
+def _open_file(path: Path, step: int | None) -> Checkpoint:
+    if path.name == "adapter_config.json":
+        return _open_adapter_folder(path.parent, step)
+    if path.name.endswith(".index.json"):
+        return _full(path, open_sharded(path), step)
+    store = open_tensor_file(path)
+    if any(k.endswith(_VLBART_MARKERS) for k in store.keys()):
+        return _adapter(path, store, VLBART_CONFIG, step)
+    if any(".lora_A." in k or ".lora_B." in k for k in store.keys()):
+        config_file = path.parent / "adapter_config.json"
+        if config_file.is_file():
+            return _adapter(path, store, read_adapter_config(config_file), step)
+        raise CheckpointFormatError(
+            "LoRA weights without adapter_config.json", path, "put the config beside the file"
+        )
+    return _full(path, store, step)
+
+
+def _full(path: Path, store: TensorStore, step: int | None) -> FullModel:
+    folder = path if path.is_dir() else path.parent
+    return FullModel(path, store, _model_type(folder), step)
+
+
+def _open_adapter_folder(folder: Path, step: int | None) -> AdapterCheckpoint:
+    config = read_adapter_config(folder / "adapter_config.json")
+    for name in ADAPTER_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return _adapter(folder, open_tensor_file(folder / name), config, step)
+    raise CheckpointFormatError(
+        "adapter_config.json found but no adapter_model.safetensors or adapter_model.bin",
+        folder,
+    )
+
+
+def _adapter(path: Path, store: TensorStore, config: AdapterConfig, step) -> AdapterCheckpoint:
+    modules = group_adapter_keys(store.keys(), path)
+    return AdapterCheckpoint(path, Adapter(path, store, config, modules), step)
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# --------------------------------------------------------------------------------- steps
+
+
+def step_of(path: Path) -> int | None:
+    """The training step of a checkpoint: from its folder name, else ``trainer_state.json``."""
+    folder = path if path.is_dir() else path.parent
+    for name in (path.name, folder.name):
+        match = STEP_FOLDER.match(name)
+        if match:
+            return int(match.group(1))
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def step_folders(path: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-N`` style sub-folders, sorted by N as a number (not as text)."""
+    found = []
+    for child in path.iterdir() if path.is_dir() else ():
+        match = STEP_FOLDER.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def open_run(path: str | Path, name: str | None = None) -> Run:
+    """A run folder of ``checkpoint-N`` sub-folders, or a single checkpoint as a one-step run.
+
+    Sub-folders that hold no complete checkpoint (a run killed mid-save) are skipped with
+    a warning and listed in ``Run.skipped``; the others are kept.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointFormatError("no such file or folder", path)
+    name = name or path.name
+    folders = step_folders(path)
+    if not folders:
+        return Run(path, name, [open_checkpoint(path)])
+    checkpoints, skipped = [], []
+    for step, folder in folders:
+        try:
+            checkpoints.append(open_checkpoint(folder, step))
+        except CheckpointFormatError as error:
+            skipped.append((folder, error.problem))
+    if skipped:
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} incomplete checkpoint(s): "
+            + ", ".join(f"{p.name} ({why})" for p, why in skipped),
+            stacklevel=2,
+        )
+    if not checkpoints:
+        raise CheckpointFormatError(
+            f"none of the {len(folders)} checkpoint folders is complete "
+            f"(first: {skipped[0][0].name}: {skipped[0][1]})",
+            path,
+        )
+    return Run(path, name, checkpoints, skipped)
+
+
+def open_base(path: str | Path) -> FullModel:
+    base = open_checkpoint(path)
+    if not isinstance(base, FullModel):
+        raise CheckpointFormatError(
+            "the base must be a full model, not an adapter",
+            path,
+            "pass the pretrained model the adapter was trained on",
+        )
+    return base
+
+
+def aligner_for(base: FullModel) -> KeyAligner:
+    return KeyAligner(base.store.keys())
+
+
+def is_float(dtype: torch.dtype | str) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point

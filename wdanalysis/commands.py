@@ -1,0 +1,107 @@
+"""The ``compare`` and ``inspect`` sub-commands: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from wdanalysis.analysis import compare
+from wdanalysis.atomic import write_csv_atomic
+from wdanalysis.inspection import format_inspection, inspect
+
+
+def register(subparsers) -> None:
+    _register_compare(subparsers)
+    _register_inspect(subparsers)
+
+
+def _register_compare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="ΔM/ΔD of every run against the base model; table, fits and Figure 2",
+        description="Compare fine-tuning runs with their base model (DoRA paper, Figure 2).",
+    )
+    parser.add_argument("base", type=Path, help="pretrained model (file or folder)")
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders or single checkpoints")
+    parser.add_argument("--labels", nargs="+", help="display names, one per run (default: method)")
+    parser.add_argument(
+        "--modules", nargs="+", help="module names to analyse (default: attention query/value)"
+    )
+    parser.add_argument(
+        "--axis",
+        choices=["out", "in"],
+        default="out",
+        help="magnitude per output feature (default, as DoRA) or per input feature",
+    )
+    parser.add_argument(
+        "--fan-in-fan-out",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="weights stored (in, out) as GPT-2 Conv1D (default: infer)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_compare)
+
+
+def _register_inspect(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect", help="say what a checkpoint, adapter or run folder holds"
+    )
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(handler=run_inspect)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    fan = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
+    deltas = compare(
+        args.base,
+        [str(p) for p in args.runs],
+        modules=args.modules,
+        labels=args.labels,
+        axis=args.axis,
+        fan_in_fan_out=fan,
+        progress=not args.quiet,
+    )
+    path = write_csv_atomic(deltas, args.out / "deltas.csv")
+    print(summarize(deltas))
+    print(f"\nwrote {path}")
+    if not args.no_figures:
+        from wdanalysis.report import write_report
+
+        report = write_report(deltas, args.out)
+        print("\n" + report.fit_table)
+        for written in report.paths:
+            print(f"wrote {written}")
+    return 0
+
+
+def summarize(deltas: pd.DataFrame) -> str:
+    """One line per run: method, steps, weights, mean ΔM and ΔD at the last step."""
+    lines = [f"{'run':<24} {'method':<8} {'steps':<18} {'weights':>7} {'ΔM last':>10} {'ΔD last':>10}"]
+    for run, group in deltas.groupby("run", sort=False):
+        steps = group["step"].dropna().unique()
+        last = group[group["step"] == steps.max()] if len(steps) else group
+        step_text = ",".join(str(s) for s in sorted(steps)) or "?"
+        lines.append(
+            f"{run[:24]:<24} {group['method'].iloc[0][:8]:<8} {step_text[:18]:<18} "
+            f"{last['parameter'].nunique():>7} {last['delta_m'].mean():>10.3g} "
+            f"{last['delta_d'].mean():>10.3g}"
+        )
+    zero = int(deltas["zero_norm_vectors"].sum())
+    if zero:
+        lines.append(f"note: {zero} zero-norm vectors were left out of ΔD (column zero_norm_vectors)")
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info = inspect(args.path)
+    text = json.dumps(info, indent=2, default=str) if args.json else format_inspection(info)
+    print(text, file=sys.stdout)
+    return 0
