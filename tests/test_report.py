@@ -1,0 +1,159 @@
+"""write_report: the files ``wdanalysis compare --out DIR`` gets besides deltas.csv."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.image as mpimg  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from wdanalysis.errors import WDAnalysisError  # noqa: E402
+from wdanalysis.report import ReportResult, write_report  # noqa: E402
+from wdanalysis.stats import format_fit_table  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REQUIRED_FIT_COLUMNS = [
+    "method",
+    "run",
+    "module",
+    "step",
+    "n",
+    "slope",
+    "intercept",
+    "pearson_r",
+    "pearson_p",
+    "spearman_rho",
+]
+
+
+def make_deltas(modules=("q_proj",), steps=(10, 20), layers=4, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for method, rho in (("FT", -0.6), ("LoRA", 0.8), ("DoRA", -0.3)):
+        for module in modules:
+            for step in steps:
+                for layer in range(layers):
+                    d, e = rng.normal(size=2)
+                    rows.append(
+                        {
+                            "method": method,
+                            "run": f"{method.lower()}-run",
+                            "step": step,
+                            "layer": layer,
+                            "module": module,
+                            "parameter": f"layers.{layer}.{module}.weight",
+                            "stack": "",
+                            "axis": "out",
+                            "delta_m": 1e-3 * (2 + rho * d + math.sqrt(1 - rho**2) * e),
+                            "delta_d": 1e-4 * (2 + d),
+                            "n_vectors": 8,
+                            "zero_norm_vectors": 0,
+                            "checkpoint": f"/ckpt/{method}/{step}",
+                        }
+                    )
+    frame = pd.DataFrame(rows)
+    frame["step"] = frame["step"].astype("Int64")
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame
+
+
+def assert_written(path) -> None:
+    assert path.is_file() and path.stat().st_size > 0
+    if path.suffix == ".png":
+        assert path.read_bytes()[:8] == PNG_MAGIC
+    if path.suffix == ".svg":
+        assert b"<svg" in path.read_bytes()[:2000]
+
+
+def test_single_module_report(tmp_path):
+    before = plt.get_fignums()
+    result = write_report(make_deltas(), tmp_path, dpi=50)
+    assert isinstance(result, ReportResult)
+    names = sorted(p.name for p in result.paths)
+    assert names == sorted(
+        ["fits.csv", "figure2.png", "figure2.svg", "trajectories.png", "trajectories.svg"]
+    )
+    for path in result.paths:
+        assert path.parent == tmp_path
+        assert_written(path)
+    # exactly these files, no temporary leftovers, no deltas.csv (the CLI writes that)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert result.fit_table == format_fit_table(result.fits)
+    assert result.notes == []
+    assert plt.get_fignums() == before
+
+
+def test_fits_csv_columns_and_empty_step_for_pooled(tmp_path):
+    result = write_report(make_deltas(), tmp_path, dpi=50)
+    fits = pd.read_csv(result.fits_csv)
+    assert set(REQUIRED_FIT_COLUMNS) <= set(fits.columns)
+    pooled = fits[fits["scope"] == "pooled"]
+    assert pooled["step"].isna().all() and len(pooled) == 3
+    assert sorted(fits.loc[fits["scope"] == "step", "step"].unique()) == [10, 20]
+    header, first = result.fits_csv.read_text().splitlines()[:2]
+    step_index = header.split(",").index("step")
+    assert first.split(",")[step_index] == ""  # "step empty for the pooled fit"
+    np.testing.assert_allclose(fits["slope"], result.fits["slope"])
+
+
+def test_several_modules_get_one_file_each(tmp_path):
+    result = write_report(make_deltas(modules=("query", "value")), tmp_path, dpi=50)
+    assert set(result.figures) == {"query", "value"}
+    for module in ("query", "value"):
+        for stem in ("figure2", "trajectories"):
+            for suffix in ("png", "svg"):
+                assert_written(tmp_path / f"{stem}_{module}.{suffix}")
+    assert not (tmp_path / "figure2.png").exists()
+    assert set(pd.read_csv(result.fits_csv)["module"]) == {"query", "value"}
+
+
+def test_module_names_are_made_file_safe(tmp_path):
+    result = write_report(make_deltas(modules=("attn/q", "attn/v")), tmp_path, dpi=50)
+    assert (tmp_path / "figure2_attn_q.png").is_file()
+    assert all(path.parent == tmp_path for path in result.paths)
+
+
+def test_dpi_sets_png_resolution(tmp_path):
+    low = write_report(make_deltas(), tmp_path / "low", dpi=50)
+    high = write_report(make_deltas(), tmp_path / "high", dpi=100)
+    low_png = mpimg.imread(low.figures["q_proj"][0])
+    high_png = mpimg.imread(high.figures["q_proj"][0])
+    assert high_png.shape[0] == pytest.approx(2 * low_png.shape[0], abs=2)
+
+
+def test_pdf_vector_copy(tmp_path):
+    result = write_report(make_deltas(), tmp_path, dpi=50, vector_format="pdf")
+    pdf = tmp_path / "figure2.pdf"
+    assert pdf in result.paths and pdf.read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(ValueError, match="vector_format"):
+        write_report(make_deltas(), tmp_path, vector_format="eps")
+
+
+def test_unknown_steps_skip_trajectories_with_note(tmp_path):
+    deltas = make_deltas()
+    deltas["step"] = pd.array([pd.NA] * len(deltas), dtype="Int64")
+    result = write_report(deltas, tmp_path, dpi=50)
+    assert (tmp_path / "figure2.png").is_file()
+    assert not (tmp_path / "trajectories.png").exists()
+    assert any("no known training step" in note for note in result.notes)
+
+
+def test_nan_rows_warn_once(tmp_path):
+    deltas = make_deltas()
+    deltas.loc[0, "delta_d"] = np.nan
+    with pytest.warns(UserWarning, match="dropped 1 of") as caught:
+        write_report(deltas, tmp_path, dpi=50)
+    assert sum("dropped" in str(w.message) for w in caught) == 1
+
+
+def test_bad_input_is_a_user_error(tmp_path):
+    with pytest.raises(WDAnalysisError, match="lacks column"):
+        write_report(make_deltas().drop(columns=["module"]), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
