@@ -7,6 +7,7 @@ one checkpoint matrix at a time and the base is never re-read per checkpoint.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from wdanalysis.checkpoints import (
     is_float,
     open_base,
     open_run,
+    refuse_quantized,
 )
-from wdanalysis.decomposition import AXES, decomposition_change
+from wdanalysis.decomposition import AXES
 from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisError
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.modules import describe_weight, select_weights
@@ -57,6 +59,25 @@ class BoundCheckpoint:
     checkpoint: Checkpoint
     method: str
     keys: dict  # base key → checkpoint key (full) or AdapterModule (adapter)
+    error: WDAnalysisError | None = None  # set when reading this checkpoint failed mid-way
+
+
+class PartialResultError(WDAnalysisError):
+    """Some checkpoints failed while computing; ``table`` holds every other one, complete.
+
+    ``failures`` lists ``(run name, step, error)``. Raised instead of returning the table so
+    that a partial result is never taken for a whole one.
+    """
+
+    def __init__(self, table: pd.DataFrame, failures: list, total: int):
+        self.table = table
+        self.failures = failures
+        super().__init__(
+            f"{len(failures)} of {total} checkpoints failed and were left out of the table; "
+            f"first: {failures[0][2]}",
+            hint="every other checkpoint's rows are complete; fix or remove the failed "
+            "checkpoints and rerun",
+        )
 
 
 def compare(
@@ -67,6 +88,8 @@ def compare(
     axis: str = "out",
     fan_in_fan_out: bool | None = None,
     progress: bool = True,
+    device: str = "cpu",
+    workers: int | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every selected weight, for every checkpoint of every run.
 
@@ -82,12 +105,18 @@ def compare(
         store it; ``"in"``: one per input feature.
     fan_in_fan_out: force (True) or forbid (False) the (in, out) GPT-2 ``Conv1D`` layout;
         ``None`` infers it from ``config.json``, key names and adapter configs.
+    device: where the ΔM/ΔD sums are computed: ``"cpu"`` (fused one-pass kernel when a C
+        compiler is available, else torch) or ``"cuda"``. Both use float64 arithmetic.
+    workers: threads computing the checkpoints of one block in parallel (1: one compute
+        thread beside the reader thread). ``None``: 2 where there are 2 or more cores, which
+        kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did not.
 
     Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight).
     """
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
     base_model = open_base(base)
+    refuse_quantized(base_model.store, "base model")
     run_list = _open_runs(runs, labels)
     selected = select_weights(
         {k: base_model.store.shape(k) for k in base_model.store.keys()}, modules, str(base)
@@ -101,8 +130,18 @@ def compare(
         for run in run_list
         for ckpt in run.checkpoints
     ]
-    rows = _compute(base_model, selected, bound, axis, transposed, progress)
-    return _table(rows, run_list)
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    rows = _compute(base_model, selected, bound, axis, transposed, progress, device, workers)
+    failed = [item for item in bound if item.error is not None]
+    if not failed:
+        return _table(rows, run_list)
+    if len(failed) == len(bound):
+        raise failed[0].error
+    dropped = {(item.run.name, str(item.checkpoint.path)) for item in failed}
+    rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
+    failures = [(item.run.name, item.checkpoint.step, item.error) for item in failed]
+    raise PartialResultError(_table(rows, run_list), failures, len(bound))
 
 
 def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
@@ -135,11 +174,15 @@ def _check_base_dtypes(base: FullModel, selected: list[str]) -> None:
     for key in selected:
         if not is_float(base.store.dtype(key)):
             raise NumericalError(
-                f"weight {key!r} has dtype {base.store.dtype(key)}; quantized or integer "
-                "weights are not supported",
-                base.path,
+                f"weight {key!r} has dtype {_dtype_name(base.store.dtype(key))}; quantized or "
+                "integer weights are not supported",
+                base.store.infos[key].file,
                 "analyse the unquantized (fp32/fp16/bf16) model",
             )
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _layout(base: FullModel, runs: list[Run], fan_in_fan_out: bool | None):
@@ -166,27 +209,31 @@ def _bind(run, ckpt, shapes, selected, aligner: KeyAligner, transposed):
 
 
 def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
+    refuse_quantized(ckpt.store, "checkpoint")
     mapping = aligner.map_keys(ckpt.store.keys())
     missing = [key for key in selected if key not in mapping]
     if missing:
         raise AdapterMismatchError(
-            f"checkpoint lacks {len(missing)} of the selected weights, e.g. {missing[0]!r}",
-            ckpt.path,
-            "is it a checkpoint of another model?",
+            f"checkpoint lacks {len(missing)} of the {len(selected)} selected weights, "
+            f"e.g. {missing[0]!r}: base and checkpoint come from different models",
+            ckpt.store.path,
+            "pass the base model this run was fine-tuned from",
         )
     for key in selected:
         if ckpt.store.shape(mapping[key]) != tuple(shapes[key]):
             raise AdapterMismatchError(
                 f"weight {mapping[key]!r} has shape {list(ckpt.store.shape(mapping[key]))} "
-                f"but the base has {list(shapes[key])}",
-                ckpt.path,
-                "base and checkpoint come from different models",
+                f"but the base has {list(shapes[key])}: base and checkpoint come from "
+                "different models",
+                ckpt.store.path,
+                "pass the base model this run was fine-tuned from",
             )
         if not is_float(ckpt.store.dtype(mapping[key])):
             raise NumericalError(
-                f"weight {mapping[key]!r} has non-float dtype {ckpt.store.dtype(mapping[key])}",
-                ckpt.path,
-                "quantized checkpoints are not supported",
+                f"weight {mapping[key]!r} has dtype {_dtype_name(ckpt.store.dtype(mapping[key]))}; "
+                "quantized or integer weights are not supported",
+                ckpt.store.infos[mapping[key]].file,
+                "analyse an unquantized (fp32/fp16/bf16) checkpoint",
             )
     return {key: mapping[key] for key in selected}
 
@@ -201,15 +248,42 @@ def _effective_weight(bound: BoundCheckpoint, key: str, w0: torch.Tensor, transp
     return ckpt.store.get(bound.keys[key])
 
 
-def _require_finite(tensor: torch.Tensor, key: str, where: Path) -> None:
+def _require_finite(tensor: torch.Tensor, key: str, where: Path, hint: str | None = None) -> None:
+    if tensor.dtype.itemsize == 1:  # fp8: isfinite is not implemented for it
+        tensor = tensor.float()
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
         raise NumericalError(
-            f"weight {key!r} holds {bad} NaN/Inf value(s)", where, "the checkpoint is broken"
+            f"weight {key!r} holds {bad} NaN/Inf value(s) of {tensor.numel()}",
+            where,
+            hint or _BROKEN,
         )
 
 
-def _compute(base, selected, bound, axis, transposed, progress) -> list[dict]:
+_BROKEN = (
+    "the checkpoint is broken (training diverged or the file is damaged); "
+    "leave it out or use an earlier checkpoint"
+)
+
+
+def _source_of(item: BoundCheckpoint, key: str) -> Path:
+    """The file that holds ``key`` for this checkpoint (the shard, or the adapter)."""
+    ckpt = item.checkpoint
+    if isinstance(ckpt, FullModel):
+        return ckpt.store.infos[item.keys[key]].file
+    return ckpt.path
+
+
+def _compute(
+    base, selected, bound, axis, transposed, progress, device="cpu", workers=1
+) -> list[dict]:
+    """Stream every selected weight through every checkpoint (:mod:`wdanalysis.streaming`).
+
+    A checkpoint whose own data fails (unreadable, NaN/Inf) gets ``item.error`` and is
+    skipped from then on; a failure of the base stops the analysis.
+    """
+    from wdanalysis.streaming import Engine
+
     rows = []
     bar = tqdm(
         total=len(selected) * len(bound),
@@ -218,17 +292,16 @@ def _compute(base, selected, bound, axis, transposed, progress) -> list[dict]:
         disable=not progress,
         leave=False,
     )
+    names = {}
+
+    def on_result(key, item, change):
+        if change is not None:
+            name = names.get(key) or names.setdefault(key, describe_weight(key))
+            rows.append(_row(item, name, axis, change))
+        bar.update()
+
     with bar:
-        for key in selected:
-            w0 = base.store.get(key)
-            _require_finite(w0, key, base.path)
-            name = describe_weight(key)
-            for item in bound:
-                wt = _effective_weight(item, key, w0, transposed)
-                _require_finite(wt, key, item.checkpoint.path)
-                change = decomposition_change(w0, wt, axis, transposed(key))
-                rows.append(_row(item, name, axis, change))
-                bar.update()
+        Engine(base, bound, axis, transposed, device, workers).run(list(selected), on_result)
     return rows
 
 
@@ -273,6 +346,8 @@ def _warn_zero_norms(table: pd.DataFrame) -> None:
         f"{len(hit)} (run, step, weight) rows had zero-norm vectors, left out of ΔD "
         f"(e.g. {worst['zero_norm_vectors']} of {worst['n_vectors']} in {worst['parameter']} "
         f"of {worst['run']}); see the zero_norm_vectors column"
-        + ("; some ΔD are NaN because every vector was zero" if hit["delta_d"].isna().any() else ""),
+        + (
+            "; some ΔD are NaN because every vector was zero" if hit["delta_d"].isna().any() else ""
+        ),
         stacklevel=3,
     )

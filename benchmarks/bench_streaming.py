@@ -1,0 +1,469 @@
+"""End-to-end benchmark of wdanalysis's streaming engine against the disk and a naive path.
+
+One command, e.g.::
+
+    python benchmarks/bench_streaming.py                 # ~3.4 GB per checkpoint
+    python benchmarks/bench_streaming.py --layers 14     # ~6.2 GB per checkpoint
+
+It writes a LLaMA-shaped bf16 checkpoint set (base, ``--ft-steps`` full fine-tuning
+checkpoints, a PEFT LoRA and a PEFT DoRA adapter on every linear layer) under
+``--workdir``, then, each in a fresh subprocess and each after evicting the files from the
+page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``, after ``fsync``):
+
+1. raw read: the same files read sequentially in 16 MB ``read`` calls (what ``cat`` does);
+2. wdanalysis: ``compare()`` on every 2-D weight of every checkpoint (one or more settings);
+3. naive: whole state dicts (``safetensors.torch.load_file``), ``.float()``, adapters merged
+   into a copy of the whole base state dict per checkpoint (``merge_and_unload`` style),
+   ΔM/ΔD with plain float32 torch ops.
+
+Throughput is the total size of the files over wall time (the same bytes for all three).
+Peak RSS is the subprocess's ``VmHWM``; anonymous and file-backed RSS are sampled from
+``/proc/self/status`` every 20 ms. Files are deleted at the end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+LINEAR = {
+    "self_attn.q_proj": ("h", "h"),
+    "self_attn.k_proj": ("h", "h"),
+    "self_attn.v_proj": ("h", "h"),
+    "self_attn.o_proj": ("h", "h"),
+    "mlp.gate_proj": ("i", "h"),
+    "mlp.up_proj": ("i", "h"),
+    "mlp.down_proj": ("h", "i"),
+}
+
+
+# ------------------------------------------------------------------------------- generation
+
+
+def model_shapes(args) -> dict[str, tuple[int, ...]]:
+    dims = {"h": args.hidden, "i": args.intermediate}
+    shapes = {"model.embed_tokens.weight": (args.vocab, args.hidden)}
+    for layer in range(args.layers):
+        prefix = f"model.layers.{layer}."
+        for name, (rows, cols) in LINEAR.items():
+            shapes[prefix + name + ".weight"] = (dims[rows], dims[cols])
+        shapes[prefix + "input_layernorm.weight"] = (args.hidden,)
+        shapes[prefix + "post_attention_layernorm.weight"] = (args.hidden,)
+    shapes["model.norm.weight"] = (args.hidden,)
+    shapes["lm_head.weight"] = (args.vocab, args.hidden)
+    return shapes
+
+
+def write_safetensors(path: Path, tensors) -> None:
+    """Stream ``(key, shape, dtype, make)`` to a safetensors file, one tensor in memory."""
+    names = {torch.bfloat16: "BF16", torch.float32: "F32"}
+    header, offset = {}, 0
+    for key, shape, dtype, _ in tensors:
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        header[key] = {
+            "dtype": names[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        for _, _shape, dtype, make in tensors:
+            handle.write(make().to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _randn(shape, seed, std):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen) * std
+
+
+def generate(args, work: Path) -> dict:
+    shapes = model_shapes(args)
+    config = {"model_type": "llama", "hidden_size": args.hidden, "num_hidden_layers": args.layers}
+
+    def base_tensor(i, key, shape):
+        if len(shape) == 1:
+            return torch.ones(shape)
+        return _randn(shape, i, 0.02)
+
+    def model(folder: Path, step: int):
+        entries = []
+        for i, (key, shape) in enumerate(shapes.items()):
+
+            def make(i=i, key=key, shape=shape):
+                w = base_tensor(i, key, shape)
+                if step and len(shape) == 2:  # FT: drift grows with the step
+                    w = w * (1 + 1e-3 * step * _randn((shape[0], 1), 10_000 * step + i, 1.0))
+                    w = w + 2e-4 * step * _randn(shape, 20_000 * step + i, 0.02)
+                return w
+
+            entries.append((key, shape, torch.bfloat16, make))
+        write_safetensors(folder / "model.safetensors", entries)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    t = time.perf_counter()
+    model(work / "base", 0)
+    for step in range(1, args.ft_steps + 1):
+        model(work / "ft" / f"checkpoint-{step * 100}", step)
+    for dora in (False, True):
+        entries = []
+        for i, (key, shape) in enumerate(shapes.items()):
+            if not any(name in key for name in LINEAR):
+                continue
+            prefix = "base_model.model." + key.removesuffix(".weight")
+            r = args.rank
+            entries.append(
+                (
+                    prefix + ".lora_A.weight",
+                    (r, shape[1]),
+                    torch.float32,
+                    lambda s=(r, shape[1]), i=i: _randn(s, 30_000 + i, 0.01),
+                )
+            )
+            entries.append(
+                (
+                    prefix + ".lora_B.weight",
+                    (shape[0], r),
+                    torch.float32,
+                    lambda s=(shape[0], r), i=i: _randn(s, 40_000 + i, 0.01),
+                )
+            )
+            if dora:
+                entries.append(
+                    (
+                        prefix + ".lora_magnitude_vector",
+                        (shape[0],),
+                        torch.float32,
+                        lambda s=shape, i=i, key=key: (
+                            base_tensor(i, key, s).float().norm(dim=1)
+                            * (1 + 1e-3 * _randn((s[0],), 50_000 + i, 1.0))
+                        ),
+                    )
+                )
+        folder = work / ("dora" if dora else "lora")
+        write_safetensors(folder / "adapter_model.safetensors", entries)
+        cfg = {
+            "peft_type": "LORA",
+            "r": args.rank,
+            "lora_alpha": 2 * args.rank,
+            "use_dora": dora,
+            "target_modules": [n.split(".")[-1] for n in LINEAR],
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return {"seconds": time.perf_counter() - t}
+
+
+def all_files(work: Path) -> list[Path]:
+    return sorted(p for p in work.rglob("*") if p.is_file() and p.suffix == ".safetensors")
+
+
+def evict(files: list[Path]) -> int:
+    """Drop the files' pages from the page cache; returns bytes still resident (if known)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if shutil.which("fincore"):
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
+            capture_output=True,
+            text=True,
+        )
+        try:
+            return sum(int(x) for x in out.stdout.split())
+        except ValueError:
+            return -1
+    return -1
+
+
+# ---------------------------------------------------------------------------- child phases
+
+
+class RssSampler:
+    """Peak anonymous and file-backed RSS of this process, sampled every 20 ms."""
+
+    def __init__(self):
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict:
+        values = {}
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                if name in ("RssAnon", "RssFile", "VmHWM"):
+                    values[name] = int(rest.split()[0]) * 1024
+        return values
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            for name, value in self._read().items():
+                if name in self.peak:
+                    self.peak[name] = max(self.peak[name], value)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {**self.peak, "VmHWM": self._read()["VmHWM"]}
+
+
+def child_raw(work: Path) -> dict:
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    total = 0
+    for path in all_files(work):
+        with open(path, "rb", buffering=0) as handle:
+            while n := handle.readinto(view):
+                total += n
+    return {"bytes": total}
+
+
+def child_wdanalysis(work: Path, workers: int, device: str) -> dict:
+    from wdanalysis import compare
+
+    runs = [work / "ft", work / "lora", work / "dora"]
+    table = compare(
+        work / "base", runs, modules=[".*"], progress=False, workers=workers, device=device
+    )
+    return {"rows": len(table), "summary": _summary(table)}
+
+
+def child_naive(work: Path) -> dict:
+    """transformers/PEFT-style: whole state dicts in memory, merge per checkpoint."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(work / "base" / "model.safetensors"))
+    keys = [k for k, v in base.items() if v.dim() == 2]
+    rows = []
+
+    def measure(run, state):
+        for key in keys:
+            a, b = base[key].float(), state[key].float()
+            na, nb = a.norm(dim=1), b.norm(dim=1)
+            dm = (nb - na).abs().mean().item()
+            dd = (1 - (a * b).sum(dim=1) / (na * nb)).mean().item()
+            rows.append((run, key, dm, dd))
+
+    for ckpt in sorted((work / "ft").iterdir()):
+        measure("ft", load_file(str(ckpt / "model.safetensors")))
+    for name in ("lora", "dora"):
+        cfg = json.loads((work / name / "adapter_config.json").read_text())
+        adapter = load_file(str(work / name / "adapter_model.safetensors"))
+        merged = {k: v.clone() for k, v in base.items()}  # a fresh model per checkpoint
+        scale = cfg["lora_alpha"] / cfg["r"]
+        for key in keys:
+            prefix = "base_model.model." + key.removesuffix(".weight")
+            if prefix + ".lora_A.weight" not in adapter:
+                continue
+            w = merged[key].float()
+            w = w + scale * adapter[prefix + ".lora_B.weight"] @ adapter[prefix + ".lora_A.weight"]
+            if cfg.get("use_dora"):
+                m = adapter[prefix + ".lora_magnitude_vector"].reshape(-1, 1)
+                w = m * w / w.norm(dim=1, keepdim=True)
+            merged[key] = w.to(base[key].dtype)
+        measure(name, merged)
+        del merged
+    return {"rows": len(rows)}
+
+
+def _summary(table) -> dict:
+    last = table.groupby("run")[["delta_m", "delta_d"]].mean()
+    return {run: [float(v) for v in row] for run, row in last.iterrows()}
+
+
+def run_child(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import safetensors.torch  # noqa: F401  (imports are not part of the timed work)
+
+    import wdanalysis
+    from wdanalysis import kernel
+
+    kernel.load()
+    del wdanalysis
+    sampler = RssSampler()
+    t = time.perf_counter()
+    if args.child == "raw":
+        out = child_raw(args.workdir)
+    elif args.child == "wdanalysis":
+        out = child_wdanalysis(args.workdir, args.workers, args.device)
+    else:
+        out = child_naive(args.workdir)
+    out["seconds"] = time.perf_counter() - t
+    out.update(sampler.stop())
+    print("RESULT " + json.dumps(out))
+
+
+def phase(args, name: str, files, workers=1, threads=0) -> dict:
+    resident = evict(files)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--workdir",
+        str(args.workdir),
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--device",
+        args.device,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if done.returncode or line is None:
+        raise SystemExit(f"{name} failed:\n{done.stdout}\n{done.stderr}")
+    result = json.loads(line[len("RESULT ") :])
+    result["resident_before"] = resident
+    return result
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def machine() -> str:
+    mem = next((ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), "0")
+    model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    disk = shutil.disk_usage("/")
+    return (
+        f"{os.cpu_count()} cores ({model}), {int(mem) / 2**20:.1f} GiB RAM, "
+        f"disk {disk.total / 1e9:.0f} GB ({disk.free / 1e9:.0f} GB free); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--layers", type=int, default=7, help="7: ~3.4 GB per checkpoint")
+    parser.add_argument("--ft-steps", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/wdanalysis-bench"))
+    parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--reuse", action="store_true", help="reuse files in --workdir")
+    parser.add_argument(
+        "--naive",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="auto: skip when 2.2x a checkpoint would not fit in free memory",
+    )
+    parser.add_argument(
+        "--variants",
+        default="1x0,2x1",
+        help="wdanalysis settings WORKERSxTORCH_THREADS (0: torch's default)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--child", choices=["raw", "wdanalysis", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_child(args)
+
+    work = args.workdir
+    print(f"machine: {machine()}")
+    if not args.reuse or not (work / "base").is_dir():
+        shutil.rmtree(work, ignore_errors=True)
+        gen = generate(args, work)
+        print(f"generated in {gen['seconds']:.0f} s under {work}")
+    files = all_files(work)
+    total = sum(p.stat().st_size for p in files)
+    ckpt = (work / "base" / "model.safetensors").stat().st_size
+    print(
+        f"checkpoints: base + {args.ft_steps} FT of {ckpt / 1e9:.2f} GB each "
+        f"({args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"bf16) + LoRA and DoRA adapters (r={args.rank}, all linear layers); "
+        f"{len(files)} files, {total / 1e9:.2f} GB in all"
+    )
+    gb = 1e9
+    try:
+        raw = phase(args, "raw", files)
+        raw_tp = total / raw["seconds"] / gb
+        print(
+            f"\n{'path':<34}{'time s':>8}{'GB/s':>8}{'vs raw':>8}{'peak RSS':>11}"
+            f"{'anon':>9}{'file':>9}"
+        )
+
+        def line(name, res, extra=""):
+            tp = total / res["seconds"] / gb
+            print(
+                f"{name:<34}{res['seconds']:>8.1f}{tp:>8.2f}{tp / raw_tp:>8.0%}"
+                f"{res['VmHWM'] / 2**20:>8.0f} MiB{res['RssAnon'] / 2**20:>5.0f} M"
+                f"{res['RssFile'] / 2**20:>7.0f} M{extra}"
+            )
+            return tp
+
+        line("raw read (16 MB reads, cold)", raw)
+        best = None
+        for variant in args.variants.split(","):
+            workers, threads = (int(x) for x in variant.split("x"))
+            res = phase(args, "wdanalysis", files, workers, threads)
+            label = f"wdanalysis workers={workers} thr={threads or 'dflt'}"
+            tp = line(label, res)
+            best = res if best is None or res["seconds"] < best["seconds"] else best
+        free = next(
+            int(ln.split()[1]) * 1024
+            for ln in open("/proc/meminfo")
+            if ln.startswith("MemAvailable")
+        )
+        run_naive = args.naive == "yes" or (args.naive == "auto" and 2.2 * ckpt < free)
+        if run_naive:
+            naive = phase(args, "naive", files)
+            line("naive (whole state dicts, f32)", naive)
+            print(
+                f"\nspeed-up over naive: {naive['seconds'] / best['seconds']:.1f}x "
+                "(best wdanalysis setting)"
+            )
+        else:
+            print(
+                f"\nnaive path skipped: 2.2 x {ckpt / 1e9:.1f} GB would not fit in "
+                f"{free / 1e9:.1f} GB of available memory"
+            )
+        for key in ("resident_before",):
+            print(
+                f"page cache: evicted before every phase (posix_fadvise DONTNEED); "
+                f"resident bytes after eviction: {best[key]}"
+            )
+        print(f"ΔM/ΔD means per run (wdanalysis): {json.dumps(best['summary'])}")
+        del tp
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,525 @@
+"""The streaming engine behind :func:`wdanalysis.compare`.
+
+Weight-major and block-wise: for each selected weight, the base matrix is read once in
+blocks of rows, and each block is compared with the same rows of every checkpoint of every
+run before the next block is read. Memory therefore holds a few blocks (a fixed budget,
+whatever the model or matrix size), never a whole state dict, and never the base twice.
+
+* Full checkpoints in safetensors are read with ``pread`` straight into a small pool of
+  reusable buffers by a background thread, so the disk keeps streaming while the kernel
+  runs (no mmap: mapped pages would count in the process's RSS until unmapped).
+  ``.bin`` checkpoints go through :class:`~wdanalysis.tensors.TensorStore` (mmap).
+* LoRA/DoRA adapters never materialise ``W'``: the update ``d = s·B[rows]@A`` is formed in
+  float64 for the rows at hand, so nothing cancels. A DoRA merge ``m·V/‖V‖`` rescales each
+  output row to norm ``|m|`` without turning it, so on the output axis its ΔD is that of
+  ``V = W0 + s·B@A`` and its ΔM is ``| |m| − ‖W0‖ |``, both exact.
+* Per vector the sums ``Σa², Σa·d, Σd²`` are accumulated in float64 by
+  :func:`~wdanalysis.decomposition.accumulate_sums` (one-pass fused kernel on CPU, torch
+  elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wdanalysis.checkpoints import AdapterCheckpoint
+from wdanalysis.decomposition import (
+    DecompositionChange,
+    accumulate_sums,
+    change_from_sums,
+    vector_mode,
+)
+from wdanalysis.errors import NumericalError
+
+MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
+MAX_BLOCK = 32 << 20  # largest single read
+MIN_BLOCK = 4 << 20
+ADAPTER_CHUNK_ELEMENTS = 1 << 20  # float64 update rows formed at a time (8 MB)
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_ST_DTYPES["F64"] = torch.float64
+
+
+# ----------------------------------------------------------------------- safetensors layout
+
+
+@dataclass(frozen=True)
+class _Extent:
+    """Where a tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    offset: int  # absolute byte offset of the data
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+_layouts: dict[Path, dict[str, _Extent]] = {}
+
+
+def _safetensors_layout(file: Path) -> dict[str, _Extent]:
+    """Absolute data offsets of every tensor (header already validated by the loader)."""
+    cached = _layouts.get(file)
+    if cached is not None:
+        return cached
+    import json
+    import struct
+
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+    extents = {}
+    for key, entry in header.items():
+        if key == "__metadata__" or entry.get("dtype") not in _ST_DTYPES:
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = _ST_DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        numel = 1
+        for n in shape:
+            numel *= n
+        if end - begin != numel * dtype.itemsize:
+            continue  # inconsistent entry: let the loader's slow path report it
+        extents[key] = _Extent(file, 8 + header_len + begin, end - begin, dtype, shape)
+    if len(_layouts) > 4096:
+        _layouts.clear()
+    _layouts[file] = extents
+    return extents
+
+
+def _extent(store, key: str) -> _Extent | None:
+    """Byte range of ``key`` if it can be streamed with pread, else ``None``."""
+    info = store.infos.get(key)
+    if info is None or info.file.suffix != ".safetensors":
+        return None
+    try:
+        return _safetensors_layout(info.file).get(key)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class _Reader:
+    """Reads byte ranges, in the order they will be consumed, into a pool of buffers.
+
+    A single background thread issues the ``pread`` calls (they release the GIL) while the
+    caller computes; ``get`` returns them in request order; ``release`` recycles a buffer.
+    """
+
+    def __init__(self, requests: Iterator[tuple[Path, int, int]], n_buffers: int, size: int, pin):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(n_buffers):
+            buf = torch.empty(size, dtype=torch.uint8)
+            self._free.put(buf.pin_memory() if pin else buf)
+        self._ready: queue.Queue = queue.Queue()
+        self._requests = requests
+        self._fds: dict[Path, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wdanalysis-reader", daemon=True)
+        self._thread.start()
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return fd
+
+    def _run(self) -> None:
+        try:
+            for path, offset, nbytes in self._requests:
+                buf = None
+                while buf is None:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        buf = self._free.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                try:
+                    self._read_into(buf, path, offset, nbytes)
+                except OSError as error:  # this request only: handed to the consumer
+                    self._ready.put((buf, error))
+                else:
+                    self._ready.put((buf, None))
+        except BaseException as error:  # the schedule itself broke: stop the consumer
+            self._ready.put((None, error))
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _read_into(self, buf: torch.Tensor, path: Path, offset: int, nbytes: int) -> None:
+        view = memoryview(buf.numpy())[:nbytes]
+        done, fd = 0, self._fd(path)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"unexpected end of file at byte {offset + done}")
+            done += got
+
+    def get(self) -> tuple[torch.Tensor, OSError | None]:
+        """The next buffer in request order, and the read error for it if any."""
+        buf, error = self._ready.get()
+        if buf is None:
+            raise error
+        return buf, error
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+@dataclass
+class _Job:
+    """One (checkpoint, weight) comparison: how to get its rows, where its sums go."""
+
+    index: int  # position in ``bound``
+    kind: str  # "file" | "dense" | "same" | "lora" | "dora" | "effective"
+    extent: _Extent | None = None
+    dense: Callable[[], torch.Tensor] | None = None
+    module: object = None
+    sums: torch.Tensor | None = None
+    factors: tuple | None = None  # adapters: (A, s·B, m) float64 on the compute device
+    matrix: torch.Tensor | None = None  # "dense": the whole stored matrix
+    change: DecompositionChange | None = None
+
+
+def _storage_2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(-1, 1)
+
+
+def _as_matrix(buf: torch.Tensor, extent: _Extent, rows: int, cols: int) -> torch.Tensor:
+    return buf[: rows * cols * extent.dtype.itemsize].view(extent.dtype).view(rows, cols)
+
+
+class Engine:
+    """Computes ΔM/ΔD for every (weight, checkpoint) pair; see the module docstring."""
+
+    def __init__(self, base, bound, axis: str, transposed, device="cpu", workers: int = 1):
+        self.base, self.bound, self.axis, self.transposed = base, bound, axis, transposed
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise NumericalError(
+                "device 'cuda' was asked for but torch sees no GPU", None, "use --device cpu"
+            )
+        self.backend = "auto" if self.device.type == "cpu" else "torch"
+        self.workers = max(1, int(workers))
+
+    # -- planning -------------------------------------------------------------------
+
+    def _jobs(self, key: str) -> list[_Job]:
+        jobs = []
+        for index, item in enumerate(self.bound):
+            ckpt = item.checkpoint
+            if isinstance(ckpt, AdapterCheckpoint):
+                jobs.append(self._adapter_job(index, item, key))
+                continue
+            ckey = item.keys[key]
+            extent = _extent(ckpt.store, ckey)
+            if extent is not None:
+                jobs.append(_Job(index, "file", extent=extent))
+            else:
+                jobs.append(_Job(index, "dense", dense=lambda s=ckpt.store, k=ckey: s.get(k)))
+        return jobs
+
+    def _adapter_job(self, index: int, item, key: str) -> _Job:
+        module = item.keys.get(key)
+        if module is None:
+            return _Job(index, "same")
+        if (
+            not (module.lora_b or module.magnitude)  # a whole saved weight (modules_to_save)
+            or getattr(module, "saved_base", None)  # VL-BART merges onto its own weight_v
+            or (module.magnitude and self.axis == "in" and self.transposed(key))
+        ):
+            # Rare layouts are merged whole by Adapter.effective_weight. (DoRA's per-output
+            # scale on the input axis needs whole stored columns of an (in, out) weight.)
+            return _Job(index, "effective", module=module)
+        return _Job(index, "dora" if module.magnitude else "lora", module=module)
+
+    def _load_factors(self, job: _Job) -> None:
+        """``A``, ``s·B`` and ``m`` of one adapted module, float64 on the compute device."""
+        store, module = self.bound[job.index].checkpoint.adapter.store, job.module
+        dev, f64 = self.device, torch.float64
+        a = b = m = None
+        if module.lora_b:
+            a = store.get(module.lora_a).to(dev, f64)
+            b = store.get(module.lora_b).to(dev, f64) * module.scaling
+        if module.magnitude:
+            m = store.get(module.magnitude).to(dev, f64).reshape(-1)
+        job.factors = (a, b, m)
+
+    # -- running --------------------------------------------------------------------
+
+    def run(self, keys: list[str], on_result) -> None:
+        keys = sorted(keys, key=self._position)
+        plans = [(key, self._jobs(key)) for key in keys]
+        n_file = max([1] + [sum(j.kind == "file" for j in jobs) for _, jobs in plans])
+        block_bytes = self._block_bytes(n_file)
+        blocks = [self._blocks(key, jobs, block_bytes) for key, jobs in plans]
+        row_bytes = max([1] + [self._row_bytes(key) for key in keys])
+        size = max(block_bytes, row_bytes)
+        requests = self._requests(plans, blocks)
+        n_buffers = max(3, MEMORY_BUDGET // size)
+        n_buffers = max(n_buffers, (n_file + 2) if self.workers > 1 else 3)
+        pin = self.device.type == "cuda"
+        reader = _Reader(requests, n_buffers, size, pin)
+        pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        try:
+            for (key, jobs), rows_per_block in zip(plans, blocks, strict=True):
+                for job, change in self._run_key(key, jobs, rows_per_block, reader, pool):
+                    on_result(key, self.bound[job.index], change)  # change None: failed
+        finally:
+            reader.close()
+            if pool is not None:
+                pool.shutdown()
+
+    def _position(self, key: str):
+        extent = _extent(self.base.store, key)
+        return (str(extent.file), extent.offset) if extent else ("", 0)
+
+    def _row_bytes(self, key: str) -> int:
+        shape = self.base.store.shape(key)
+        cols = 1
+        for n in shape[1:]:
+            cols *= n
+        return cols * 8  # float64 is the widest
+
+    def _block_bytes(self, n_file: int) -> int:
+        per = MEMORY_BUDGET // (n_file + 3) if self.workers > 1 else MEMORY_BUDGET // 8
+        return max(MIN_BLOCK, min(MAX_BLOCK, per))
+
+    def _blocks(self, key: str, jobs: list[_Job], block_bytes: int) -> int:
+        """Rows of the stored matrix per block, so that no read exceeds ``block_bytes``."""
+        shape = self.base.store.shape(key)
+        rows = shape[0]
+        cols = max(1, _numel(shape) // max(rows, 1))
+        itemsize = max(
+            [_itemsize(self.base.store.dtype(key))]
+            + [j.extent.dtype.itemsize for j in jobs if j.extent is not None]
+        )
+        return max(1, min(rows, block_bytes // (cols * itemsize)))
+
+    def _requests(self, plans, blocks):
+        for (key, jobs), per_block in zip(plans, blocks, strict=True):
+            base_extent = _extent(self.base.store, key)
+            rows = self.base.store.shape(key)[0]
+            for start in range(0, rows, per_block):
+                n = min(per_block, rows - start)
+                if base_extent is not None:
+                    yield _slice_request(base_extent, rows, start, n)
+                for job in jobs:
+                    if job.kind == "file":
+                        yield _slice_request(job.extent, rows, start, n)
+
+    def _run_key(self, key, jobs, per_block, reader: _Reader, pool):
+        transposed = self.transposed(key)
+        mode = vector_mode(self.axis, transposed)
+        shape = self.base.store.shape(key)
+        rows = shape[0]
+        cols = max(1, _numel(shape) // max(rows, 1))
+        n_vec = rows if mode == "rows" else cols
+        dev = self.device
+        base_extent = _extent(self.base.store, key)
+        base_dense = None if base_extent is not None else _storage_2d(self.base.store.get(key))
+        for job in jobs:
+            job.sums = torch.zeros(3, n_vec, dtype=torch.float64, device=dev)
+            if self.bound[job.index].error is None and job.kind == "dense":
+                self._guard(job, key, lambda j=job: setattr(j, "matrix", _storage_2d(j.dense())))
+            if self.bound[job.index].error is None and job.kind in ("lora", "dora"):
+                self._guard(job, key, self._load_factors, job)
+        base_sums = torch.zeros(3, n_vec, dtype=torch.float64, device=dev)
+        for start in range(0, rows, per_block):
+            n = min(per_block, rows - start)
+            base_buf = None
+            if base_extent is not None:
+                base_buf, error = reader.get()
+                if error is not None:
+                    reader.release(base_buf)
+                    raise _read_error(key, base_extent, error)
+                a = _as_matrix(base_buf, base_extent, n, cols)
+            else:
+                a = base_dense[start : start + n]
+            a = a.to(dev) if dev.type != "cpu" else a
+            self._accumulate(a, a, base_sums, mode, start, n, True)
+
+            def work(task, a=a, start=start, n=n):
+                job, b = task
+                if b is not None:
+                    b = b.to(dev) if dev.type != "cpu" else b
+                    self._accumulate(a, b, job.sums, mode, start, n, True)
+                else:
+                    self._adapter_block(job, a, mode, start, n, transposed)
+
+            tasks, held = [], []
+            for job in jobs:
+                live = self.bound[job.index].error is None
+                if job.kind == "file":
+                    buf, error = reader.get()  # consumed even when skipped: stay in step
+                    if live and error is not None:
+                        self.bound[job.index].error = _read_error(key, job.extent, error)
+                        live = False
+                    task = (job, _as_matrix(buf, job.extent, n, cols))
+                    if not live:
+                        reader.release(buf)
+                    elif pool is None:  # compute now, recycle the buffer at once
+                        self._guard(job, key, work, task)
+                        reader.release(buf)
+                    else:
+                        held.append(buf)
+                        tasks.append(task)
+                elif not live:
+                    continue
+                elif job.kind == "dense":
+                    tasks.append((job, job.matrix[start : start + n]))
+                elif job.kind in ("lora", "dora"):
+                    tasks.append((job, None))
+            if pool is not None and len(tasks) > 1:
+                list(pool.map(lambda t: self._guard(t[0], key, work, t), tasks))
+            else:
+                for task in tasks:
+                    self._guard(task[0], key, work, task)
+            for buf in held:
+                reader.release(buf)
+            if base_buf is not None:
+                reader.release(base_buf)
+        if not torch.isfinite(base_sums).all():
+            self._check_base(key)
+        for job in jobs:
+            job.matrix = None
+            if self.bound[job.index].error is None:
+                self._guard(job, key, self._finish_job, key, job, base_sums, mode)
+            job.factors = job.sums = None
+            yield job, (None if self.bound[job.index].error else job.change)
+
+    def _guard(self, job: _Job, key: str, fn, *args) -> None:
+        """Run ``fn``; a checkpoint's own error marks that checkpoint failed, not the run."""
+        from wdanalysis.errors import WDAnalysisError
+
+        try:
+            fn(*args)
+        except WDAnalysisError as error:
+            self.bound[job.index].error = error
+
+    def _finish_job(self, key, job, base_sums, mode) -> None:
+        job.change = self._finish(key, job, base_sums, mode)
+
+    def _accumulate(self, a, b, sums, mode, start, n, diff) -> None:
+        target = sums[:, start : start + n] if mode == "rows" else sums
+        accumulate_sums(a, b, target, mode, diff, self.backend)
+
+    def _adapter_block(self, job: _Job, a, mode, start, n, transposed) -> None:
+        """Sums for the stored rows ``start:start+n`` of an adapted weight."""
+        lora_a, lora_b, m = job.factors
+        cols = a.shape[1]
+        step = max(1, ADAPTER_CHUNK_ELEMENTS // max(cols, 1))
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            rows = slice(start + s, start + e)
+            if lora_b is None:  # magnitude only (DoRA authors' Wdecompose modules)
+                d = torch.zeros(e - s, cols, dtype=torch.float64, device=a.device)
+            elif transposed:  # stored (in, out): rows are input features
+                d = lora_a[:, rows].T @ lora_b.T
+            else:
+                d = lora_b[rows] @ lora_a
+            if job.kind == "dora" and self.axis == "in":
+                # axis "in" with output rows stored as rows: W' − W0 = (c−1)·a + c·u,
+                # c = m/‖V‖ per row, (c−1) = (m − ‖V‖)/‖V‖ formed without cancellation.
+                x = a[s:e].to(torch.float64)
+                norm_v = torch.linalg.vector_norm(x + d, dim=1)
+                safe = torch.where(norm_v > 0, norm_v, torch.ones_like(norm_v))
+                c = m[rows] / safe
+                d = d * c[:, None] + x * ((m[rows] - norm_v) / safe)[:, None]
+            self._accumulate(a[s:e], d.contiguous(), job.sums, mode, start + s, e - s, False)
+
+    def _finish(self, key, job, base_sums, mode) -> DecompositionChange:
+        if job.kind == "effective":
+            return self._effective(key, job, mode)
+        sums = job.sums
+        if job.kind == "same":
+            sums = base_sums.clone()
+            sums[1:].zero_()
+        magnitude = job.factors[2] if job.kind == "dora" and job.factors else None
+        if not torch.isfinite(sums).all() or (
+            magnitude is not None and not torch.isfinite(magnitude).all()
+        ):
+            self._report_non_finite(key, self.bound[job.index])
+        if magnitude is not None and self.axis == "out":
+            return change_from_sums(sums[0], sums[1], sums[2], new_norm=magnitude)
+        return change_from_sums(sums[0], sums[1], sums[2])
+
+    def _effective(self, key, job, mode) -> DecompositionChange:
+        """Whole-matrix fallback for the rare adapter layouts (see ``_adapter_job``)."""
+        from wdanalysis.analysis import _effective_weight
+
+        item = self.bound[job.index]
+        w0 = self.base.store.get(key)
+        wt = _effective_weight(item, key, w0, self.transposed)
+        a, b = _storage_2d(w0).to(self.device), _storage_2d(wt).to(self.device)
+        n_vec = a.shape[0] if mode == "rows" else a.shape[1]
+        sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
+        accumulate_sums(a, b.contiguous(), sums, mode, True, self.backend)
+        if not torch.isfinite(sums).all():
+            self._report_non_finite(key, item)
+        return change_from_sums(sums[0], sums[1], sums[2])
+
+    def _check_base(self, key) -> None:
+        from wdanalysis.analysis import _require_finite
+
+        w0 = self.base.store.get(key)
+        _require_finite(w0, key, self.base.store.infos[key].file, "re-download the base model")
+        raise NumericalError(
+            f"weight {key!r}: its sums overflowed float64 (values beyond ~1e150)",
+            self.base.store.infos[key].file,
+        )
+
+    def _report_non_finite(self, key, item) -> None:
+        """Count the checkpoint's NaN/Inf values, with the same message as the dense path."""
+        from wdanalysis.analysis import _effective_weight, _require_finite, _source_of
+
+        w0 = self.base.store.get(key)
+        wt = _effective_weight(item, key, w0, self.transposed)
+        _require_finite(wt, key, _source_of(item, key))
+        raise NumericalError(
+            f"weight {key!r}: its sums overflowed float64 (values beyond ~1e150)",
+            _source_of(item, key),
+            "rescale the weights",
+        )
+
+
+def _read_error(key: str, extent: _Extent, error: OSError):
+    from wdanalysis.errors import CheckpointFormatError
+
+    return CheckpointFormatError(f"cannot read tensor {key!r}: {error}", extent.file)
+
+
+def _slice_request(extent: _Extent, rows: int, start: int, n: int) -> tuple[Path, int, int]:
+    row_bytes = extent.nbytes // max(rows, 1)
+    return extent.file, extent.offset + start * row_bytes, n * row_bytes
+
+
+def _numel(shape) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
+def _itemsize(dtype) -> int:
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 8
