@@ -32,6 +32,7 @@ _ROLE_SUFFIXES = (
     (".lora_magnitude_vector", "m"),
     (".weight_m_wdecomp.weight", "m"),
     (".weight_m", "m"),
+    (".weight_v", "v"),  # VL-BART DoraLinear: its own frozen copy of W0
     (".lora_A", "A"),
     (".lora_B", "B"),
 )
@@ -48,6 +49,7 @@ class AdapterModule:
     lora_b: str | None = None
     magnitude: str | None = None
     replacement: str | None = None  # a whole saved weight (PEFT modules_to_save)
+    saved_base: str | None = None  # VL-BART ``weight_v``: the W0 the module itself merges onto
     rank: int | None = None
     scaling: float = 1.0
 
@@ -72,7 +74,9 @@ class AdapterConfig:
         if self.format == "dora-vlbart":  # the VL-BART code applies B@A unscaled
             return actual_rank, 1.0
         rank = int(self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r))
-        alpha = float(self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha))
+        alpha = float(
+            self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        )
         if rank != actual_rank:
             raise AdapterMismatchError(
                 f"config gives rank {rank} for {module} but its lora_A has rank {actual_rank}",
@@ -96,11 +100,19 @@ def read_adapter_config(path: Path) -> AdapterConfig:
     try:
         raw = json.loads(path.read_text())
     except OSError as error:
-        raise CheckpointFormatError(f"cannot read adapter config: {error.strerror}", path) from None
-    except ValueError as error:
-        raise CheckpointFormatError(f"malformed adapter_config.json: {error}", path) from None
+        raise CheckpointFormatError(
+            f"cannot read adapter config: {error.strerror}",
+            path,
+            "check the path and its permissions",
+        ) from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointFormatError(
+            f"malformed adapter_config.json: {error}", path, _FIX_CONFIG
+        ) from None
     if not isinstance(raw, dict):
-        raise CheckpointFormatError("malformed adapter_config.json: not a JSON object", path)
+        raise CheckpointFormatError(
+            "malformed adapter_config.json: not a JSON object", path, _FIX_CONFIG
+        )
     peft_type = str(raw.get("peft_type", "LORA")).upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise CheckpointFormatError(
@@ -109,13 +121,28 @@ def read_adapter_config(path: Path) -> AdapterConfig:
             "wdanalysis reads LoRA and DoRA adapters (PEFT 'LORA', DoRA authors' 'DORA')",
         )
     r, alpha = raw.get("r"), raw.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise CheckpointFormatError(f"adapter_config.json: r must be a positive integer, got {r!r}", path)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+    if not _is_rank(r):
         raise CheckpointFormatError(
-            f"adapter_config.json: lora_alpha is missing or not a number ({alpha!r})",
+            f"r must be a positive integer, got {r!r}",
             path,
-            "the scaling alpha/r cannot be known without it",
+            "set r to the LoRA rank the adapter was trained with (lora_A has r rows)",
+        )
+    if not _is_number(alpha):
+        raise CheckpointFormatError(
+            f"lora_alpha is missing or not a number ({alpha!r})",
+            path,
+            "the scaling alpha/r cannot be known without it; set the lora_alpha used in training",
+        )
+    _check_patterns(raw, path)
+    magnitude_only = raw.get("Wdecompose_target_modules") or []
+    if isinstance(magnitude_only, str):  # the authors' code also takes one regex (fullmatch)
+        magnitude_only = [magnitude_only]
+    if not isinstance(magnitude_only, list) or not all(isinstance(m, str) for m in magnitude_only):
+        raise CheckpointFormatError(
+            "Wdecompose_target_modules must be a module name, a regex or a list of names, "
+            f"got {magnitude_only!r}",
+            path,
+            _FIX_CONFIG,
         )
     return AdapterConfig(
         format="dora-authors" if peft_type == "DORA" else "peft",
@@ -127,9 +154,50 @@ def read_adapter_config(path: Path) -> AdapterConfig:
         rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern=dict(raw.get("alpha_pattern") or {}),
         target_modules=raw.get("target_modules"),
-        magnitude_only_modules=list(raw.get("Wdecompose_target_modules") or []),
+        magnitude_only_modules=list(magnitude_only),
         raw=raw,
     )
+
+
+_FIX_CONFIG = "fix the JSON by hand or re-save the adapter with PEFT"
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_patterns(raw: dict, path: Path) -> None:
+    """``rank_pattern``/``alpha_pattern``: objects of regular expression → rank / alpha."""
+    for field_name, valid, what in (
+        ("rank_pattern", _is_rank, "a positive integer"),
+        ("alpha_pattern", _is_number, "a number"),
+    ):
+        patterns = raw.get(field_name) or {}
+        if not isinstance(patterns, dict):
+            raise CheckpointFormatError(
+                f"{field_name} must be an object, got {patterns!r}",
+                path,
+                _FIX_CONFIG,
+            )
+        for key, value in patterns.items():
+            if not valid(value):
+                raise CheckpointFormatError(
+                    f"{field_name}[{key!r}] must be {what}, got {value!r}",
+                    path,
+                    _FIX_CONFIG,
+                )
+            try:
+                re.compile(key)
+            except re.error as error:
+                raise CheckpointFormatError(
+                    f"{field_name} key {key!r} is not a valid regular expression ({error})",
+                    path,
+                    _FIX_CONFIG,
+                ) from None
 
 
 VLBART_CONFIG = AdapterConfig(format="dora-vlbart", r=None, lora_alpha=None, use_dora=True)
@@ -151,17 +219,31 @@ def group_adapter_keys(keys: list[str], where: Path) -> dict[str, AdapterModule]
             module.lora_b = key
         elif role == "m":
             module.magnitude = key
+        elif role == "v":
+            module.saved_base = key
         elif key.endswith(".weight"):
             module.replacement = key
     return modules
+
+
+# A live PEFT model's state dict (``torch.save(peft_model.state_dict())``) keeps the adapter
+# name: ``q_proj.lora_A.default.weight``, ``q_proj.lora_magnitude_vector.default.weight``.
+_NAMED_ROLE = re.compile(
+    r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_magnitude_vector)\.[^.]+(?:\.weight)?$"
+)
+_NAMED_ROLES = {"lora_A": "A", "lora_B": "B", "lora_magnitude_vector": "m"}
 
 
 def _role_of(key: str) -> tuple[str, str]:
     for suffix, role in _ROLE_SUFFIXES:
         if key.endswith(suffix):
             return role, strip_peft_prefix(key[: -len(suffix)])
+    named = _NAMED_ROLE.match(key)
+    if named:
+        return _NAMED_ROLES[named["role"]], strip_peft_prefix(named["module"])
     stripped = strip_peft_prefix(key)
     stripped = stripped.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+    stripped = stripped.replace(".base_layer.", ".")  # the wrapped layer's own weight
     name = stripped[: -len(".weight")] if stripped.endswith(".weight") else stripped
     return "other", name
 
@@ -196,18 +278,27 @@ class Adapter:
             self._check_module(module, shapes[base_key], transposed(base_key))
             bound[base_key] = module
         if unmatched:
+            total = sum(1 for m in self.modules.values() if m.lora_b or m.magnitude)
+            why, hint = explain_unmatched(unmatched[0], aligner.base_keys)
             raise AdapterMismatchError(
-                f"{len(unmatched)} adapted module(s) match no base weight, e.g. {unmatched[0]!r}",
+                f"{len(unmatched)} of {total} adapted modules match no base weight, "
+                f"e.g. {unmatched[0]!r}: {why}",
                 self.path,
-                "is this adapter for another base model, or a key prefix the base lacks?",
+                hint,
             )
         return bound
 
     def _check_module(self, module: AdapterModule, shape, transposed: bool) -> None:
+        if not (module.lora_a or module.lora_b or module.magnitude):
+            return  # a whole saved weight (1-D norms too): checked when it is analysed
         out_features, in_features = _out_in(shape, transposed)
         if module.lora_a or module.lora_b:
             if not (module.lora_a and module.lora_b):
-                raise AdapterMismatchError(f"{module.name} has only one of lora_A/lora_B", self.path)
+                raise AdapterMismatchError(
+                    f"{module.name} has only one of lora_A/lora_B",
+                    self.path,
+                    "the adapter file is incomplete; re-save it",
+                )
             a_shape, b_shape = self.store.shape(module.lora_a), self.store.shape(module.lora_b)
             if len(a_shape) != 2 or len(b_shape) != 2:
                 raise AdapterMismatchError(
@@ -231,13 +322,23 @@ class Adapter:
                     f"{module.name}: magnitude has shape {list(m_shape)} but the base weight has "
                     f"{out_features} output features",
                     self.path,
+                    "this adapter was trained on a model of another size",
                 )
-        adapted = module.lora_b or module.magnitude
-        if module.replacement and not adapted and self.store.shape(module.replacement) != tuple(shape):
+        for key in (module.lora_a, module.lora_b, module.magnitude):
+            dtype = self.store.dtype(key) if key else torch.float32
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise AdapterMismatchError(
+                    f"adapter tensor {key!r} has dtype {str(dtype).replace('torch.', '')}; "
+                    "quantized or integer adapter weights are not supported",
+                    self.path,
+                    "save the adapter in fp32/fp16/bf16",
+                )
+        if module.saved_base and self.store.shape(module.saved_base) != tuple(shape):
             raise AdapterMismatchError(
-                f"{module.name}: saved weight {list(self.store.shape(module.replacement))} does "
-                f"not match the base weight {list(shape)}",
+                f"{module.name}: weight_v {list(self.store.shape(module.saved_base))} does not "
+                f"match the base weight {list(shape)}",
                 self.path,
+                "this checkpoint was trained on a model of another size",
             )
 
     def effective_weight(self, module: AdapterModule, w0: torch.Tensor, transposed: bool):
@@ -247,8 +348,21 @@ class Adapter:
         taken per output feature, exactly as PEFT and the DoRA authors merge.
         """
         if not (module.lora_b or module.magnitude):
-            return self.store.get(module.replacement).to(torch.float64)
-        v = w0.to(torch.float64)
+            if module.replacement is None:
+                return w0.to(torch.float64)
+            saved = self.store.get(module.replacement)
+            if tuple(saved.shape) != tuple(w0.shape):
+                # e.g. an embedding resized for added tokens: fatal only when analysed
+                raise AdapterMismatchError(
+                    f"{module.name}: saved weight {list(saved.shape)} does not match the base "
+                    f"weight {list(w0.shape)}",
+                    self.path,
+                    "leave this module out of --modules, or pass the matching base model",
+                )
+            return saved.to(torch.float64)
+        # VL-BART's DoraLinear merges onto its own saved copy of W0 (weight_v)
+        use_saved = module.saved_base and self.config.format == "dora-vlbart"
+        v = (self.store.get(module.saved_base) if use_saved else w0).to(torch.float64)
         v = v.T if transposed else v
         if module.lora_b:
             a = self.store.get(module.lora_a).to(torch.float64)
@@ -256,8 +370,45 @@ class Adapter:
             v = v + module.scaling * (b @ a)
         if module.magnitude:
             m = self.store.get(module.magnitude).to(torch.float64).reshape(-1, 1)
-            v = m * (v / torch.linalg.vector_norm(v, dim=1, keepdim=True))
+            norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+            # A zero row of V has no direction: it stays zero (and is counted as a zero-norm
+            # vector by the analysis) instead of becoming 0/0 = NaN.
+            v = m * (v / torch.where(norm > 0, norm, torch.ones_like(norm)))
         return v.T if transposed else v
+
+
+def explain_unmatched(name: str, base_keys) -> tuple[str, str]:
+    """Why an adapted module matches no base weight, and the fix: a model mismatch (the
+    base has no such module) or a key-prefix mismatch (the name fits several base weights)."""
+    paths = sorted(k[: -len(".weight")] for k in base_keys if k.endswith(".weight"))
+    leaf = name.rsplit(".", 1)[-1]
+    same_leaf = [p for p in paths if p.rsplit(".", 1)[-1] == leaf]
+    retrain = "pass the base model this adapter was trained on"
+    if not same_leaf:
+        leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        shown = ", ".join(leaves[:8]) + (", …" if len(leaves) > 8 else "")
+        return (
+            f"model mismatch: the base has no {leaf!r} module (its modules: {shown})",
+            retrain,
+        )
+    parts = name.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    for start in range(len(parts) - 1):
+        tail = ".".join(parts[start:])
+        fits = [p for p in same_leaf if p == tail or p.endswith("." + tail)]
+        if len(fits) >= 2 and (not numbered or start <= numbered[0]):
+            return (
+                f"key prefix mismatch: it fits {fits[0]!r} and {fits[1]!r} alike",
+                "the adapter was saved without the model's module prefix; rename its keys to "
+                f"full module names such as 'base_model.model.{fits[0]}'",
+            )
+        if fits:
+            break
+    return (
+        f"model mismatch: the base has {leaf!r} modules but none at this path "
+        f"(e.g. {same_leaf[0]!r})",
+        retrain,
+    )
 
 
 def _out_in(shape, transposed: bool) -> tuple[int, int]:

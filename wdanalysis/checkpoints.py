@@ -20,7 +20,7 @@ from wdanalysis.adapters import (
     group_adapter_keys,
     read_adapter_config,
 )
-from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.errors import CheckpointFormatError, NumericalError
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.modules import CONV1D_MODEL_TYPES
 from wdanalysis.tensors import (
@@ -30,7 +30,11 @@ from wdanalysis.tensors import (
     open_tensor_file,
 )
 
-STEP_FOLDER = re.compile(r"^(?:checkpoint|step|epoch|global_step|global-step|iter)[-_]?(\d+)$")
+STEP_FOLDER = re.compile(
+    r"^(?:checkpoint|step|epoch|global_step|global-step|iter)[-_]?(\d+)$", re.IGNORECASE
+)
+# Single-file checkpoints named by step, e.g. the DoRA authors' VL-BART ``Epoch05.pth``.
+STEP_FILE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 FULL_WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -104,7 +108,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     """Open one checkpoint (file or folder) by looking at its files and headers."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointFormatError("no such file or folder", path)
+        raise CheckpointFormatError("no such file or folder", path, "check the path")
     if step is None:
         step = step_of(path)
     if path.is_file():
@@ -120,6 +124,13 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     if any(path.glob("adapter_model.*")):
         raise CheckpointFormatError(
             "adapter weights without adapter_config.json", path, "copy the config beside them"
+        )
+    if not any(path.iterdir()):
+        raise CheckpointFormatError(
+            "empty folder",
+            path,
+            "point at the folder holding model.safetensors, pytorch_model.bin, an adapter, "
+            "or checkpoint-N sub-folders",
         )
     raise CheckpointFormatError(
         "no recognisable checkpoint (expected model.safetensors, pytorch_model.bin, "
@@ -163,6 +174,7 @@ def _open_adapter_folder(folder: Path, step: int | None) -> AdapterCheckpoint:
     raise CheckpointFormatError(
         "adapter_config.json found but no adapter_model.safetensors or adapter_model.bin",
         folder,
+        "the save was cut short or the weights were not copied; copy them beside the config",
     )
 
 
@@ -184,7 +196,7 @@ def _model_type(folder: Path) -> str | None:
 def step_of(path: Path) -> int | None:
     """The training step of a checkpoint: from its folder name, else ``trainer_state.json``."""
     folder = path if path.is_dir() else path.parent
-    for name in (path.name, folder.name):
+    for name in (path.name if path.is_dir() else path.stem, folder.name):
         match = STEP_FOLDER.match(name)
         if match:
             return int(match.group(1))
@@ -195,11 +207,17 @@ def step_of(path: Path) -> int | None:
 
 
 def step_folders(path: Path) -> list[tuple[int, Path]]:
-    """``checkpoint-N`` style sub-folders, sorted by N as a number (not as text)."""
+    """``checkpoint-N`` style sub-folders (or ``EpochNN.pth`` style weight files), sorted by
+    N as a number (not as text)."""
     found = []
     for child in path.iterdir() if path.is_dir() else ():
-        match = STEP_FOLDER.match(child.name)
-        if match and child.is_dir():
+        if child.is_dir():
+            match = STEP_FOLDER.match(child.name)
+        elif child.suffix in STEP_FILE_SUFFIXES:
+            match = STEP_FOLDER.match(child.stem)
+        else:
+            match = None
+        if match:
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -212,7 +230,7 @@ def open_run(path: str | Path, name: str | None = None) -> Run:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointFormatError("no such file or folder", path)
+        raise CheckpointFormatError("no such file or folder", path, "check the path")
     name = name or path.name
     folders = step_folders(path)
     if not folders:
@@ -255,3 +273,45 @@ def aligner_for(base: FullModel) -> KeyAligner:
 
 def is_float(dtype: torch.dtype | str) -> bool:
     return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+# Companion tensors that quantization schemes save beside (or instead of) ``.weight``.
+_QUANTIZATION_MARKERS = (  # (suffixes, scheme)
+    (
+        (
+            ".absmax",
+            ".quant_map",
+            ".nested_absmax",
+            ".quant_state.bitsandbytes__nf4",
+            ".quant_state.bitsandbytes__fp4",
+        ),
+        "bitsandbytes 4-bit",
+    ),
+    ((".SCB", ".weight_format"), "bitsandbytes 8-bit"),
+    ((".qweight", ".qzeros", ".g_idx"), "GPTQ/AWQ"),
+    (
+        (".weight_scale", ".weight_scale_inv", ".weight_packed", ".input_scale"),
+        "scaled fp8/int (compressed-tensors)",
+    ),
+)
+
+
+def quantization_of(store: TensorStore) -> tuple[str, str] | None:
+    """``(scheme, example key)`` when the store holds quantized weights, else ``None``."""
+    for key in store.keys():
+        for suffixes, scheme in _QUANTIZATION_MARKERS:
+            if key.endswith(suffixes):
+                return scheme, key
+    return None
+
+
+def refuse_quantized(store: TensorStore, role: str) -> None:
+    """Quantized weights need their scales applied; wdanalysis does not dequantize."""
+    found = quantization_of(store)
+    if found:
+        scheme, key = found
+        raise NumericalError(
+            f"the {role} is {scheme} quantized (e.g. {key!r}); quantized weights are not supported",
+            store.infos[key].file,
+            "analyse the unquantized (fp32/fp16/bf16) model",
+        )

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from wdanalysis.errors import WDAnalysisError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wdanalysis import commands
+    from wdanalysis import commands, demo
     from wdanalysis.train import cli as train_cli
 
     parser = argparse.ArgumentParser(
@@ -25,20 +26,43 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.register(subparsers)
     train_cli.register(subparsers)
+    demo.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except WDAnalysisError as error:
-        print(f"wdanalysis: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("wdanalysis: interrupted; no partial output was left behind", file=sys.stderr)
-        return 130
+    return run_handler(args)
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Run a sub-command; user errors, OS errors and Ctrl-C become one line on stderr.
+
+    Warnings (e.g. skipped incomplete checkpoints) are printed as ``wdanalysis: warning:``
+    lines instead of Python's two-line ``file:line: UserWarning`` form.
+    """
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.handler(args) or 0)
+        except WDAnalysisError as error:
+            print(f"wdanalysis: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("wdanalysis: interrupted; no partial output was left behind", file=sys.stderr)
+            return 130
+        except OSError as error:  # e.g. an --out folder that cannot be written, a full disk
+            where = f"{error.filename}: " if error.filename else ""
+            text = " ".join(f"{where}{error.strerror or error}".split())
+            print(
+                f"wdanalysis: error: {text} (check the path and its permissions)", file=sys.stderr
+            )
+            return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"wdanalysis: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

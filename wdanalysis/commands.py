@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from wdanalysis.analysis import compare
+from wdanalysis.analysis import PartialResultError, compare
 from wdanalysis.atomic import write_csv_atomic
+from wdanalysis.errors import WDAnalysisError
 from wdanalysis.inspection import format_inspection, inspect
 
 
@@ -43,6 +45,12 @@ def _register_compare(subparsers) -> None:
         default="auto",
         help="weights stored (in, out) as GPT-2 Conv1D (default: infer)",
     )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where ΔM/ΔD sums are computed"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="compute threads (default: 2 on machines with 2+ cores)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,16 +67,32 @@ def _register_inspect(subparsers) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    """Write ``deltas.csv`` (atomically) and the report.
+
+    A bad input found before computing stops everything, and the message says nothing was
+    written. A checkpoint that fails mid-way (NaN weights, an unreadable tensor) is left
+    out: the table of every other checkpoint is still written, each failure is printed,
+    figures are not made and the exit status is 2.
+    """
     fan = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
-    deltas = compare(
-        args.base,
-        [str(p) for p in args.runs],
-        modules=args.modules,
-        labels=args.labels,
-        axis=args.axis,
-        fan_in_fan_out=fan,
-        progress=not args.quiet,
-    )
+    _check_out_folder(args.out)
+    try:
+        deltas = compare(
+            args.base,
+            [str(p) for p in args.runs],
+            modules=args.modules,
+            labels=args.labels,
+            axis=args.axis,
+            fan_in_fan_out=fan,
+            device=args.device,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except PartialResultError as partial:
+        return _write_partial(partial, args.out)
+    except WDAnalysisError as error:
+        hint = f"{error.hint}; nothing was written" if error.hint else "nothing was written"
+        raise WDAnalysisError(error.problem, error.path, hint) from None
     path = write_csv_atomic(deltas, args.out / "deltas.csv")
     print(summarize(deltas))
     print(f"\nwrote {path}")
@@ -82,9 +106,40 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_folder(out: Path) -> None:
+    """Fail before a long computation, not after it, when ``--out`` cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise WDAnalysisError("--out is a file, not a folder", out, "choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WDAnalysisError(
+            f"cannot create the output folder: {error.strerror}", out, "choose another --out"
+        ) from None
+    if not os.access(out, os.W_OK):
+        raise WDAnalysisError("the output folder is not writable", out, "choose another --out")
+
+
+def _write_partial(partial: PartialResultError, out: Path) -> int:
+    path = write_csv_atomic(partial.table, out / "deltas.csv")
+    print(summarize(partial.table))
+    for run, step, error in partial.failures:
+        where = run if step is None else f"{run} step {step}"
+        print(f"wdanalysis: error: {where}: {error}", file=sys.stderr)
+    kept = partial.table[["run", "checkpoint"]].drop_duplicates()
+    print(
+        f"wdanalysis: wrote {path} with the {len(kept)} checkpoints that succeeded; "
+        f"the {len(partial.failures)} above failed and are not in it; no figures were made",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def summarize(deltas: pd.DataFrame) -> str:
     """One line per run: method, steps, weights, mean ΔM and ΔD at the last step."""
-    lines = [f"{'run':<24} {'method':<8} {'steps':<18} {'weights':>7} {'ΔM last':>10} {'ΔD last':>10}"]
+    lines = [
+        f"{'run':<24} {'method':<8} {'steps':<18} {'weights':>7} {'ΔM last':>10} {'ΔD last':>10}"
+    ]
     for run, group in deltas.groupby("run", sort=False):
         steps = group["step"].dropna().unique()
         last = group[group["step"] == steps.max()] if len(steps) else group
@@ -96,7 +151,9 @@ def summarize(deltas: pd.DataFrame) -> str:
         )
     zero = int(deltas["zero_norm_vectors"].sum())
     if zero:
-        lines.append(f"note: {zero} zero-norm vectors were left out of ΔD (column zero_norm_vectors)")
+        lines.append(
+            f"note: {zero} zero-norm vectors were left out of ΔD (column zero_norm_vectors)"
+        )
     return "\n".join(lines)
 
 

@@ -72,8 +72,11 @@ def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
             f"{rule} = {config.lora_alpha:g}/{'sqrt(' if config.use_rslora else ''}{config.r}"
             f"{')' if config.use_rslora else ''} = "
             f"{config.rank_and_scaling('', config.r, ckpt.path)[1]:.6g}"
-            + (" (rank_pattern/alpha_pattern override some modules)"
-               if config.rank_pattern or config.alpha_pattern else "")
+            + (
+                " (rank_pattern/alpha_pattern override some modules)"
+                if config.rank_pattern or config.alpha_pattern
+                else ""
+            )
         )
     return info
 

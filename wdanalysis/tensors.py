@@ -8,7 +8,9 @@ weights_only=True)``), so the analysis never holds two whole state dicts in memo
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
 import struct
 import zipfile
 from collections.abc import Iterable
@@ -33,7 +35,26 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    # Known to safetensors, rarely in weights: kept as names when this torch lacks them.
+    "U64": getattr(torch, "uint64", None),
+    "U32": getattr(torch, "uint32", None),
+    "U16": getattr(torch, "uint16", None),
+    "C64": torch.complex64,
+    "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+    "F6_E2M3": None,
+    "F6_E3M2": None,
+    "F4": None,
 }
+# Bits per element of every safetensors dtype, to check each tensor's byte range.
+DTYPE_BITS = {
+    **dict.fromkeys(("F64", "I64", "U64", "C64"), 64),
+    **dict.fromkeys(("F32", "I32", "U32"), 32),
+    **dict.fromkeys(("F16", "BF16", "I16", "U16"), 16),
+    **dict.fromkeys(("F8_E4M3", "F8_E5M2", "F8_E8M0", "I8", "U8", "BOOL"), 8),
+    **dict.fromkeys(("F6_E2M3", "F6_E3M2"), 6),
+    "F4": 4,
+}
+_REFETCH = "the file is damaged or not safetensors; re-download or re-save it"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -56,7 +77,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CheckpointFormatError(
-                    f"not a safetensors file: only {size} bytes, too short for a header", path
+                    f"not a safetensors file: only {size} bytes, too short for a header",
+                    path,
+                    "the file is empty or was cut short; re-download or re-save it",
                 )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(MAX_HEADER_BYTES, size - 8):
@@ -68,34 +91,51 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 )
             raw = handle.read(header_len)
     except OSError as error:
-        raise CheckpointFormatError(f"cannot read file: {error.strerror}", path) from None
+        raise CheckpointFormatError(
+            f"cannot read file: {error.strerror}", path, "check the path and its permissions"
+        ) from None
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as error:
         raise CheckpointFormatError(
-            f"corrupt safetensors header ({error.__class__.__name__})", path
+            f"corrupt safetensors header ({error.__class__.__name__})", path, _REFETCH
         ) from None
     return _tensor_infos(header, path, data_bytes=size - 8 - header_len)
 
 
 def _tensor_infos(header: dict, path: Path, data_bytes: int) -> dict[str, TensorInfo]:
+    """Check every entry as ``safe_open`` will (dtype, shape, byte range, contiguous data
+    covering the file exactly), so a bad file fails here, by name, before any analysis."""
     infos: dict[str, TensorInfo] = {}
+    ranges: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointFormatError(
+                    "corrupt safetensors header: __metadata__ must map names to strings",
+                    path,
+                    _REFETCH,
+                )
             continue
-        try:
-            dtype_name = entry["dtype"]
-            shape = tuple(int(n) for n in entry["shape"])
-            begin, end = (int(n) for n in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        dtype_name, shape, offsets = _entry_fields(entry)
+        if dtype_name is None:
             raise CheckpointFormatError(
-                f"corrupt safetensors header: malformed entry for {key!r}", path
-            ) from None
-        if not 0 <= begin <= end or any(n < 0 for n in shape):
+                f"corrupt safetensors header: malformed entry for {key!r}", path, _REFETCH
+            )
+        if dtype_name not in DTYPE_BITS:
             raise CheckpointFormatError(
-                f"corrupt safetensors header: bad offsets or shape for {key!r}", path
+                f"corrupt safetensors header: unknown dtype {dtype_name!r} for {key!r}",
+                path,
+                _REFETCH,
+            )
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise CheckpointFormatError(
+                f"corrupt safetensors header: bad data_offsets {list(offsets)} for {key!r}",
+                path,
+                _REFETCH,
             )
         if end > data_bytes:
             raise CheckpointFormatError(
@@ -104,8 +144,60 @@ def _tensor_infos(header: dict, path: Path, data_bytes: int) -> dict[str, Tensor
                 path,
                 "the download or save was cut short; fetch the file again",
             )
+        bits = math.prod(shape) * DTYPE_BITS[dtype_name]
+        if bits % 8 or bits // 8 != end - begin:
+            raise CheckpointFormatError(
+                f"corrupt safetensors header: tensor {key!r} of shape {list(shape)} and dtype "
+                f"{dtype_name} needs {bits / 8:g} bytes but its data_offsets span "
+                f"{end - begin}",
+                path,
+                _REFETCH,
+            )
+        ranges.append((begin, end, key))
         infos[key] = TensorInfo(shape, SAFETENSORS_DTYPES.get(dtype_name) or dtype_name, path)
+    _check_contiguous(sorted(ranges), data_bytes, path)
     return infos
+
+
+def _entry_fields(entry) -> tuple[str | None, tuple[int, ...], tuple[int, int]]:
+    """``(dtype, shape, (begin, end))`` of one header entry; dtype ``None`` if malformed."""
+
+    def is_int(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool)
+
+    if not isinstance(entry, dict):
+        return None, (), (0, 0)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if (
+        not isinstance(dtype, str)
+        or not isinstance(shape, list)
+        or not all(is_int(n) and n >= 0 for n in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(is_int(n) for n in offsets)
+    ):
+        return None, (), (0, 0)
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _check_contiguous(ranges: list[tuple[int, int, str]], data_bytes: int, path: Path) -> None:
+    position = 0
+    for begin, end, key in ranges:
+        if begin != position:
+            what = "overlaps another tensor" if begin < position else "leaves a gap before it"
+            raise CheckpointFormatError(
+                f"corrupt safetensors header: tensor {key!r} {what} (data_offsets "
+                f"[{begin}, {end}])",
+                path,
+                _REFETCH,
+            )
+        position = end
+    if position != data_bytes:
+        raise CheckpointFormatError(
+            f"corrupt safetensors: {data_bytes - position} bytes after the last tensor",
+            path,
+            _REFETCH,
+        )
 
 
 @dataclass
@@ -176,16 +268,20 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """
     try:
         obj = _torch_load(path, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
+    except Exception as error:  # noqa: BLE001 - untrusted bytes: any failure is the file's
+        found = re.search(r"Unsupported global: GLOBAL \S+", str(error))
+        if isinstance(error, pickle.UnpicklingError) and found:
+            raise CheckpointFormatError(
+                "refusing to load: the pickle holds objects other than tensors, which could "
+                f"run code (weights_only=True rejected it: {found.group(0)})",
+                path,
+                "if you trust its source, convert it to safetensors in an isolated environment",
+            ) from None
+        reason = _first_line(error).split(". ")[0][:160]
         raise CheckpointFormatError(
-            "refusing to load: the pickle holds objects other than tensors "
-            f"(weights_only=True rejected it: {_first_line(error)[:120]})",
+            f"corrupt, truncated or not a torch state dict ({error.__class__.__name__}: {reason})",
             path,
-            "convert it to safetensors in a trusted environment",
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise CheckpointFormatError(
-            f"corrupt or truncated torch file ({_first_line(error)[:160]})", path
+            "the download or save was cut short; re-download or re-save the file",
         ) from None
     return _unwrap_state_dict(obj, path)
 
@@ -200,11 +296,15 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
             obj = obj[wrapper]
     if not isinstance(obj, dict):
         raise CheckpointFormatError(
-            f"expected a state dict (a dict of tensors), found {type(obj).__name__}", path
+            f"expected a state dict (a dict of tensors), found {type(obj).__name__}",
+            path,
+            "save model.state_dict(), or convert the checkpoint to safetensors",
         )
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointFormatError("the file holds no tensors", path)
+        raise CheckpointFormatError(
+            "the file holds no tensors", path, "save model.state_dict(), not other objects"
+        )
     return tensors
 
 
@@ -237,8 +337,24 @@ def open_sharded(index_file: Path) -> TensorStore:
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointFormatError(
-            "malformed shard index: expected JSON with a 'weight_map' object", index_file
+            "malformed shard index: expected JSON with a 'weight_map' object",
+            index_file,
+            "re-download the index file or re-save the model",
         ) from None
+    if not weight_map:
+        raise CheckpointFormatError(
+            "shard index lists no weights (empty weight_map)",
+            index_file,
+            "re-download the index file or re-save the model",
+        )
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or Path(name).name != name or name in {"", ".", ".."}:
+            raise CheckpointFormatError(
+                f"malformed shard index: weight_map gives {name!r} for {key!r}, not the file "
+                "name of a shard beside the index",
+                index_file,
+                "re-download the index file or re-save the model",
+            )
     folder = index_file.parent
     shard_names = sorted(set(weight_map.values()))
     missing = [name for name in shard_names if not (folder / name).is_file()]
@@ -247,14 +363,16 @@ def open_sharded(index_file: Path) -> TensorStore:
             f"shard {missing[0]} listed in the index is missing"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
             index_file,
-            "the download is incomplete",
+            "the download is incomplete; download the missing shard(s) again",
         )
     per_shard = {name: open_tensor_file(folder / name).infos for name in shard_names}
     infos = _merge_shards(per_shard.items(), index_file)
     for key, name in weight_map.items():
         if key not in per_shard[name]:
             raise CheckpointFormatError(
-                f"key {key!r} is listed in the index but shard {name} lacks it", index_file
+                f"key {key!r} is listed in the index but shard {name} lacks it",
+                index_file,
+                "index and shards come from different saves; re-download or re-save them",
             )
     kind = "sharded safetensors" if shard_names[0].endswith(".safetensors") else "sharded .bin"
     return TensorStore(index_file, f"{kind} ({len(shard_names)} shards)", infos)
@@ -277,7 +395,10 @@ def _merge_shards(
         for key, info in infos.items():
             if key in merged:
                 raise CheckpointFormatError(
-                    f"duplicate key {key!r} in shards {merged[key].file.name} and {name}", where
+                    f"duplicate key {key!r} in shards {merged[key].file.name} and {name}",
+                    where,
+                    "shards of two different saves are mixed; remove the stray files or "
+                    "re-download the model",
                 )
             merged[key] = info
     return merged
