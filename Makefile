@@ -21,8 +21,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/wdanalysis demo --out runs/demo --figures figures
 
+# CI (CI=true) always regenerates figures/; elsewhere only when the code changed.
 figures: setup
-	$(VENV)/bin/wdanalysis demo --out runs/demo --figures figures --if-stale
+	$(VENV)/bin/wdanalysis demo --out runs/demo --figures figures --quiet $(if $(CI),,--if-stale)
 
 test: figures
 	$(PY) -m pytest -q
