@@ -17,8 +17,8 @@ def inspect(path: str | Path) -> dict:
     info = {
         "path": str(path),
         "kind": "run" if len(run.checkpoints) > 1 or run.skipped else first.kind,
-        "method": run.method,
-        "steps": [c.step for c in run.checkpoints],
+        "method": run.method + (" (full weights)" if run.method == "FT" else ""),
+        "steps": [c.step if c.step is not None else "unknown" for c in run.checkpoints],
         "skipped": [f"{p.name}: {why}" for p, why in run.skipped],
     }
     info.update(_describe_full(first) if isinstance(first, FullModel) else _describe_adapter(first))

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -49,7 +50,9 @@ def _save(figure: Figure, out_dir: Path, stem: str, dpi: float, vector_format: s
     png = save_figure_atomic(figure, out_dir / f"{stem}.png", dpi=dpi)
     # no creation date in the vector file, so that reruns give identical files
     metadata = {"Date": None} if vector_format in ("svg", "pdf") else None
-    vector = save_figure_atomic(figure, out_dir / f"{stem}.{vector_format}", metadata=metadata)
+    # a fixed salt for SVG element ids, so that reruns give byte-identical files
+    with matplotlib.rc_context({"svg.hashsalt": "wdanalysis"}):
+        vector = save_figure_atomic(figure, out_dir / f"{stem}.{vector_format}", metadata=metadata)
     return [png, vector]
 
 
