@@ -112,3 +112,20 @@ def test_reproduction_notebook_runs_in_quick_mode(tmp_path):
     assert not [o for o in _outputs(nb) if o.get("output_type") == "error"]
     for method in ("ft", "lora", "dora"):
         assert (tmp_path / "nb" / method / "checkpoint-20").is_dir()
+
+
+def test_demo_reruns_over_its_own_runs_but_not_over_foreign_folders(tmp_path):
+    from wdanalysis.demo import _clear_previous_run
+    from wdanalysis.errors import WDAnalysisError
+
+    own = tmp_path / "ft"
+    (own / "checkpoint-5").mkdir(parents=True)
+    (own / "train_config.json").write_text("{}")
+    _clear_previous_run(own)
+    assert not own.exists()
+    foreign = tmp_path / "lora"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(WDAnalysisError, match="not a wdanalysis run folder"):
+        _clear_previous_run(foreign)
+    assert (foreign / "precious.txt").is_file()

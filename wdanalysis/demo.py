@@ -114,6 +114,7 @@ def train_three(out_dir: Path, settings: DemoSettings, progress: bool = True) ->
             device="cpu",
             progress=progress,
         )
+        _clear_previous_run(config.out_dir)
         run = train(config)
         held_out = run.data.eval[: settings.eval_size]
         accuracy = evaluate_accuracy(
@@ -122,6 +123,17 @@ def train_three(out_dir: Path, settings: DemoSettings, progress: bool = True) ->
         results[label] = (run, accuracy)
         print(f"  {label:<5} {run.seconds_per_step:.2f} s/step, held-out accuracy {accuracy:.3f}")
     return results
+
+
+def _clear_previous_run(run_dir: Path) -> None:
+    """The demo always starts fresh: remove its own earlier run, never anything else."""
+    if not run_dir.exists():
+        return
+    if not (run_dir / "train_config.json").is_file():
+        raise WDAnalysisError(
+            "exists and is not a wdanalysis run folder", run_dir, "choose another --out"
+        )
+    shutil.rmtree(run_dir)
 
 
 def summarize(fits: pd.DataFrame, trained: dict) -> pd.DataFrame:
