@@ -201,6 +201,23 @@ class _Job:
     change: DecompositionChange | None = None
 
 
+@dataclass(frozen=True)
+class _Block:
+    """Stored rows ``start:start+n`` of one weight, and how its vectors run."""
+
+    key: str
+    start: int
+    n: int
+    cols: int
+    mode: str  # "rows" | "cols"
+    transposed: bool
+
+
+def _rows_cols(shape) -> tuple[int, int]:
+    rows = shape[0]
+    return rows, max(1, _numel(shape) // max(rows, 1))
+
+
 def _storage_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(-1, 1)
 
@@ -329,76 +346,22 @@ class Engine:
                         yield _slice_request(job.extent, rows, start, n)
 
     def _run_key(self, key, jobs, per_block, reader: _Reader, pool):
+        """Stream one weight: every block of base rows against the same rows of every job."""
         transposed = self.transposed(key)
         mode = vector_mode(self.axis, transposed)
-        shape = self.base.store.shape(key)
-        rows = shape[0]
-        cols = max(1, _numel(shape) // max(rows, 1))
+        rows, cols = _rows_cols(self.base.store.shape(key))
         n_vec = rows if mode == "rows" else cols
-        dev = self.device
+        self._prepare_jobs(key, jobs, n_vec)
+        base_sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
         base_extent = _extent(self.base.store, key)
         base_dense = None if base_extent is not None else _storage_2d(self.base.store.get(key))
-        for job in jobs:
-            job.sums = torch.zeros(3, n_vec, dtype=torch.float64, device=dev)
-            if self.bound[job.index].error is None and job.kind == "dense":
-                self._guard(job, key, lambda j=job: setattr(j, "matrix", _storage_2d(j.dense())))
-            if self.bound[job.index].error is None and job.kind in ("lora", "dora"):
-                self._guard(job, key, self._load_factors, job)
-        base_sums = torch.zeros(3, n_vec, dtype=torch.float64, device=dev)
         for start in range(0, rows, per_block):
-            n = min(per_block, rows - start)
-            base_buf = None
-            if base_extent is not None:
-                base_buf, error = reader.get()
-                if error is not None:
-                    reader.release(base_buf)
-                    raise _read_error(key, base_extent, error)
-                a = _as_matrix(base_buf, base_extent, n, cols)
-            else:
-                a = base_dense[start : start + n]
-            a = a.to(dev) if dev.type != "cpu" else a
-            self._accumulate(a, a, base_sums, mode, start, n, True)
-
-            def work(task, a=a, start=start, n=n):
-                job, b = task
-                if b is not None:
-                    b = b.to(dev) if dev.type != "cpu" else b
-                    self._accumulate(a, b, job.sums, mode, start, n, True)
-                else:
-                    self._adapter_block(job, a, mode, start, n, transposed)
-
-            tasks, held = [], []
-            for job in jobs:
-                live = self.bound[job.index].error is None
-                if job.kind == "file":
-                    buf, error = reader.get()  # consumed even when skipped: stay in step
-                    if live and error is not None:
-                        self.bound[job.index].error = _read_error(key, job.extent, error)
-                        live = False
-                    task = (job, _as_matrix(buf, job.extent, n, cols))
-                    if not live:
-                        reader.release(buf)
-                    elif pool is None:  # compute now, recycle the buffer at once
-                        self._guard(job, key, work, task)
-                        reader.release(buf)
-                    else:
-                        held.append(buf)
-                        tasks.append(task)
-                elif not live:
-                    continue
-                elif job.kind == "dense":
-                    tasks.append((job, job.matrix[start : start + n]))
-                elif job.kind in ("lora", "dora"):
-                    tasks.append((job, None))
-            if pool is not None and len(tasks) > 1:
-                list(pool.map(lambda t: self._guard(t[0], key, work, t), tasks))
-            else:
-                for task in tasks:
-                    self._guard(task[0], key, work, task)
-            for buf in held:
+            block = _Block(key, start, min(per_block, rows - start), cols, mode, transposed)
+            base_buf, a = self._base_block(reader, block, base_extent, base_dense)
+            self._accumulate(a, a, base_sums, mode, block.start, block.n, True)
+            held = self._compare_block(block, a, jobs, reader, pool)
+            for buf in held if base_buf is None else [*held, base_buf]:
                 reader.release(buf)
-            if base_buf is not None:
-                reader.release(base_buf)
         if not torch.isfinite(base_sums).all():
             self._check_base(key)
         for job in jobs:
@@ -407,6 +370,76 @@ class Engine:
                 self._guard(job, key, self._finish_job, key, job, base_sums, mode)
             job.factors = job.sums = None
             yield job, (None if self.bound[job.index].error else job.change)
+
+    def _prepare_jobs(self, key: str, jobs: list[_Job], n_vec: int) -> None:
+        """Zero each job's sums; load what is read whole (.bin matrices, adapter factors)."""
+        for job in jobs:
+            job.sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
+            if self.bound[job.index].error is not None:
+                continue
+            if job.kind == "dense":
+                self._guard(job, key, lambda j=job: setattr(j, "matrix", _storage_2d(j.dense())))
+            elif job.kind in ("lora", "dora"):
+                self._guard(job, key, self._load_factors, job)
+
+    def _base_block(self, reader: _Reader, block: _Block, extent, dense):
+        """The base rows of ``block`` (and the buffer holding them, to release later)."""
+        if extent is None:
+            return None, self._to_device(dense[block.start : block.start + block.n])
+        buf, error = reader.get()
+        if error is not None:
+            reader.release(buf)
+            raise _read_error(block.key, extent, error)
+        return buf, self._to_device(_as_matrix(buf, extent, block.n, block.cols))
+
+    def _compare_block(self, block: _Block, a, jobs: list[_Job], reader: _Reader, pool) -> list:
+        """Accumulate every live job's sums for this block; returns buffers still to release.
+
+        Every file job's buffer is taken from the reader, even for a failed checkpoint, so
+        that reads stay in step with the schedule. Without a pool each file block is
+        compared at once and its buffer recycled; with one, blocks are compared in parallel.
+        """
+        tasks, held = [], []
+        for job in jobs:
+            live = self.bound[job.index].error is None
+            if job.kind == "file":
+                buf, error = reader.get()
+                if live and error is not None:
+                    self.bound[job.index].error = _read_error(block.key, job.extent, error)
+                    live = False
+                task = (job, _as_matrix(buf, job.extent, block.n, block.cols))
+                if live and pool is None:
+                    self._guard(job, block.key, self._compare, block, a, task)
+                if not live or pool is None:
+                    reader.release(buf)
+                else:
+                    held.append(buf)
+                    tasks.append(task)
+            elif live and job.kind == "dense":
+                tasks.append((job, job.matrix[block.start : block.start + block.n]))
+            elif live and job.kind in ("lora", "dora"):
+                tasks.append((job, None))
+        if pool is not None and len(tasks) > 1:
+            list(
+                pool.map(lambda t: self._guard(t[0], block.key, self._compare, block, a, t), tasks)
+            )
+        else:
+            for task in tasks:
+                self._guard(task[0], block.key, self._compare, block, a, task)
+        return held
+
+    def _compare(self, block: _Block, a, task) -> None:
+        """One job's sums for one block: a stored matrix, or an adapter's update."""
+        job, b = task
+        if b is None:
+            self._adapter_block(job, a, block.mode, block.start, block.n, block.transposed)
+        else:
+            self._accumulate(
+                a, self._to_device(b), job.sums, block.mode, block.start, block.n, True
+            )
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.device.type == "cpu" else t.to(self.device)
 
     def _guard(self, job: _Job, key: str, fn, *args) -> None:
         """Run ``fn``; a checkpoint's own error marks that checkpoint failed, not the run."""
