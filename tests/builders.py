@@ -467,3 +467,58 @@ def check_table(table, expected: Mapping, rtol: float = 1e-9, atol: float = 0.0)
         assert_close(row["delta_d"], delta_d, rtol, atol, f"ΔD {run} {step} {parameter}")
         checked += 1
     return checked
+
+
+# --------------------------------------------------------------- synthetic deltas tables
+
+
+def synthetic_deltas(
+    spec=(("FT", -0.62), ("LoRA", 0.83), ("DoRA", -0.31)),
+    steps=(100, 200, 300),
+    layers=12,
+    modules=("q_proj",),
+    stacks=("",),
+    seed=0,
+    spread=0.5,
+    n_vectors=64,
+):
+    """A ``compare``-shaped table whose ΔM–ΔD correlation per run is ``rho`` in expectation.
+
+    ``spec`` is ``(method, rho)`` per run; ΔM and ΔD are standard normals scaled by
+    ``spread`` around 2e-3 and 2e-4, so they stay positive like real ones.
+    """
+    import math
+
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for method, rho in spec:
+        for module in modules:
+            for stack in stacks:
+                for step in steps:
+                    for layer in range(layers):
+                        d, e = rng.normal(size=2)
+                        m = rho * d + math.sqrt(1 - rho**2) * e
+                        prefix = f"{stack}." if stack else ""
+                        rows.append(
+                            {
+                                "method": method,
+                                "run": f"{method.lower()}-run",
+                                "step": step,
+                                "layer": layer,
+                                "module": module,
+                                "parameter": f"{prefix}layers.{layer}.{module}.weight",
+                                "stack": stack,
+                                "axis": "out",
+                                "delta_m": 1e-3 * (2 + spread * m),
+                                "delta_d": 1e-4 * (2 + spread * d),
+                                "n_vectors": n_vectors,
+                                "zero_norm_vectors": 0,
+                                "checkpoint": f"/ckpt/{method}/{step}",
+                            }
+                        )
+    frame = pd.DataFrame(rows)
+    frame["step"] = frame["step"].astype("Int64")
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame

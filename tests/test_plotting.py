@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -12,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from builders import synthetic_deltas  # noqa: E402
 from matplotlib.collections import PathCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -39,36 +38,7 @@ def make_deltas(
     stacks=("",),
     seed=0,
 ) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for method, rho in spec:
-        for module in modules:
-            for stack in stacks:
-                for step in steps:
-                    for layer in range(layers):
-                        d, e = rng.normal(size=2)
-                        m = rho * d + math.sqrt(1 - rho**2) * e
-                        rows.append(
-                            {
-                                "method": method,
-                                "run": f"{method.lower()}-run",
-                                "step": step,
-                                "layer": layer,
-                                "module": module,
-                                "parameter": f"{stack}.layers.{layer}.{module}.weight",
-                                "stack": stack,
-                                "axis": "out",
-                                "delta_m": 1e-3 * (2 + 0.5 * m),
-                                "delta_d": 1e-4 * (2 + 0.5 * d),
-                                "n_vectors": 64,
-                                "zero_norm_vectors": 0,
-                                "checkpoint": f"/ckpt/{method}/{step}",
-                            }
-                        )
-    frame = pd.DataFrame(rows)
-    frame["step"] = frame["step"].astype("Int64")
-    frame["layer"] = frame["layer"].astype("Int64")
-    return frame
+    return synthetic_deltas(spec, steps, layers, modules, stacks, seed)
 
 
 def panels(figure: Figure) -> list:

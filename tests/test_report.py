@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from builders import synthetic_deltas  # noqa: E402
 
 from wdanalysis.errors import WDAnalysisError  # noqa: E402
 from wdanalysis.report import ReportResult, write_report  # noqa: E402
@@ -34,34 +33,8 @@ REQUIRED_FIT_COLUMNS = [
 
 
 def make_deltas(modules=("q_proj",), steps=(10, 20), layers=4, seed=0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for method, rho in (("FT", -0.6), ("LoRA", 0.8), ("DoRA", -0.3)):
-        for module in modules:
-            for step in steps:
-                for layer in range(layers):
-                    d, e = rng.normal(size=2)
-                    rows.append(
-                        {
-                            "method": method,
-                            "run": f"{method.lower()}-run",
-                            "step": step,
-                            "layer": layer,
-                            "module": module,
-                            "parameter": f"layers.{layer}.{module}.weight",
-                            "stack": "",
-                            "axis": "out",
-                            "delta_m": 1e-3 * (2 + rho * d + math.sqrt(1 - rho**2) * e),
-                            "delta_d": 1e-4 * (2 + d),
-                            "n_vectors": 8,
-                            "zero_norm_vectors": 0,
-                            "checkpoint": f"/ckpt/{method}/{step}",
-                        }
-                    )
-    frame = pd.DataFrame(rows)
-    frame["step"] = frame["step"].astype("Int64")
-    frame["layer"] = frame["layer"].astype("Int64")
-    return frame
+    spec = (("FT", -0.6), ("LoRA", 0.8), ("DoRA", -0.3))
+    return synthetic_deltas(spec, steps, layers, modules, seed=seed, spread=1.0, n_vectors=8)
 
 
 def assert_written(path) -> None:

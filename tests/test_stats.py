@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from builders import synthetic_deltas
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
@@ -32,35 +33,7 @@ def make_deltas(
     seed=0,
 ) -> pd.DataFrame:
     """A deltas table whose ΔM–ΔD correlation per run is ``rho`` in expectation."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for method, rho in spec:
-        for module in modules:
-            for step in steps:
-                for layer in range(layers):
-                    d, e = rng.normal(size=2)
-                    m = rho * d + math.sqrt(1 - rho**2) * e
-                    rows.append(
-                        {
-                            "method": method,
-                            "run": f"{method.lower()}-run",
-                            "step": step,
-                            "layer": layer,
-                            "module": module,
-                            "parameter": f"layers.{layer}.attn.{module}.weight",
-                            "stack": "",
-                            "axis": "out",
-                            "delta_m": 1e-3 * (2 + 0.5 * m),
-                            "delta_d": 1e-4 * (2 + 0.5 * d),
-                            "n_vectors": 64,
-                            "zero_norm_vectors": 0,
-                            "checkpoint": f"/ckpt/{method}/{step}",
-                        }
-                    )
-    frame = pd.DataFrame(rows)
-    frame["step"] = frame["step"].astype("Int64")
-    frame["layer"] = frame["layer"].astype("Int64")
-    return frame
+    return synthetic_deltas(spec, steps, layers, modules, seed=seed)
 
 
 def closed_form(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
