@@ -118,13 +118,11 @@ def compare(
     base_model = open_base(base)
     refuse_quantized(base_model.store, "base model")
     run_list = _open_runs(runs, labels)
-    selected = select_weights(
-        {k: base_model.store.shape(k) for k in base_model.store.keys()}, modules, str(base)
-    )
+    shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
+    selected = select_weights(shapes, modules, str(base))
     _check_base_dtypes(base_model, selected)
     transposed = _layout(base_model, run_list, fan_in_fan_out)
     aligner = aligner_for(base_model)
-    shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
     bound = [
         _bind(run, ckpt, shapes, selected, aligner, transposed)
         for run in run_list

@@ -35,11 +35,9 @@ class DecompositionChange:
     zero_norm_vectors: int
 
 
-def as_out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """View a weight as (out_features, in_features[, ...]) whatever its storage layout."""
-    if transposed:
-        return weight.T
-    return weight if weight.dim() >= 2 else weight.reshape(-1, 1)
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The stored weight as a 2-D matrix: dim 0 kept, the rest flattened (conv kernels)."""
+    return weight.reshape(weight.shape[0], -1) if weight.dim() >= 2 else weight.reshape(-1, 1)
 
 
 def vector_mode(axis: str, transposed: bool) -> str:
@@ -113,27 +111,15 @@ def _accumulate_torch(a, b, sums, mode: str, diff: bool) -> None:
             sums[2] += (d * d).sum(dim=0)
 
 
-def vector_sums(
-    w0: torch.Tensor, wt: torch.Tensor, axis: str = "out", backend: str = "torch"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per magnitude entry: ``Σa²``, ``Σa·d``, ``Σd²`` in float64, with ``d = wt − w0``.
-
-    Both inputs are in (out, in, ...) layout. The default ``backend="torch"`` is the
-    float64 reference: rows are processed in chunks so that the float64 copies never exceed
-    a few tens of MB, whatever the matrix size.
-    """
-    if axis not in AXES:
-        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
-    w0 = w0.reshape(w0.shape[0], -1)
-    wt = wt.reshape(wt.shape[0], -1)
-    size = w0.shape[0] if axis == "out" else w0.shape[1]
-    sums = torch.zeros(3, size, dtype=torch.float64, device=w0.device)
-    mode = "rows" if axis == "out" else "cols"
-    if backend == "torch":
-        _accumulate_torch(w0, wt, sums, mode, True)
-    else:
-        accumulate_sums(w0, wt, sums, mode, True, backend)
-    return sums[0], sums[1], sums[2]
+def matrix_sums(
+    w0: torch.Tensor, wt: torch.Tensor, mode: str, backend: str = "auto"
+) -> torch.Tensor:
+    """``Σa², Σa·d, Σd²`` (float64, shape (3, n)) of two whole matrices in stored layout."""
+    a, b = as_matrix(w0), as_matrix(wt).contiguous()
+    size = a.shape[0] if mode == "rows" else a.shape[1]
+    sums = torch.zeros(3, size, dtype=torch.float64, device=a.device)
+    accumulate_sums(a, b, sums, mode, True, backend)
+    return sums
 
 
 def change_from_sums(
@@ -186,6 +172,4 @@ def decomposition_change(
     """
     if w0.shape != wt.shape:
         raise ValueError(f"shape mismatch: {tuple(w0.shape)} vs {tuple(wt.shape)}")
-    return change_from_sums(
-        *vector_sums(as_out_in(w0, transposed), as_out_in(wt, transposed), axis, backend)
-    )
+    return change_from_sums(*matrix_sums(w0, wt, vector_mode(axis, transposed), backend))

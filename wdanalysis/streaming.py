@@ -34,7 +34,9 @@ from wdanalysis.checkpoints import AdapterCheckpoint
 from wdanalysis.decomposition import (
     DecompositionChange,
     accumulate_sums,
+    as_matrix,
     change_from_sums,
+    matrix_sums,
     vector_mode,
 )
 from wdanalysis.errors import NumericalError
@@ -218,10 +220,6 @@ def _rows_cols(shape) -> tuple[int, int]:
     return rows, max(1, _numel(shape) // max(rows, 1))
 
 
-def _storage_2d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(-1, 1)
-
-
 def _as_matrix(buf: torch.Tensor, extent: _Extent, rows: int, cols: int) -> torch.Tensor:
     return buf[: rows * cols * extent.dtype.itemsize].view(extent.dtype).view(rows, cols)
 
@@ -354,7 +352,7 @@ class Engine:
         self._prepare_jobs(key, jobs, n_vec)
         base_sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
         base_extent = _extent(self.base.store, key)
-        base_dense = None if base_extent is not None else _storage_2d(self.base.store.get(key))
+        base_dense = None if base_extent is not None else as_matrix(self.base.store.get(key))
         for start in range(0, rows, per_block):
             block = _Block(key, start, min(per_block, rows - start), cols, mode, transposed)
             base_buf, a = self._base_block(reader, block, base_extent, base_dense)
@@ -378,7 +376,7 @@ class Engine:
             if self.bound[job.index].error is not None:
                 continue
             if job.kind == "dense":
-                self._guard(job, key, lambda j=job: setattr(j, "matrix", _storage_2d(j.dense())))
+                self._guard(job, key, lambda j=job: setattr(j, "matrix", as_matrix(j.dense())))
             elif job.kind in ("lora", "dora"):
                 self._guard(job, key, self._load_factors, job)
 
@@ -504,10 +502,7 @@ class Engine:
         item = self.bound[job.index]
         w0 = self.base.store.get(key)
         wt = _effective_weight(item, key, w0, self.transposed)
-        a, b = _storage_2d(w0).to(self.device), _storage_2d(wt).to(self.device)
-        n_vec = a.shape[0] if mode == "rows" else a.shape[1]
-        sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
-        accumulate_sums(a, b.contiguous(), sums, mode, True, self.backend)
+        sums = matrix_sums(w0.to(self.device), wt.to(self.device), mode, self.backend)
         if not torch.isfinite(sums).all():
             self._report_non_finite(key, item)
         return change_from_sums(sums[0], sums[1], sums[2])
