@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,11 +63,17 @@ class RunResult:
     device: torch.device = field(repr=False, default=torch.device("cpu"))
 
 
-def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> RunResult:
+def train(
+    config: TrainConfig,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    on_checkpoint: Callable[[int, nn.Module], None] | None = None,
+) -> RunResult:
     """Train ``config.method`` and save checkpoints into ``config.out_dir``.
 
     ``model``/``tokenizer`` may be given for a model not loadable with ``transformers``;
     ``config.model_dir`` is then only recorded as ``base_model_name_or_path``.
+    ``on_checkpoint(step, model)`` runs after each checkpoint is saved (e.g. an evaluation).
     """
     config.validate()
     device = resolve_device(config.device)
@@ -81,7 +88,9 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -
     spec = prepare_parameters(model, config, task)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=0.0
+    )
     scheduler = linear_schedule(optimizer, config.warmup_steps, config.max_steps)
     torch.manual_seed(config.seed + 2)  # dropout stream
 
@@ -128,6 +137,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -
         bar.set_postfix(loss=f"{loss:.4f}")
         if step + 1 in save_at:
             save(step + 1)
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1, model)
     steps_run = config.max_steps - start
     return RunResult(
         run_dir=run_dir,
@@ -196,6 +207,28 @@ def prepare_parameters(model: nn.Module, config: TrainConfig, task: str) -> Adap
     )
     inject_adapters(model, spec)
     return spec
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weights, none on biases and normalisation layers.
+
+    The convention of BERT, of the HF Trainer and of the DoRA authors' VL-T5 code (no decay
+    on ``bias`` and ``LayerNorm.weight``). Adapter factors and DoRA magnitudes are decayed,
+    as they are there.
+    """
+    no_decay: set[int] = set()
+    for module in model.modules():
+        is_norm = isinstance(module, nn.LayerNorm | nn.GroupNorm) or "Norm" in type(module).__name__
+        for name, param in module.named_parameters(recurse=False):
+            if is_norm or name == "bias":
+                no_decay.add(id(param))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if id(p) not in no_decay]
+    rest = [p for p in trainable if id(p) in no_decay]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if rest:
+        groups.append({"params": rest, "weight_decay": 0.0})
+    return groups
 
 
 def linear_schedule(optimizer, warmup_steps: int, max_steps: int):
