@@ -20,7 +20,7 @@ from wdanalysis.atomic import save_figure_atomic, write_csv_atomic
 from wdanalysis.plotting import plot_figure2, plot_trajectories
 from wdanalysis.stats import drop_undefined, fit_lines, format_fit_table, validate_deltas
 
-__all__ = ["ReportResult", "write_report"]
+__all__ = ["ReportResult", "save_figure_pair", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ def _file_stem(name: str, module: str, several: bool) -> str:
     return f"{name}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', module)}" if several else name
 
 
-def _save(figure: Figure, out_dir: Path, stem: str, dpi: float, vector_format: str) -> list[Path]:
+def save_figure_pair(
+    figure: Figure, out_dir: Path, stem: str, dpi: float = 200, vector_format: str = "svg"
+) -> list[Path]:
     """The PNG for viewing and a vector copy for the paper, both atomically."""
     png = save_figure_atomic(figure, out_dir / f"{stem}.png", dpi=dpi)
     # no creation date in the vector file, so that reruns give identical files
@@ -88,14 +90,16 @@ def write_report(
         title = f"module: {module}" if several else None
         common = {"module": module, "figsize": figsize, "title": title}
         figure = plot_figure2(data, fits=fits, sharex=sharex, sharey=sharey, **common)
-        paths = _save(figure, out_dir, _file_stem("figure2", module, several), dpi, vector_format)
+        paths = save_figure_pair(
+            figure, out_dir, _file_stem("figure2", module, several), dpi, vector_format
+        )
         rows = data.loc[data["module"].astype(str) == module]
         if rows["step"].notna().any():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # unknown-step rows: already in the notes
                 figure = plot_trajectories(data, **common)
             stem = _file_stem("trajectories", module, several)
-            paths += _save(figure, out_dir, stem, dpi, vector_format)
+            paths += save_figure_pair(figure, out_dir, stem, dpi, vector_format)
             if rows["step"].isna().any():
                 notes.append(f"{module}: rows with an unknown step are left out of trajectories")
         else:
