@@ -339,13 +339,16 @@ def test_cli_auto_error_is_one_line(cache, world, tmp_path, capsys):
 
 
 def test_train_loader_resolves_hub_ids(cache, world):
-    from wdanalysis.train.model import load_pretrained
+    from wdanalysis.train.model import load_pretrained, load_safetensors_into
 
     with pytest.raises(WDAnalysisError, match="no usable tokenizer") as info:
         load_pretrained(REPO, "causal-lm")  # the tiny cached model has no tokenizer
     assert str(world["main"]) in str(info.value)
     with pytest.raises(WDAnalysisError, match="no model acme/absent in the Hugging Face"):
         load_pretrained("acme/absent", "causal-lm")
+    model = tiny_model("llama", seed=7)
+    load_safetensors_into(model, f"{REPO}@tuned")
+    assert model.state_dict()[Q0].equal(finetuned(world["base"], seed=3)[Q0])
 
 
 def test_version_falls_back_to_the_package(monkeypatch):

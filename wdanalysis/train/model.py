@@ -35,9 +35,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_safetensors_into(module: nn.Module, model_dir: str | Path) -> None:
-    """Load local safetensors weights into any ``nn.Module`` with matching keys."""
+    """Load safetensors weights (a local folder or a cached hub id) into any ``nn.Module``
+    with matching keys."""
     state = {}
-    for path in safetensors_files(Path(model_dir)):
+    for path in safetensors_files(resolve_model_path(model_dir)):
         state.update(load_file(str(path)))
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
