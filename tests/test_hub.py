@@ -211,6 +211,21 @@ def test_id_not_cached_is_one_line_naming_id_cache_and_fetch(cache, given, says)
         assert f"--revision {given.split('@')[1]}" in text and MAIN in text
 
 
+def test_incomplete_snapshot_says_so(cache, monkeypatch):
+    import huggingface_hub
+
+    errors = pytest.importorskip("huggingface_hub.errors")
+    if not hasattr(errors, "IncompleteSnapshotError"):
+        pytest.skip("this huggingface_hub has no IncompleteSnapshotError")
+
+    def incomplete(*args, **kwargs):  # what it raises when its tree listing shows files missing
+        raise errors.IncompleteSnapshotError("1 file(s) are missing", snapshot_path="x")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", incomplete)
+    with pytest.raises(WDAnalysisError, match=f"the cached copy of {REPO} in .* is incomplete"):
+        open_base(REPO)
+
+
 def test_missing_cache_folder_is_not_created(tmp_path, monkeypatch):
     missing = tmp_path / "no-cache"
     monkeypatch.setenv("HF_HUB_CACHE", str(missing))
