@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from wdanalysis.autobase import base_named_by, is_auto
 from wdanalysis.checkpoints import (
     AdapterCheckpoint,
     Checkpoint,
@@ -95,9 +96,12 @@ def compare(
 
     Parameters
     ----------
-    base: the pretrained model (file or folder) every run started from.
+    base: the pretrained model every run started from: a file or folder, a hub id
+        ``org/name[@revision]`` found in the local Hugging Face cache (never downloaded), or
+        ``"auto"``: the base the runs' adapters name in ``base_model_name_or_path``.
     runs: one path, a list of paths, or ``{label: path}``. A path is a run folder of
-        ``checkpoint-N`` sub-folders or a single checkpoint (full model or adapter).
+        ``checkpoint-N`` sub-folders or a single checkpoint (full model or adapter), or a
+        cached hub id.
     modules: leaf module names (``q_proj``) or paths/regexes; default: attention query
         and value projections.
     labels: display names replacing the inferred method (``FT``/``LoRA``/``DoRA``).
@@ -115,9 +119,11 @@ def compare(
     """
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
+    run_list = _open_runs(runs, labels)
+    if is_auto(base):
+        base = base_named_by(run_list)
     base_model = open_base(base)
     refuse_quantized(base_model.store, "base model")
-    run_list = _open_runs(runs, labels)
     shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
     selected = select_weights(shapes, modules, str(base))
     _check_base_dtypes(base_model, selected)

@@ -21,6 +21,7 @@ from wdanalysis.adapters import (
     read_adapter_config,
 )
 from wdanalysis.errors import CheckpointFormatError, NumericalError
+from wdanalysis.hub import resolve_model_path
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.modules import CONV1D_MODEL_TYPES
 from wdanalysis.tensors import (
@@ -105,8 +106,12 @@ class Run:
 
 
 def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
-    """Open one checkpoint (file or folder) by looking at its files and headers."""
-    path = Path(path)
+    """Open one checkpoint (file or folder) by looking at its files and headers.
+
+    A hub id ``org/name[@revision]`` that is not a local path is opened from the local
+    Hugging Face cache (:mod:`wdanalysis.hub`).
+    """
+    path = resolve_model_path(path)
     if not path.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
     if step is None:
@@ -226,12 +231,14 @@ def open_run(path: str | Path, name: str | None = None) -> Run:
     """A run folder of ``checkpoint-N`` sub-folders, or a single checkpoint as a one-step run.
 
     Sub-folders that hold no complete checkpoint (a run killed mid-save) are skipped with
-    a warning and listed in ``Run.skipped``; the others are kept.
+    a warning and listed in ``Run.skipped``; the others are kept. A cached hub id is opened
+    from its snapshot folder and named by the id.
     """
-    path = Path(path)
-    if not path.exists():
+    resolved = resolve_model_path(path)
+    if not resolved.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
-    name = name or path.name
+    name = name or (Path(path).name if resolved == Path(path) else str(path))
+    path = resolved
     folders = step_folders(path)
     if not folders:
         return Run(path, name, [open_checkpoint(path)])

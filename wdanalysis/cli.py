@@ -23,11 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wdanalysis",
         description="Weight-decomposition analysis of fine-tuning (DoRA paper, Figure 2).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.register(subparsers)
     train_cli.register(subparsers)
     demo.register(subparsers)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source checkout)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("wdanalysis")
+    except PackageNotFoundError:
+        from wdanalysis import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,8 +27,12 @@ def _register_compare(subparsers) -> None:
         help="ΔM/ΔD of every run against the base model; table, fits and Figure 2",
         description="Compare fine-tuning runs with their base model (DoRA paper, Figure 2).",
     )
-    parser.add_argument("base", type=Path, help="pretrained model (file or folder)")
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders or single checkpoints")
+    parser.add_argument(
+        "base",
+        help="pretrained model: file, folder, hub id org/name[@revision] in the local "
+        "Hugging Face cache, or auto (the base the adapters name)",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders, single checkpoints or cached hub ids")
     parser.add_argument("--labels", nargs="+", help="display names, one per run (default: method)")
     parser.add_argument(
         "--modules", nargs="+", help="module names to analyse (default: attention query/value)"
@@ -61,7 +65,7 @@ def _register_inspect(subparsers) -> None:
     parser = subparsers.add_parser(
         "inspect", help="say what a checkpoint, adapter or run folder holds"
     )
-    parser.add_argument("path", type=Path)
+    parser.add_argument("path", help="file, folder or cached hub id org/name[@revision]")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(handler=run_inspect)
 
@@ -79,7 +83,7 @@ def run_compare(args: argparse.Namespace) -> int:
     try:
         deltas = compare(
             args.base,
-            [str(p) for p in args.runs],
+            list(args.runs),
             modules=args.modules,
             labels=args.labels,
             axis=args.axis,

@@ -11,7 +11,10 @@ from wdanalysis.modules import module_path, select_weights
 
 
 def inspect(path: str | Path) -> dict:
-    """A description of a checkpoint or run: format, kind, dtypes, steps, adapted modules."""
+    """A description of a checkpoint or run: format, kind, dtypes, steps, adapted modules.
+
+    ``path`` may be a cached hub id ``org/name[@revision]`` (:mod:`wdanalysis.hub`).
+    """
     run = open_run(path)
     first = run.checkpoints[0]
     info = {
@@ -63,6 +66,7 @@ def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
         "ranks": ranks,
         "magnitude_only_modules": sum(1 for m in adapted.values() if not m.lora_b),
         "fan_in_fan_out": config.fan_in_fan_out,
+        "base_model": config.raw.get("base_model_name_or_path") or "not named",
     }
     if config.format == "dora-vlbart":
         info["scaling"] = "1.0 (VL-BART code applies B@A unscaled)"

@@ -35,7 +35,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--method", choices=METHODS, required=True)
-    parser.add_argument("--model", required=True, help="local model folder (safetensors)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model folder (safetensors) or hub id org/name[@revision] in the local HF cache",
+    )
     parser.add_argument("--data", required=True, help="JSONL file or builtin:tweets")
     parser.add_argument("--out", required=True, help="run folder for checkpoint-N/")
     parser.add_argument("--eval-data", help="JSONL file for evaluation (classification)")

@@ -1,4 +1,5 @@
-"""Load a pretrained model and tokenizer from a local folder (safetensors only, never a hub)."""
+"""Load a pretrained model and tokenizer from a local folder or the local hub cache (safetensors
+only; nothing is ever downloaded)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from wdanalysis.errors import CheckpointFormatError, WDAnalysisError
+from wdanalysis.hub import resolve_model_path
 from wdanalysis.train.data import CAUSAL_LM, CLASSIFICATION
 
 HEAD_NAMES = ("classifier", "score")  # what PEFT's SEQ_CLS task saves in full
@@ -33,9 +35,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_safetensors_into(module: nn.Module, model_dir: str | Path) -> None:
-    """Load local safetensors weights into any ``nn.Module`` with matching keys."""
+    """Load safetensors weights (a local folder or a cached hub id) into any ``nn.Module``
+    with matching keys."""
     state = {}
-    for path in safetensors_files(Path(model_dir)):
+    for path in safetensors_files(resolve_model_path(model_dir)):
         state.update(load_file(str(path)))
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -65,10 +68,12 @@ def _quiet_transformers():
 def load_pretrained(model_dir: str | Path, kind: str, num_labels: int | None = None):
     """(model, tokenizer) from a local folder with ``transformers`` Auto classes.
 
-    The caller seeds torch first: a newly initialised classification head is drawn from
-    the global RNG, and every method must start from the same head.
+    ``model_dir`` may be a hub id ``org/name[@revision]`` already in the local Hugging Face
+    cache (:mod:`wdanalysis.hub`; never downloaded). The caller seeds torch first: a newly
+    initialised classification head is drawn from the global RNG, and every method must
+    start from the same head.
     """
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise WDAnalysisError("not a model folder (no config.json)", path=model_dir)
     safetensors_files(model_dir)
