@@ -324,7 +324,9 @@ def compare_correlations(
     ``data`` is a deltas table or the output of :func:`fit_lines`; runs are named by run
     or, when unambiguous, by method. The test treats the two correlations as independent
     and each point as an independent observation; points pooled over steps of one layer
-    are not, so read the p-value as approximate (it tends to be too small).
+    are not, so the p-value tends to be too small. For runs that adapt the same layers use
+    :func:`wdanalysis.resampling.layer_permutation_test`, which swaps whole layers and
+    holds its level under that structure; this test remains for runs on different models.
     """
     fits = _pooled_fits(data, module)
     a, b = _find_run(fits, run_a), _find_run(fits, run_b)
