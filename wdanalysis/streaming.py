@@ -63,12 +63,14 @@ class _Extent:
     shape: tuple[int, ...]
 
 
-_layouts: dict[Path, dict[str, _Extent]] = {}
+_layouts: dict[tuple, dict[str, _Extent]] = {}
 
 
 def _safetensors_layout(file: Path) -> dict[str, _Extent]:
     """Absolute data offsets of every tensor (header already validated by the loader)."""
-    cached = _layouts.get(file)
+    stat = file.stat()  # a file re-saved at the same path must not reuse stale offsets
+    cache_key = (file, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    cached = _layouts.get(cache_key)
     if cached is not None:
         return cached
     import json
@@ -92,7 +94,7 @@ def _safetensors_layout(file: Path) -> dict[str, _Extent]:
         extents[key] = _Extent(file, 8 + header_len + begin, end - begin, dtype, shape)
     if len(_layouts) > 4096:
         _layouts.clear()
-    _layouts[file] = extents
+    _layouts[cache_key] = extents
     return extents
 
 
