@@ -40,6 +40,7 @@ from wdanalysis.decomposition import (
     vector_mode,
 )
 from wdanalysis.errors import NumericalError
+from wdanalysis.layers import factor_matrices
 
 MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
 MAX_BLOCK = 32 << 20  # largest single read
@@ -264,9 +265,11 @@ class Engine:
             not (module.lora_b or module.magnitude)  # a whole saved weight (modules_to_save)
             or getattr(module, "saved_base", None)  # VL-BART merges onto its own weight_v
             or (module.magnitude and self.axis == "in" and self.transposed(key))
+            or (getattr(module, "embedding", False) and not self.transposed(key))
         ):
             # Rare layouts are merged whole by Adapter.effective_weight. (DoRA's per-output
-            # scale on the input axis needs whole stored columns of an (in, out) weight.)
+            # scale on the input axis needs whole stored columns of an (in, out) weight; an
+            # embedding is (in, out) whatever the caller's layout says.)
             return _Job(index, "effective", module=module)
         return _Job(index, "dora" if module.magnitude else "lora", module=module)
 
@@ -275,9 +278,9 @@ class Engine:
         store, module = self.bound[job.index].checkpoint.adapter.store, job.module
         dev, f64 = self.device, torch.float64
         a = b = m = None
-        if module.lora_b:
-            a = store.get(module.lora_a).to(dev, f64)
-            b = store.get(module.lora_b).to(dev, f64) * module.scaling
+        if module.lora_b:  # conv factors as (r, in·k…) and (out, r) matrices
+            a, b = factor_matrices(store.get(module.lora_a), store.get(module.lora_b))
+            a, b = a.to(dev, f64), b.to(dev, f64) * module.scaling
         if module.magnitude:
             m = store.get(module.magnitude).to(dev, f64).reshape(-1)
         job.factors = (a, b, m)
