@@ -287,6 +287,8 @@ adapter_keys = st.lists(
                     ".weight",
                     "",
                     ".lora_embedding_A",
+                    ".lora_embedding_B",
+                    ".lora_E",  # AdaLoRA: not a LoRA/DoRA factor, refused
                 ]
             ),
         )
