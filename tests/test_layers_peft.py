@@ -271,3 +271,38 @@ def test_ft_embedding_named_like_one_uses_embedding_columns(tmp_path):
     expected = {("ft", None, "model.embed_tokens.weight"): reference_delta(w0, wt, transposed=True)}
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == 1
     assert table["n_vectors"].tolist() == [6]
+
+
+def test_conv3d_kernel_1x1xk_matches_peft_forward(tmp_path):
+    """PEFT's own merge fails on a Conv3d kernel (1, 1, k) (its 1×1 shortcut looks at two
+    kernel dims only), but its forward is well defined: our merged weight reproduces it."""
+    from torch.nn import functional as F
+
+    from wdanalysis.checkpoints import aligner_for, open_base, open_checkpoint
+
+    class Net3(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv3d(2, 3, (1, 1, 2))
+
+        def forward(self, x):
+            return self.c(x)
+
+    torch.manual_seed(6)
+    model = Net3().double()
+    base_dir = save_base(model, tmp_path / "base")
+    for dora in (False, True):
+        folder = tmp_path / f"adapter{int(dora)}"
+        wrapped = peft.get_peft_model(
+            copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["c"], use_dora=dora)
+        )
+        randomize(wrapped, seed=7)
+        wrapped.save_pretrained(str(folder))
+        base, adapter = open_base(base_dir), open_checkpoint(folder).adapter
+        shapes = {k: base.store.shape(k) for k in base.store.keys()}
+        module = adapter.bind(aligner_for(base), shapes, lambda key: False)["c.weight"]
+        merged = adapter.effective_weight(module, base.store.get("c.weight"), False)
+        x = torch.randn(2, 2, 3, 4, 5, dtype=torch.float64)
+        with torch.no_grad():
+            expected = wrapped(x)
+        assert torch.allclose(F.conv3d(x, merged, model.c.bias), expected, rtol=1e-10, atol=1e-12)
