@@ -2,9 +2,17 @@
 
 Formats read here (see ``shared/reference/formats-and-pitfalls.md``):
 
-* PEFT ``LORA`` adapters, with or without ``use_dora`` (``lora_magnitude_vector``);
+* PEFT ``LORA`` adapters, with or without ``use_dora`` (``lora_magnitude_vector``), on
+  ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` layers;
 * the DoRA authors' LLM format (``peft_type: "DORA"``, ``weight_m_wdecomp.weight``);
 * the DoRA authors' VL-BART state dicts (``weight_m``, bare ``lora_A``/``lora_B``).
+
+Conv weights are analysed as the matrix ``(out, in·k…)`` (PEFT's DoRA norm runs over every
+dim but 0), with ``lora_A`` ``(r, in, k…)`` and ``lora_B`` ``(out, r, 1…)`` flattened the
+same way: PEFT's conv merge ``conv(A, B)`` is exactly ``B.view(out, r) @ A.view(r, -1)``.
+An embedding weight ``(num_embeddings, embedding_dim)`` is, for PEFT, stored ``(in, out)``:
+its update is ``(lora_embedding_B @ lora_embedding_A)ᵀ`` and its DoRA magnitude holds one
+value per embedding dimension, so it is handled like a transposed (``Conv1D``) weight.
 
 The effective weight is always rebuilt from the untouched base matrix, one matrix at a time
 and in float64, so merges never pile up across checkpoints and bf16 never rounds the update.
@@ -22,6 +30,7 @@ import torch
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
 from wdanalysis.keymatch import KeyAligner, strip_peft_prefix
+from wdanalysis.layers import check_factors, factor_matrices, out_in
 from wdanalysis.tensors import TensorStore
 
 # Suffix of a key → (role, is the module's own name before it).
@@ -35,8 +44,10 @@ _ROLE_SUFFIXES = (
     (".weight_v", "v"),  # VL-BART DoraLinear: its own frozen copy of W0
     (".lora_A", "A"),
     (".lora_B", "B"),
+    (".lora_embedding_A", "EA"),  # nn.Embedding: (r, num_embeddings)
+    (".lora_embedding_B", "EB"),  # (embedding_dim, r)
 )
-_UNSUPPORTED_ROLES = ("lora_embedding_A", "lora_embedding_B", "lora_E", "hada_w", "lokr_w")
+_UNSUPPORTED_ROLES = ("lora_E", "hada_w", "lokr_w")
 SUPPORTED_PEFT_TYPES = {"LORA", "DORA"}
 
 
@@ -52,6 +63,7 @@ class AdapterModule:
     saved_base: str | None = None  # VL-BART ``weight_v``: the W0 the module itself merges onto
     rank: int | None = None
     scaling: float = 1.0
+    embedding: bool = False  # an nn.Embedding: stored (in, out), update (B@A)ᵀ
 
 
 @dataclass
@@ -213,9 +225,10 @@ def group_adapter_keys(keys: list[str], where: Path) -> dict[str, AdapterModule]
             )
         role, name = _role_of(key)
         module = modules.setdefault(name, AdapterModule(name))
-        if role == "A":
+        module.embedding = module.embedding or role in ("EA", "EB")
+        if role in ("A", "EA"):
             module.lora_a = key
-        elif role == "B":
+        elif role in ("B", "EB"):
             module.lora_b = key
         elif role == "m":
             module.magnitude = key
@@ -229,9 +242,16 @@ def group_adapter_keys(keys: list[str], where: Path) -> dict[str, AdapterModule]
 # A live PEFT model's state dict (``torch.save(peft_model.state_dict())``) keeps the adapter
 # name: ``q_proj.lora_A.default.weight``, ``q_proj.lora_magnitude_vector.default.weight``.
 _NAMED_ROLE = re.compile(
-    r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_magnitude_vector)\.[^.]+(?:\.weight)?$"
+    r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_magnitude_vector|lora_embedding_[AB])"
+    r"\.[^.]+(?:\.weight)?$"
 )
-_NAMED_ROLES = {"lora_A": "A", "lora_B": "B", "lora_magnitude_vector": "m"}
+_NAMED_ROLES = {
+    "lora_A": "A",
+    "lora_B": "B",
+    "lora_magnitude_vector": "m",
+    "lora_embedding_A": "EA",
+    "lora_embedding_B": "EB",
+}
 
 
 def _role_of(key: str) -> tuple[str, str]:
@@ -275,7 +295,14 @@ class Adapter:
                 if module.lora_b or module.magnitude:
                     unmatched.append(name)
                 continue  # e.g. a task head saved with modules_to_save: not in the base
-            self._check_module(module, shapes[base_key], transposed(base_key))
+            if module.embedding and len(shapes[base_key]) != 2:
+                raise AdapterMismatchError(
+                    f"{module.name}: an embedding adapter on the base weight "
+                    f"{list(shapes[base_key])}, which is not an embedding table",
+                    self.path,
+                    "pass the base model this adapter was trained on",
+                )
+            self._check_module(module, shapes[base_key], transposed(base_key) or module.embedding)
             bound[base_key] = module
         if unmatched:
             total = sum(1 for m in self.modules.values() if m.lora_b or m.magnitude)
@@ -291,7 +318,7 @@ class Adapter:
     def _check_module(self, module: AdapterModule, shape, transposed: bool) -> None:
         if not (module.lora_a or module.lora_b or module.magnitude):
             return  # a whole saved weight (1-D norms too): checked when it is analysed
-        out_features, in_features = _out_in(shape, transposed)
+        out_features, _ = out_in(shape, transposed, self.path)
         if module.lora_a or module.lora_b:
             if not (module.lora_a and module.lora_b):
                 raise AdapterMismatchError(
@@ -300,20 +327,7 @@ class Adapter:
                     "the adapter file is incomplete; re-save it",
                 )
             a_shape, b_shape = self.store.shape(module.lora_a), self.store.shape(module.lora_b)
-            if len(a_shape) != 2 or len(b_shape) != 2:
-                raise AdapterMismatchError(
-                    f"{module.name}: only 2-D (Linear/Conv1D) LoRA factors are supported, "
-                    f"got lora_A {list(a_shape)}",
-                    self.path,
-                )
-            rank = a_shape[0]
-            if b_shape != (out_features, rank) or a_shape[1] != in_features:
-                raise AdapterMismatchError(
-                    f"{module.name}: lora_B {list(b_shape)} @ lora_A {list(a_shape)} does not "
-                    f"fit the base weight {list(shape)}",
-                    self.path,
-                    "this adapter was trained on a model of another size",
-                )
+            rank = check_factors(module.name, a_shape, b_shape, shape, transposed, self.path)
             module.rank, module.scaling = self.config.rank_and_scaling(module.name, rank, self.path)
         if module.magnitude:
             m_shape = self.store.shape(module.magnitude)
@@ -345,7 +359,9 @@ class Adapter:
         """The merged weight in float64, in the base weight's stored layout.
 
         LoRA: ``W0 + s·B@A``; DoRA: ``m · V / ‖V‖`` with ``V = W0 + s·B@A`` and the norm
-        taken per output feature, exactly as PEFT and the DoRA authors merge.
+        taken per output feature, exactly as PEFT and the DoRA authors merge. Conv kernels
+        are merged as ``(out, in·k…)`` matrices, embeddings as transposed weights
+        (:mod:`wdanalysis.layers`).
         """
         if not (module.lora_b or module.magnitude):
             if module.replacement is None:
@@ -363,18 +379,18 @@ class Adapter:
         # VL-BART's DoraLinear merges onto its own saved copy of W0 (weight_v)
         use_saved = module.saved_base and self.config.format == "dora-vlbart"
         v = (self.store.get(module.saved_base) if use_saved else w0).to(torch.float64)
-        v = v.T if transposed else v
+        transposed = transposed or module.embedding
+        v = v.T if transposed else v.reshape(v.shape[0], -1)  # conv: (out, in·k…)
         if module.lora_b:
-            a = self.store.get(module.lora_a).to(torch.float64)
-            b = self.store.get(module.lora_b).to(torch.float64)
-            v = v + module.scaling * (b @ a)
+            a, b = factor_matrices(self.store.get(module.lora_a), self.store.get(module.lora_b))
+            v = v + module.scaling * (b.to(torch.float64) @ a.to(torch.float64))
         if module.magnitude:
             m = self.store.get(module.magnitude).to(torch.float64).reshape(-1, 1)
             norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
             # A zero row of V has no direction: it stays zero (and is counted as a zero-norm
             # vector by the analysis) instead of becoming 0/0 = NaN.
             v = m * (v / torch.where(norm > 0, norm, torch.ones_like(norm)))
-        return v.T if transposed else v
+        return (v.T if transposed else v).reshape(w0.shape)
 
 
 def explain_unmatched(name: str, base_keys) -> tuple[str, str]:
@@ -409,9 +425,3 @@ def explain_unmatched(name: str, base_keys) -> tuple[str, str]:
         f"(e.g. {same_leaf[0]!r})",
         retrain,
     )
-
-
-def _out_in(shape, transposed: bool) -> tuple[int, int]:
-    if len(shape) != 2:
-        raise AdapterMismatchError(f"adapted weight has shape {list(shape)}; expected a matrix")
-    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])

@@ -32,6 +32,7 @@ from wdanalysis.checkpoints import (
 from wdanalysis.decomposition import AXES
 from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisError
 from wdanalysis.keymatch import KeyAligner
+from wdanalysis.layers import is_embedding_name
 from wdanalysis.modules import describe_weight, select_weights
 
 COLUMNS = [
@@ -127,8 +128,8 @@ def compare(
     shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
     selected = select_weights(shapes, modules, str(base))
     _check_base_dtypes(base_model, selected)
-    transposed = _layout(base_model, run_list, fan_in_fan_out)
     aligner = aligner_for(base_model)
+    transposed = _layout(base_model, run_list, fan_in_fan_out, aligner)
     bound = [
         _bind(run, ckpt, shapes, selected, aligner, transposed)
         for run in run_list
@@ -189,8 +190,23 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _layout(base: FullModel, runs: list[Run], fan_in_fan_out: bool | None):
-    """Which base keys are stored (in, out): explicit choice, adapter configs, or the base."""
+def _layout(base: FullModel, runs: list[Run], fan_in_fan_out: bool | None, aligner: KeyAligner):
+    """Which base keys are stored (in, out): embeddings always (PEFT's view, see
+    :mod:`wdanalysis.layers`), conv kernels never; else the explicit choice, adapter
+    configs, or the base."""
+    rule = _linear_layout(base, runs, fan_in_fan_out)
+    embeddings = {k for k, info in base.store.infos.items() if is_embedding_name(k, info.shape)}
+    for ckpt in (c for run in runs for c in run.checkpoints):
+        if isinstance(ckpt, AdapterCheckpoint):
+            adapted = (m.name for m in ckpt.adapter.modules.values() if m.embedding)
+            embeddings.update(filter(None, (aligner.find(n + ".weight") for n in adapted)))
+    infos = base.store.infos
+    return lambda key: (
+        key in embeddings or (key in infos and len(infos[key].shape) == 2 and rule(key))
+    )
+
+
+def _linear_layout(base: FullModel, runs: list[Run], fan_in_fan_out: bool | None):
     if fan_in_fan_out is not None:
         return lambda key: fan_in_fan_out
     adapters_say = any(

@@ -40,6 +40,7 @@ from wdanalysis.decomposition import (
     vector_mode,
 )
 from wdanalysis.errors import NumericalError
+from wdanalysis.layers import factor_matrices
 
 MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
 MAX_BLOCK = 32 << 20  # largest single read
@@ -63,12 +64,14 @@ class _Extent:
     shape: tuple[int, ...]
 
 
-_layouts: dict[Path, dict[str, _Extent]] = {}
+_layouts: dict[tuple, dict[str, _Extent]] = {}
 
 
 def _safetensors_layout(file: Path) -> dict[str, _Extent]:
     """Absolute data offsets of every tensor (header already validated by the loader)."""
-    cached = _layouts.get(file)
+    stat = file.stat()  # a file re-saved at the same path must not reuse stale offsets
+    cache_key = (file, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    cached = _layouts.get(cache_key)
     if cached is not None:
         return cached
     import json
@@ -92,7 +95,7 @@ def _safetensors_layout(file: Path) -> dict[str, _Extent]:
         extents[key] = _Extent(file, 8 + header_len + begin, end - begin, dtype, shape)
     if len(_layouts) > 4096:
         _layouts.clear()
-    _layouts[file] = extents
+    _layouts[cache_key] = extents
     return extents
 
 
@@ -262,9 +265,11 @@ class Engine:
             not (module.lora_b or module.magnitude)  # a whole saved weight (modules_to_save)
             or getattr(module, "saved_base", None)  # VL-BART merges onto its own weight_v
             or (module.magnitude and self.axis == "in" and self.transposed(key))
+            or (getattr(module, "embedding", False) and not self.transposed(key))
         ):
             # Rare layouts are merged whole by Adapter.effective_weight. (DoRA's per-output
-            # scale on the input axis needs whole stored columns of an (in, out) weight.)
+            # scale on the input axis needs whole stored columns of an (in, out) weight; an
+            # embedding is (in, out) whatever the caller's layout says.)
             return _Job(index, "effective", module=module)
         return _Job(index, "dora" if module.magnitude else "lora", module=module)
 
@@ -273,9 +278,9 @@ class Engine:
         store, module = self.bound[job.index].checkpoint.adapter.store, job.module
         dev, f64 = self.device, torch.float64
         a = b = m = None
-        if module.lora_b:
-            a = store.get(module.lora_a).to(dev, f64)
-            b = store.get(module.lora_b).to(dev, f64) * module.scaling
+        if module.lora_b:  # conv factors as (r, in·k…) and (out, r) matrices
+            a, b = factor_matrices(store.get(module.lora_a), store.get(module.lora_b))
+            a, b = a.to(dev, f64), b.to(dev, f64) * module.scaling
         if module.magnitude:
             m = store.get(module.magnitude).to(dev, f64).reshape(-1)
         job.factors = (a, b, m)

@@ -41,6 +41,8 @@ SAFETENSORS_DTYPES = {
     "U16": getattr(torch, "uint16", None),
     "C64": torch.complex64,
     "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+    "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+    "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
     "F6_E2M3": None,
     "F6_E3M2": None,
     "F4": None,
@@ -51,11 +53,12 @@ DTYPE_BITS = {
     **dict.fromkeys(("F32", "I32", "U32"), 32),
     **dict.fromkeys(("F16", "BF16", "I16", "U16"), 16),
     **dict.fromkeys(("F8_E4M3", "F8_E5M2", "F8_E8M0", "I8", "U8", "BOOL"), 8),
+    **dict.fromkeys(("F8_E4M3FNUZ", "F8_E5M2FNUZ"), 8),
     **dict.fromkeys(("F6_E2M3", "F6_E3M2"), 6),
     "F4": 4,
 }
 _REFETCH = "the file is damaged or not safetensors; re-download or re-save it"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
 @dataclass(frozen=True)
@@ -66,53 +69,85 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header without reading any tensor data.
+    """Keys, shapes and dtypes of a safetensors file, without reading any tensor data.
 
-    Catches what ``safe_open`` reports obscurely or not at all: files shorter than their
-    header says, non-JSON headers, and tensors whose byte ranges run past the end.
+    The safetensors library itself decides what is a valid file (``safe_open`` parses and
+    validates the header: JSON types, dtypes, offsets covering the data exactly), so we
+    accept exactly what it accepts. When it refuses, :func:`_explain_refusal` names the
+    tensor and the problem in plain words where it can; the library's reason otherwise.
     """
+    size, header_len = _header_bounds(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointFormatError(
-                    f"not a safetensors file: only {size} bytes, too short for a header",
-                    path,
-                    "the file is empty or was cut short; re-download or re-save it",
-                )
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise CheckpointFormatError(
-                    f"corrupt or truncated safetensors: header claims {header_len} bytes "
-                    f"but the file holds {size} bytes",
-                    path,
-                    "re-download or re-save the file",
-                )
-            raw = handle.read(header_len)
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            infos = {}
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                dtype_name = view.get_dtype()
+                dtype = SAFETENSORS_DTYPES.get(dtype_name) or dtype_name
+                infos[key] = TensorInfo(tuple(view.get_shape()), dtype, path)
+            return infos
+    except SafetensorError as error:
+        raise _refusal(path, error, size, header_len) from None
     except OSError as error:
         raise CheckpointFormatError(
             f"cannot read file: {error.strerror}", path, "check the path and its permissions"
         ) from None
+
+
+def _header_bounds(path: Path) -> tuple[int, int]:
+    """File size and declared header length; the clearest messages for files cut short."""
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as error:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+    except OSError as error:
         raise CheckpointFormatError(
-            f"corrupt safetensors header ({error.__class__.__name__})", path, _REFETCH
+            f"cannot read file: {error.strerror}", path, "check the path and its permissions"
         ) from None
-    return _tensor_infos(header, path, data_bytes=size - 8 - header_len)
+    if len(prefix) < 8:
+        raise CheckpointFormatError(
+            f"not a safetensors file: only {size} bytes, too short for a header",
+            path,
+            "the file is empty or was cut short; re-download or re-save it",
+        )
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointFormatError(
+            f"corrupt or truncated safetensors: header claims {header_len} bytes "
+            f"but the file holds {size} bytes",
+            path,
+            "re-download or re-save the file",
+        )
+    return size, header_len
 
 
-def _tensor_infos(header: dict, path: Path, data_bytes: int) -> dict[str, TensorInfo]:
-    """Check every entry as ``safe_open`` will (dtype, shape, byte range, contiguous data
-    covering the file exactly), so a bad file fails here, by name, before any analysis."""
-    infos: dict[str, TensorInfo] = {}
+def _refusal(path: Path, error: SafetensorError, size: int, header_len: int):
+    """The one-line error for a file the safetensors library refused."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(8)
+            header = json.loads(handle.read(header_len))
+        _explain_refusal(header, path, data_bytes=size - 8 - header_len)
+    except CheckpointFormatError as explained:
+        return explained
+    except (OSError, ValueError, RecursionError):  # not JSON: the library's reason says why
+        pass
+    reason = _first_line(error).replace("Error while deserializing header: ", "")
+    reason = re.sub(r", expected one of .*? at line", " at line", reason)[:200]
+    return CheckpointFormatError(f"corrupt safetensors header: {reason}", path, _REFETCH)
+
+
+def _explain_refusal(header, path: Path, data_bytes: int) -> None:
+    """Raise the plainest true reason a refused header is wrong (dtype, shape, byte range,
+    tensors not covering the data exactly); return if none of these is the reason."""
+    if not isinstance(header, dict):
+        return
     ranges: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         if key == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+            if entry is not None and not (
+                isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+            ):
                 raise CheckpointFormatError(
                     "corrupt safetensors header: __metadata__ must map names to strings",
                     path,
@@ -154,9 +189,7 @@ def _tensor_infos(header: dict, path: Path, data_bytes: int) -> dict[str, Tensor
                 _REFETCH,
             )
         ranges.append((begin, end, key))
-        infos[key] = TensorInfo(shape, SAFETENSORS_DTYPES.get(dtype_name) or dtype_name, path)
     _check_contiguous(sorted(ranges), data_bytes, path)
-    return infos
 
 
 def _entry_fields(entry) -> tuple[str | None, tuple[int, ...], tuple[int, int]]:
