@@ -61,7 +61,8 @@ def plot_seed_correlations(
     ax.set_xticks(range(len(methods)), methods)
     ax.set_xlim(-0.6, len(methods) - 0.2)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_ylabel(f"pooled {value.replace('_', ' ')} of ΔM on ΔD")
+    label = {"pearson_r": "pooled Pearson r", "within_step_r": "within-step r"}.get(value, value)
+    ax.set_ylabel(f"{label} of ΔM on ΔD")
     n = int(rows["seed"].nunique()) if "seed" in rows.columns else len(rows)
     ax.set_title(f"{module}: {n} seeds (dots), mean ± 95 % CI (bar), paper (★)", fontsize=9)
     return figure
