@@ -208,9 +208,11 @@ def optimizer_state(model: nn.Module, optimizer, world: World) -> dict:
     """``optimizer.state_dict()`` as one process writes it (parameters numbered in order).
 
     Under FSDP the sharded state is gathered on rank 0 (keyed by parameter name) and
-    renumbered, so any number of processes, sharded or not, can resume from it.
+    renumbered, so any number of processes, sharded or not, can resume from it. Before the
+    first step (no state yet) torch's gathering would take a zero-gradient step to create
+    the state, which advances Adam's step count and changes later updates: not here.
     """
-    if not world.fsdp:
+    if not world.fsdp or not optimizer.state:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -228,7 +230,7 @@ def optimizer_state(model: nn.Module, optimizer, world: World) -> dict:
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict, world: World) -> None:
-    if not world.fsdp:
+    if not world.fsdp or not state["state"]:  # see optimizer_state on the empty case
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
