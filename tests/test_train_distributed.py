@@ -232,9 +232,12 @@ def test_torchrun_checkpoints_equal_one_process(
     model_dir = bert_dir if model == "bert" else gpt2_dir
     data_file = data / f"{kind}.jsonl"
     extra = ["--fsdp"] if engine == "fsdp" else []
+    if kind == "cls":  # evaluation after training: DDP on rank 0, FSDP on every rank
+        extra += ["--eval-data", str(data_file)]
     done = _run(_args(method, model_dir, tmp_path / "dist", data_file, *extra))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("checkpoints at steps 0, 2, 4") == 1  # rank 0 prints, alone
+    assert done.stdout.count("held-out accuracy") == (kind == "cls")
     one = one_process(method, model, kind)
 
     names = sorted(p.name for p in (tmp_path / "dist").iterdir())
