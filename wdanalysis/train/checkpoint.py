@@ -80,11 +80,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` ready for safetensors: tied tensors get their own copy."""
+def full_state_dict(
+    model: nn.Module, gathered: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` (or a gathered copy of it) ready for safetensors.
+
+    Tied tensors get their own copy.
+    """
     seen: set[int] = set()
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if gathered is None else gathered).items():
         value = value.detach().to("cpu").contiguous()
         pointer = value.untyped_storage().data_ptr()
         state[key] = value.clone() if pointer in seen else value
@@ -92,19 +97,25 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_full_weights(model: nn.Module, folder: Path) -> None:
+def save_full_weights(
+    model: nn.Module, folder: Path, gathered: dict[str, torch.Tensor] | None = None
+) -> None:
     with atomic_path(folder / FULL_WEIGHTS) as tmp:
-        save_file(full_state_dict(model), str(tmp), metadata={"format": "pt"})
+        save_file(full_state_dict(model, gathered), str(tmp), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         write_text_atomic(folder / "config.json", config.to_json_string())
 
 
-def load_full_weights(model: nn.Module, folder: Path) -> None:
+def read_full_weights(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / FULL_WEIGHTS
     if not path.is_file():
         raise CheckpointFormatError("full weights missing", path=path)
-    model.load_state_dict(load_file(str(path)), strict=True)
+    return load_file(str(path))
+
+
+def load_full_weights(model: nn.Module, folder: Path) -> None:
+    model.load_state_dict(read_full_weights(folder), strict=True)
 
 
 def write_trainer_state(folder: Path, step: int, max_steps: int, log_history: list[dict]) -> None:
@@ -133,13 +144,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(folder: Path, optimizer, scheduler, step: int) -> None:
+def save_training_state(
+    folder: Path, optimizer_state: dict, scheduler, step: int, rng: list[dict] | None = None
+) -> None:
+    """``rng``: one RNG state per process (torchrun ranks); default: this process's."""
+    rng = rng or [rng_state()]
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
+        "rng": rng[0],
     }
+    if len(rng) > 1:
+        state["rng_ranks"] = rng
     with atomic_path(folder / TRAINING_STATE) as tmp:
         torch.save(state, tmp)
 

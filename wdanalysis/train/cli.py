@@ -83,6 +83,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="dora: let gradients flow through ||V+dV|| (off Sec. 4.3)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 (default: DDP, one copy per rank)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from last checkpoint")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run)
@@ -118,31 +123,39 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ft_modules=tuple(args.ft_modules),
         detach_norm=not args.no_detach_norm,
         device=args.device,
+        fsdp=args.fsdp,
         resume=args.resume,
         progress=not args.no_progress,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; under torchrun every rank runs this and rank 0 prints."""
+    from wdanalysis.train import distributed
     from wdanalysis.train.loop import train
 
-    result = train(config_from_args(args))
-    steps = ", ".join(str(step) for step in sorted(result.checkpoints))
-    print(
-        f"{result.method}: checkpoints at steps {steps} in {result.run_dir} "
-        f"({result.seconds_per_step:.3f} s/step)"
-    )
-    if result.data.eval and result.data.kind == "classification":
-        from wdanalysis.train.data import evaluate_accuracy
+    with distributed.session():
+        result = train(config_from_args(args))
+        main = result.world.is_main
+        steps = ", ".join(str(step) for step in sorted(result.checkpoints))
+        if main:
+            print(
+                f"{result.method}: checkpoints at steps {steps} in {result.run_dir} "
+                f"({result.seconds_per_step:.3f} s/step)"
+            )
+        # An FSDP model runs forward on every rank together; a DDP copy on rank 0 alone.
+        if result.data.eval and result.data.kind == "classification" and (main or args.fsdp):
+            from wdanalysis.train.data import evaluate_accuracy
 
-        accuracy = evaluate_accuracy(
-            result.model,
-            result.tokenizer,
-            result.data.eval,
-            max_length=args.max_length,
-            device=result.device,
-        )
-        print(f"held-out accuracy: {accuracy:.4f} on {len(result.data.eval)} examples")
+            accuracy = evaluate_accuracy(
+                result.model,
+                result.tokenizer,
+                result.data.eval,
+                max_length=args.max_length,
+                device=result.device,
+            )
+            if main:
+                print(f"held-out accuracy: {accuracy:.4f} on {len(result.data.eval)} examples")
     return 0
 
 

@@ -48,6 +48,7 @@ class TrainConfig:
     ft_modules: Sequence[str] = ()  # ft: train only these modules (plus the head); () = all
     detach_norm: bool = True  # DoRA Sec. 4.3
     device: str = "auto"  # "cpu", "cuda" or "auto"
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
     resume: bool = False
     keep_all_training_states: bool = False  # resume needs only the newest checkpoint's
     progress: bool = True

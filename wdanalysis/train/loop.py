@@ -2,6 +2,8 @@
 
 Reading order: ``train`` builds everything (data, model, adapters, optimizer, schedule),
 resumes if asked, then runs ``training_step`` once per step and saves checkpoints.
+Under torchrun the same loop runs on every rank; ``distributed`` holds what differs
+(this rank's share of each batch, DDP/FSDP2, rank 0 writing the gathered checkpoint).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from wdanalysis.atomic import write_text_atomic
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.train import checkpoint as ckpt
+from wdanalysis.train import distributed
 from wdanalysis.train.config import TrainConfig
 from wdanalysis.train.data import (
     CLASSIFICATION,
@@ -30,9 +33,10 @@ from wdanalysis.train.data import (
     load_dataset,
     logits_of,
 )
+from wdanalysis.train.distributed import World
 from wdanalysis.train.inject import AdapterSpec, inject_adapters, select_full_finetune
 from wdanalysis.train.model import head_modules, load_pretrained
-from wdanalysis.train.peft_format import load_adapter, save_adapter
+from wdanalysis.train.peft_format import adapter_updates, save_adapter
 
 RUN_CONFIG = "train_config.json"
 # Settings a resumed run may change; everything else must match the original run.
@@ -44,6 +48,7 @@ RESUMABLE_CHANGES = {
     "save_every",
     "device",
     "keep_all_training_states",
+    "fsdp",
 }
 
 
@@ -61,6 +66,7 @@ class RunResult:
     tokenizer: object = field(repr=False)
     data: Dataset = field(repr=False)
     device: torch.device = field(repr=False, default=torch.device("cpu"))
+    world: World = field(repr=False, default_factory=World)
 
 
 def train(
@@ -73,10 +79,11 @@ def train(
 
     ``model``/``tokenizer`` may be given for a model not loadable with ``transformers``;
     ``config.model_dir`` is then only recorded as ``base_model_name_or_path``.
-    ``on_checkpoint(step, model)`` runs after each checkpoint is saved (e.g. an evaluation).
+    ``on_checkpoint(step, model)`` runs after each checkpoint is saved (e.g. an evaluation),
+    on every rank under torchrun.
     """
     config.validate()
-    device = resolve_device(config.device)
+    world = distributed.join(config.device, config.fsdp, config.batch_size)
     data = load_dataset(config.data, config.eval_data)
     task = config.task or data.kind
     torch.manual_seed(config.seed)  # the same fresh head for every method
@@ -86,37 +93,32 @@ def train(
         )
     torch.manual_seed(config.seed + 1)  # the same adapter init whatever happened before
     spec = prepare_parameters(model, config, task)
-    model.to(device)
+    model = distributed.wrap(model, world)  # DDP, or FSDP2 shards: DoRA's m is already set
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=0.0
     )
     scheduler = linear_schedule(optimizer, config.warmup_steps, config.max_steps)
-    torch.manual_seed(config.seed + 2)  # dropout stream
+    torch.manual_seed(distributed.rank_seed(config.seed + 2, world))  # dropout stream
 
-    run_dir = prepare_run_dir(Path(config.out_dir), config)
+    run_dir = distributed.on_main(world, lambda: prepare_run_dir(Path(config.out_dir), config))
     start, history = 0, []
-    if config.resume and ckpt.list_checkpoints(run_dir):
-        start, history = restore(model, optimizer, scheduler, config, run_dir)
+    last = distributed.on_main(world, lambda: last_checkpoint(run_dir, config))
+    if last is not None:
+        start, history = restore(model, optimizer, scheduler, config, last, world)
 
     def save(step: int) -> None:
-        ckpt.write_checkpoint(
-            run_dir,
-            step,
-            lambda folder: fill_checkpoint(
-                folder, model, spec, config, task, optimizer, scheduler, step, history
-            ),
-        )
-        if not config.keep_all_training_states:  # optimizer state is 2x the model: keep one
-            ckpt.drop_older_training_states(run_dir, step)
+        state = distributed.gather_state(model, optimizer, world)  # every rank takes part
+        args = (distributed.unwrap(model), spec, config, task, state, scheduler, step, history)
+        distributed.on_main(world, lambda: write_checkpoint(run_dir, *args))  # rank 0 writes
 
     save_at = set(config.checkpoint_steps())
-    if start == 0 and 0 in save_at and not (run_dir / "checkpoint-0").exists():
+    if last is None and 0 in save_at:
         save(0)
     model.train()
     bar = tqdm(
         range(start, config.max_steps),
-        disable=not config.progress,
+        disable=not (config.progress and world.is_main),
         desc=f"train {config.method}",
         unit="step",
         initial=start,
@@ -125,12 +127,10 @@ def train(
     seconds = 0.0
     for step in bar:
         tick = time.perf_counter()
-        records = [
-            data.train[i]
-            for i in batch_indices(len(data.train), config.batch_size, step, config.seed)
-        ]
+        indices = batch_indices(len(data.train), config.batch_size, step, config.seed)
+        records = [data.train[i] for i in distributed.shard(indices, world)]
         batch = collate(records, tokenizer, task, config.max_length)
-        loss = training_step(model, batch, task, device, optimizer, scheduler, config.max_grad_norm)
+        loss = training_step(model, batch, task, world, optimizer, scheduler, config.max_grad_norm)
         seconds += time.perf_counter() - tick
         rate = scheduler.get_last_lr()[0]
         history.append({"step": step + 1, "loss": loss, "learning_rate": rate})
@@ -138,7 +138,7 @@ def train(
         if step + 1 in save_at:
             save(step + 1)
             if on_checkpoint is not None:
-                on_checkpoint(step + 1, model)
+                on_checkpoint(step + 1, distributed.unwrap(model))
     steps_run = config.max_steps - start
     return RunResult(
         run_dir=run_dir,
@@ -147,25 +147,34 @@ def train(
         losses=[(h["step"], h["loss"]) for h in history],
         seconds_per_step=seconds / steps_run if steps_run else float("nan"),
         trainable_parameters=sum(p.numel() for p in trainable),
-        model=model,
+        model=distributed.unwrap(model),
         tokenizer=tokenizer,
         data=data,
-        device=device,
+        device=world.device,
+        world=world,
     )
 
 
-def training_step(model, batch, task, device, optimizer, scheduler, max_grad_norm) -> float:
-    """One optimizer update; bf16 autocast on CUDA, plain float32 on CPU."""
-    batch = {k: v.to(device) for k, v in batch.items()}
+def training_step(model, batch, task, world, optimizer, scheduler, max_grad_norm) -> float:
+    """One optimizer update on this rank's share of the batch; returns the global-batch loss.
+
+    bf16 autocast on CUDA, plain float32 on CPU.
+    """
+    batch = {k: v.to(world.device) for k, v in batch.items()}
     labels = batch.pop("labels")
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
+        if world.device.type == "cuda"
         else contextlib.nullcontext()
     )
     with autocast:
         logits = logits_of(model(**batch))
-    loss = compute_loss(logits.float(), labels, task)
+    total, count = summed_loss(logits.float(), labels, task)
+    # Sum and count over the whole global batch; ranks' shards may hold different numbers
+    # of response tokens. DDP and FSDP average gradients over ranks, hence the * size:
+    # the gradient is exactly that of the global-batch mean, as in one process.
+    sums = distributed.all_sum(torch.stack([total.detach(), count]), world)
+    loss = total * world.size / sums[1]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm:
@@ -173,15 +182,26 @@ def training_step(model, batch, task, device, optimizer, scheduler, max_grad_nor
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
-    return loss.item()
+    return (sums[0] / sums[1]).item()
+
+
+def summed_loss(
+    logits: torch.Tensor, labels: torch.Tensor, task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, number of terms) on class labels or on response tokens."""
+    if task == CLASSIFICATION:
+        total = F.cross_entropy(logits, labels, reduction="sum")
+        return total, torch.tensor(float(labels.numel()), device=logits.device)
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shifted, targets, ignore_index=-100, reduction="sum")
+    return total, (targets != -100).sum().to(logits.dtype)
 
 
 def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Cross-entropy on class labels, or next-token cross-entropy on response tokens."""
-    if task == CLASSIFICATION:
-        return F.cross_entropy(logits, labels)
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+    """Mean cross-entropy on class labels, or next-token cross-entropy on response tokens."""
+    total, count = summed_loss(logits, labels, task)
+    return total / count
 
 
 def prepare_parameters(model: nn.Module, config: TrainConfig, task: str) -> AdapterSpec | None:
@@ -242,14 +262,6 @@ def linear_schedule(optimizer, warmup_steps: int, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise WDAnalysisError("--device cuda but no CUDA GPU is visible", hint="use --device cpu")
-    return torch.device(name)
-
-
 def prepare_run_dir(run_dir: Path, config: TrainConfig) -> Path:
     """Create the run folder; refuse to mix two different runs in one folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -274,28 +286,57 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig) -> Path:
     return run_dir
 
 
-def fill_checkpoint(folder, model, spec, config, task, optimizer, scheduler, step, history):
-    """Everything one checkpoint holds; called on the temporary folder."""
-    if spec is None:
-        ckpt.save_full_weights(model, folder)
-    else:
-        save_adapter(model, spec, folder, str(config.model_dir), task)
-    ckpt.save_training_state(folder, optimizer, scheduler, step)
-    ckpt.write_trainer_state(folder, step, config.max_steps, history)
+def write_checkpoint(run_dir, model, spec, config, task, state, scheduler, step, history):
+    """``checkpoint-<step>/``, written whole or not at all (on rank 0 only under torchrun).
+
+    ``state`` holds the full model weights, the optimizer state and every rank's RNG
+    state, gathered from all ranks beforehand (``distributed.gather_state``).
+    """
+
+    def fill(folder: Path) -> None:
+        if spec is None:
+            ckpt.save_full_weights(model, folder, state["weights"])
+        else:
+            save_adapter(model, spec, folder, str(config.model_dir), task, state["weights"])
+        ckpt.save_training_state(folder, state["optimizer"], scheduler, step, state["rng"])
+        ckpt.write_trainer_state(folder, step, config.max_steps, history)
+
+    ckpt.write_checkpoint(run_dir, step, fill)
+    if not config.keep_all_training_states:  # optimizer state is 2x the model: keep one
+        ckpt.drop_older_training_states(run_dir, step)
 
 
-def restore(model, optimizer, scheduler, config, run_dir: Path) -> tuple[int, list[dict]]:
-    """Load the last complete checkpoint: weights, optimizer, schedule, RNG, loss log."""
-    step, folder = ckpt.list_checkpoints(run_dir)[-1]
+def last_checkpoint(run_dir: Path, config: TrainConfig) -> tuple[int, Path] | None:
+    """The checkpoint to resume from (``--resume``), if the run folder holds one."""
+    found = ckpt.list_checkpoints(run_dir) if config.resume else []
+    if not found:
+        return None
+    step, folder = found[-1]
     if step > config.max_steps:
         raise WDAnalysisError(f"run is already past max_steps ({step})", path=folder)
+    return step, folder
+
+
+def restore(model, optimizer, scheduler, config, last, world) -> tuple[int, list[dict]]:
+    """Load the last complete checkpoint: weights, optimizer, schedule, RNG, loss log.
+
+    Under torchrun every rank reads it, so the run folder must be on a shared filesystem.
+    """
+    step, folder = last
+    if not folder.is_dir():
+        raise WDAnalysisError(
+            f"rank {world.rank} cannot see the checkpoint to resume from",
+            path=folder,
+            hint="put --out on a filesystem every node mounts",
+        )
     if config.method == "ft":
-        ckpt.load_full_weights(model, folder)
+        weights = ckpt.read_full_weights(folder)
     else:
-        load_adapter(model, folder)
+        weights = adapter_updates(distributed.unwrap(model), folder)
+    distributed.load_model_state(model, weights, world, strict=config.method == "ft")
     state = ckpt.load_training_state(folder)
-    optimizer.load_state_dict(state["optimizer"])
+    distributed.load_optimizer_state(model, optimizer, state["optimizer"], world)
     scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
+    distributed.restore_rng(state, world)
     history = ckpt.read_trainer_state(folder).get("log_history", [])
     return step, [h for h in history if h["step"] <= step]

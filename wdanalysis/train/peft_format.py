@@ -28,15 +28,21 @@ ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
-def adapter_state_dict(model: nn.Module, spec: AdapterSpec) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors: adapter weights of every wrapped layer plus ``modules_to_save``."""
+def adapter_state_dict(
+    model: nn.Module, spec: AdapterSpec, gathered: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors: adapter weights of every wrapped layer plus ``modules_to_save``.
+
+    ``gathered``: the model's full state dict when the model itself is sharded (FSDP).
+    """
+    full = model.state_dict() if gathered is None else gathered
+    saved_whole = tuple(f"{name}." for name in find_modules(model, spec.modules_to_save))
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in full.items():
         if key.endswith(ADAPTER_SUFFIXES):
             state[PREFIX + key] = value
-    for name in find_modules(model, spec.modules_to_save):
-        for key, value in model.get_submodule(name).state_dict().items():
-            state[PREFIX + unwrap_key(f"{name}.{key}")] = value
+        elif key.startswith(saved_whole):
+            state[PREFIX + unwrap_key(key)] = value
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
@@ -76,17 +82,24 @@ def save_adapter(
     folder: str | Path,
     base_model_name_or_path: str | None = None,
     task: str | None = None,
+    gathered: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write both adapter files into ``folder``, each atomically."""
     folder = Path(folder)
     config = adapter_config(model, spec, base_model_name_or_path, task)
+    state = adapter_state_dict(model, spec, gathered)
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
-        save_file(adapter_state_dict(model, spec), str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt"})
     write_text_atomic(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> None:
     """Load a saved adapter back into a model that already has the same adapters injected."""
+    model.load_state_dict(adapter_updates(model, folder), strict=False)
+
+
+def adapter_updates(model: nn.Module, folder: str | Path) -> dict[str, torch.Tensor]:
+    """The saved adapter's tensors under the model's own state-dict keys (shapes checked)."""
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointFormatError("adapter weights missing", path=path)
@@ -100,4 +113,4 @@ def load_adapter(model: nn.Module, folder: str | Path) -> None:
         if target is None or current[target].shape != value.shape:
             raise AdapterMismatchError(f"adapter tensor {key} does not fit the model", path=path)
         updates[target] = value
-    model.load_state_dict(updates, strict=False)
+    return updates
