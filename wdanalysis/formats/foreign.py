@@ -9,6 +9,7 @@ adapter. Convolution weights are handled as ``(out, in·k…)`` matrices through
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,7 @@ class ForeignAdapter(Adapter):
             note = f"{count} {component} modules left out: the base holds no {component}"
             if note not in self.notes:
                 self.notes.append(note)
+                warnings.warn(f"{self.path}: {note}", stacklevel=3)
         return kept
 
     def _check_foreign(self, module: ForeignModule, key: str, shape: tuple) -> None:

@@ -167,12 +167,17 @@ class _Resolver:
         if aligner is not self._aligner:
             self._aligner, self._flat = aligner, _flattened(aligner.base_keys)
         prefix = next(p for p in PREFIXES if module.name.startswith(p))
-        candidates = self._flat.get(module.name[len(prefix) :], [])
-        if len(candidates) > 1:  # e.g. a single-file checkpoint: prefer the component's
-            hints = _COMPONENT_HINTS.get(module.component, ())
-            candidates = [c for c in candidates if any(h in c.replace(".", "_") for h in hints)]
-        if len(candidates) == 1:
-            return candidates[0]
+        name = module.name[len(prefix) :]
+        # The base may also name fewer wrappers than the trainer did (transformers 5 saves
+        # CLIPTextModel without ``text_model.``): then the longest tail that fits decides.
+        tails = [name] + [name[i + 1 :] for i, ch in enumerate(name) if ch == "_"]
+        for tail in tails:
+            candidates = self._flat.get(tail, [])
+            if len(candidates) > 1:  # e.g. a single-file checkpoint: prefer the component's
+                hints = _COMPONENT_HINTS.get(module.component, ())
+                candidates = [c for c in candidates if any(h in c.replace(".", "_") for h in hints)]
+            if candidates:
+                return candidates[0] if len(candidates) == 1 else None
         return None
 
 
