@@ -125,8 +125,17 @@ def test_kohya_network_matches_lycoris_merge(tmp_path, wd_on_output):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         network = create_network(
-            1.0, 4, ALPHA, None, te, unet, algo="lora", conv_dim=3, conv_alpha=CONV_ALPHA,
-            preset=_preset(tmp_path), **options
+            1.0,
+            4,
+            ALPHA,
+            None,
+            te,
+            unet,
+            algo="lora",
+            conv_dim=3,
+            conv_alpha=CONV_ALPHA,
+            preset=_preset(tmp_path),
+            **options,
         )
     network.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
     network.double()
@@ -155,9 +164,13 @@ def test_kohya_names_found_in_a_single_file_checkpoint(tmp_path):
     unet, te = _models()
     base = _save_base(unet, tmp_path / "sd" / "model.safetensors", "model.diffusion_model.")
     te_state = {f"cond_stage_model.transformer.{k}": v.clone() for k, v in te.state_dict().items()}
-    save_file({**{k: v.float() for k, v in base.items()},
-               **{k: v.float().contiguous() for k, v in te_state.items()}},
-              str(tmp_path / "sd" / "model.safetensors"))
+    save_file(
+        {
+            **{k: v.float() for k, v in base.items()},
+            **{k: v.float().contiguous() for k, v in te_state.items()},
+        },
+        str(tmp_path / "sd" / "model.safetensors"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         network = create_network(
@@ -168,8 +181,10 @@ def test_kohya_names_found_in_a_single_file_checkpoint(tmp_path):
     _f32_exact(network, seed=2)
     network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, None)
     _merge(network, tmp_path / "l.safetensors")
-    merged = {**_state(unet, "model.diffusion_model."),
-              **_state(te, "cond_stage_model.transformer.")}
+    merged = {
+        **_state(unet, "model.diffusion_model."),
+        **_state(te, "cond_stage_model.transformer."),
+    }
     full_base = {**base, **{k: v.float().double() for k, v in te_state.items()}}
     table = wdanalysis.compare(tmp_path / "sd", tmp_path / "l.safetensors", modules=["to_k", "fc1"])
     expected = _expected(full_base, merged, "l")
@@ -181,8 +196,9 @@ def test_lycoris_prefix_and_inspect(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Conv2d(3, 5, 3)).double()
     base = _save_base(model, tmp_path / "base" / "model.safetensors")
-    network = create_lycoris(model, 1.0, linear_dim=2, linear_alpha=3.0, algo="lora",
-                             dora_wd=True, wd_on_output=False)
+    network = create_lycoris(
+        model, 1.0, linear_dim=2, linear_alpha=3.0, algo="lora", dora_wd=True, wd_on_output=False
+    )
     network.apply_to()
     network.double()
     _f32_exact(network, seed=3)
@@ -201,15 +217,22 @@ def test_kohya_file_for_another_model_is_refused(capsys, tmp_path):
     unet, te = _models()
     _save_base(te, tmp_path / "te" / "model.safetensors")
     other = torch.nn.Sequential(torch.nn.Linear(6, 10))
-    network = create_network(
-        1.0, 2, 1.0, None, other, unet, algo="lora", preset=_preset(tmp_path)
-    )
+    network = create_network(1.0, 2, 1.0, None, other, unet, algo="lora", preset=_preset(tmp_path))
     network.apply_to(other, unet, apply_text_encoder=False, apply_unet=True)
     network.save_weights(str(tmp_path / "x.safetensors"), torch.float32, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        code = _main(["compare", str(tmp_path / "te"), str(tmp_path / "x.safetensors"),
-                      "--out", str(tmp_path / "out"), "--no-figures", "--quiet"])
+        code = _main(
+            [
+                "compare",
+                str(tmp_path / "te"),
+                str(tmp_path / "x.safetensors"),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-figures",
+                "--quiet",
+            ]
+        )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     line = [x for x in err.splitlines() if x.startswith("wdanalysis: error: ")]

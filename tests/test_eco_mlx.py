@@ -63,13 +63,18 @@ def _train(folder, fine_tune_type: str, steps=(10, 20)) -> dict:
     linear_to_lora_layers(model, 2, PARAMS, use_dora=fine_tune_type == "dora")
     folder.mkdir(parents=True, exist_ok=True)
     save_config(
-        {"fine_tune_type": fine_tune_type, "lora_parameters": PARAMS, "num_layers": 2,
-         "iters": steps[-1], "adapter_path": str(folder)},
+        {
+            "fine_tune_type": fine_tune_type,
+            "lora_parameters": PARAMS,
+            "num_layers": 2,
+            "iters": steps[-1],
+            "adapter_path": str(folder),
+        },
         folder / "adapter_config.json",
     )
     fused = {}
     for i, step in enumerate(steps):
-        for name, layer in model.named_modules():
+        for _, layer in model.named_modules():
             if hasattr(layer, "lora_b"):
                 layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05 * (i + 1)
                 if hasattr(layer, "m"):
@@ -134,8 +139,19 @@ def test_mlx_lm_single_adapter_file_and_inspect(tmp_path, base):
 def _cli_error(capsys, base, run, tmp_path) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        code = _main(["compare", str(base), str(run), "--out", str(tmp_path / "out"),
-                      "--no-figures", "--quiet", "--modules", "k_proj"])
+        code = _main(
+            [
+                "compare",
+                str(base),
+                str(run),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-figures",
+                "--quiet",
+                "--modules",
+                "k_proj",
+            ]
+        )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("wdanalysis: error: ")]

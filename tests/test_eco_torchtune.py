@@ -72,7 +72,9 @@ def _to_hf(state: dict) -> dict:
 
 
 def _base(root, model) -> dict:
-    base = {k: v for k, v in model.state_dict().items() if "lora_" not in k and "magnitude" not in k}
+    base = {
+        k: v for k, v in model.state_dict().items() if "lora_" not in k and "magnitude" not in k
+    }
     hf = {k: v.clone().contiguous() for k, v in _to_hf(base).items()}
     (root / "base").mkdir()
     save_file(hf, str(root / "base" / "model.safetensors"))
@@ -105,8 +107,12 @@ def _train(root, use_dora: bool, epochs=(0, 1)) -> tuple[dict, dict]:
         adapter = get_adapter_state_dict(state)
         full = get_merged_lora_ckpt({k: v.double() for k, v in state.items()}, RANK, ALPHA)
         merged[epoch] = _to_hf(full)
-        config = {"r": RANK, "lora_alpha": ALPHA, "peft_type": "LORA",
-                  "target_modules": ["q_proj", "k_proj", "v_proj", "w1", "w2", "w3"]}
+        config = {
+            "r": RANK,
+            "lora_alpha": ALPHA,
+            "peft_type": "LORA",
+            "target_modules": ["q_proj", "k_proj", "v_proj", "w1", "w2", "w3"],
+        }
         tune_full = get_merged_lora_ckpt(state, RANK, ALPHA)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

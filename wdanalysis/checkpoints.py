@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from wdanalysis import formats
 from wdanalysis.adapters import (
     VLBART_CONFIG,
     Adapter,
@@ -20,7 +21,6 @@ from wdanalysis.adapters import (
     group_adapter_keys,
     read_adapter_config,
 )
-from wdanalysis import formats
 from wdanalysis.errors import CheckpointFormatError, NumericalError
 from wdanalysis.hub import resolve_model_path
 from wdanalysis.keymatch import KeyAligner

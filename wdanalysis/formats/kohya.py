@@ -124,9 +124,11 @@ def _alpha_of(source: TensorStore, key: str | dict) -> float:
 
 
 def _module(name: str, found: dict, source: TensorStore, store: ViewStore, path: Path):
-    prefix = next(p for p in PREFIXES if name.startswith(p)) if name.startswith(
-        tuple(PREFIXES)
-    ) else None
+    prefix = (
+        next(p for p in PREFIXES if name.startswith(p))
+        if name.startswith(tuple(PREFIXES))
+        else None
+    )
     if prefix is None:
         raise CheckpointFormatError(
             f"module {name!r} has none of the kohya/LyCORIS prefixes "

@@ -98,9 +98,13 @@ def open_torchtune(path: Path, step: int | None, full_weights_beside: bool = Fal
                 f"torchtune module {tune_name!r} has no known Hugging Face name", path
             )
         modules[name] = _module(name, found, store, config, heads, path)
-    notes = ["rows of q/k reordered from torchtune's (Meta) order to HF order"] if any(
-        name.endswith(("q_proj", "k_proj")) for name in modules
-    ) and heads and heads[0] in PERMUTED else []
+    notes = (
+        ["rows of q/k reordered from torchtune's (Meta) order to HF order"]
+        if any(name.endswith(("q_proj", "k_proj")) for name in modules)
+        and heads
+        and heads[0] in PERMUTED
+        else []
+    )
     if full_weights_beside:
         notes.append(
             "the folder also holds merged full weights; the adapter was read (it is exact)"
