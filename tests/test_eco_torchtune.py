@@ -1,19 +1,27 @@
-"""torchtune adapters, written by torchtune's own checkpointer, checked against
-torchtune's ``get_merged_lora_ckpt`` and its HF conversion.
+"""torchtune adapters, laid out as torchtune's checkpointer saves them, checked against
+torchtune's own ``get_merged_lora_ckpt`` and HF conversion.
 
-A tiny ``lora_llama2`` (4 query heads, 2 key/value heads: q_proj (16, 16), k/v_proj (8, 16),
-w1 (24, 16)) with LoRA or DoRA on q/k/v and the MLP. The base is the HF-format model
-torchtune's ``tune_to_hf`` writes (q/k rows permuted to HF's rotary order); each epoch is
-saved by ``FullModelHFCheckpointer.save_checkpoint`` as the LoRA recipe saves it: merged
-full weights, ``adapter_model.pt`` (torchtune names, Meta row order), the PEFT-format
-``adapter_model.safetensors`` and ``adapter_config.json``, and the copied ``config.json``.
-The reference merged weights: ``get_merged_lora_ckpt`` in float64, then ``tune_to_hf``.
+torchtune 0.6's package cannot be imported beside PEFT: its ``__init__`` needs torchao, and
+needs a torchao ≤ 0.14 (``torchao.dtypes.nf4tensor``), while PEFT refuses any torchao older
+than 0.16 once one is installed. The functions these tests need are plain torch code, so
+they are loaded from torchtune's installed source files directly (``convert_weights.py``:
+``tune_to_hf``, ``tune_to_peft_adapter_weights``/``_config``; ``modules/peft/_utils.py``:
+``get_merged_lora_ckpt``), and each ``epoch_N/`` folder is written with them as
+``FullModelHFCheckpointer.save_checkpoint`` writes it (read in its source): merged full
+weights ``model-00001-of-00001.safetensors``, ``adapter_model.pt`` (torchtune names, Meta
+row order), the PEFT-format ``adapter_model.safetensors`` and ``adapter_config.json``, and
+the copied ``config.json``.
+
+The model: a LLaMA-2 shape with 4 query heads and 2 key/value heads (q_proj (16, 16),
+k/v_proj (8, 16), w1 (24, 16)), LoRA or DoRA on q/k/v and the MLP.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,16 +30,30 @@ from safetensors.torch import save_file
 
 import wdanalysis
 
-pytest.importorskip("torchao", reason="torchao (needed by torchtune) is not installed")
-try:
-    from torchtune.models import convert_weights
-    from torchtune.models.llama2 import lora_llama2
-    from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
-    from torchtune.training.checkpointing import FullModelHFCheckpointer
-except ImportError as error:  # e.g. a torchao too new for torchtune 0.6
-    pytest.skip(f"torchtune cannot be imported: {error}", allow_module_level=True)
 
-HEADS, KV_HEADS, DIM, RANK, ALPHA = 4, 2, 16, 2, 3.0
+def _torchtune_source(relative: str):
+    spec = importlib.util.find_spec("torchtune")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("torchtune is not installed", allow_module_level=True)
+    path = Path(spec.submodule_search_locations[0]) / relative
+    module_spec = importlib.util.spec_from_file_location(f"_tt_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+convert_weights = _torchtune_source("models/convert_weights.py")
+peft_utils = _torchtune_source("modules/peft/_utils.py")
+
+HEADS, KV_HEADS, DIM, HIDDEN, RANK, ALPHA = 4, 2, 16, 24, 2, 3.0
+LORA = {
+    "attn.q_proj": (16, 16),
+    "attn.k_proj": (8, 16),
+    "attn.v_proj": (8, 16),
+    "mlp.w1": (HIDDEN, DIM),
+    "mlp.w2": (DIM, HIDDEN),
+    "mlp.w3": (HIDDEN, DIM),
+}
 HF_CONFIG = {
     "model_type": "llama",
     "num_attention_heads": HEADS,
@@ -41,84 +63,73 @@ HF_CONFIG = {
 }
 
 
-def _model(use_dora: bool):
-    torch.manual_seed(0)
-    model = lora_llama2(
-        ["q_proj", "k_proj", "v_proj"],
-        apply_lora_to_mlp=True,
-        vocab_size=32,
-        num_layers=2,
-        num_heads=HEADS,
-        num_kv_heads=KV_HEADS,
-        embed_dim=DIM,
-        max_seq_len=16,
-        intermediate_dim=24,
-        lora_rank=RANK,
-        lora_alpha=ALPHA,
-        use_dora=use_dora,
-    )
-    with torch.no_grad():  # pretrained weights, then DoRA's m = ‖W‖ as torchtune's recipe
-        for name, p in model.named_parameters():
-            if "lora_" not in name and "magnitude" not in name:
-                p.copy_(torch.randn(p.shape) * 0.3)
-        for module in model.modules():
-            if hasattr(module, "initialize_dora_magnitude"):
-                module.initialize_dora_magnitude()
-    return model
+def _base_state(gen) -> dict:
+    """A torchtune-format LLaMA state dict (random pretrained weights)."""
+    state = {
+        "tok_embeddings.weight": torch.randn(32, DIM, generator=gen),
+        "norm.scale": torch.ones(DIM),
+        "output.weight": torch.randn(32, DIM, generator=gen),
+    }
+    for layer in range(2):
+        for name, shape in {**LORA, "attn.output_proj": (DIM, DIM)}.items():
+            state[f"layers.{layer}.{name}.weight"] = 0.3 * torch.randn(shape, generator=gen)
+        state[f"layers.{layer}.sa_norm.scale"] = torch.ones(DIM)
+        state[f"layers.{layer}.mlp_norm.scale"] = torch.ones(DIM)
+    return state
 
 
 def _to_hf(state: dict) -> dict:
     return convert_weights.tune_to_hf(state, num_heads=HEADS, num_kv_heads=KV_HEADS, dim=DIM)
 
 
-def _base(root, model) -> dict:
-    base = {
-        k: v for k, v in model.state_dict().items() if "lora_" not in k and "magnitude" not in k
-    }
-    hf = {k: v.clone().contiguous() for k, v in _to_hf(base).items()}
-    (root / "base").mkdir()
-    save_file(hf, str(root / "base" / "model.safetensors"))
-    (root / "base" / "config.json").write_text(json.dumps(HF_CONFIG))
-    return hf
-
-
-def _train(root, use_dora: bool, epochs=(0, 1)) -> tuple[dict, dict]:
-    """Each epoch saved by torchtune's checkpointer; returns the base and, per epoch,
-    the reference merged HF weights."""
-    model = _model(use_dora)
-    w0 = _base(root, model)
-    checkpointer = FullModelHFCheckpointer(
-        checkpoint_dir=str(root / "base"),
-        checkpoint_files=["model.safetensors"],
-        model_type="LLAMA2",
-        output_dir=str(root / "run"),
+def _save_epoch(folder: Path, state: dict, adapter: dict) -> None:
+    """One epoch folder, as torchtune's FullModelHFCheckpointer.save_checkpoint lays it out."""
+    folder.mkdir(parents=True)
+    # get_merged_lora_ckpt adds in place: give it copies
+    copies = {k: v.clone() for k, v in {**state, **adapter}.items()}
+    merged = peft_utils.get_merged_lora_ckpt(copies, RANK, ALPHA)
+    save_file(_to_hf(merged), str(folder / "model-00001-of-00001.safetensors"))
+    torch.save(adapter, folder / "adapter_model.pt")
+    peft = convert_weights.tune_to_peft_adapter_weights(
+        dict(adapter), num_heads=HEADS, num_kv_heads=KV_HEADS, dim=DIM
     )
-    checkpointer.load_checkpoint()  # as the recipe does; it sets up the output shards
-    gen = torch.Generator().manual_seed(1)
-    merged = {}
-    for epoch in epochs:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("lora_b.weight"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-                elif name.endswith("magnitude"):
-                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        adapter = get_adapter_state_dict(state)
-        full = get_merged_lora_ckpt({k: v.double() for k, v in state.items()}, RANK, ALPHA)
-        merged[epoch] = _to_hf(full)
-        config = {
+    save_file(
+        {k: v.contiguous() for k, v in peft.items()}, str(folder / "adapter_model.safetensors")
+    )
+    config = convert_weights.tune_to_peft_adapter_config(
+        {
             "r": RANK,
             "lora_alpha": ALPHA,
             "peft_type": "LORA",
             "target_modules": ["q_proj", "k_proj", "v_proj", "w1", "w2", "w3"],
         }
-        tune_full = get_merged_lora_ckpt(state, RANK, ALPHA)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            checkpointer.save_checkpoint(
-                {"model": tune_full, "adapter": adapter, "adapter_config": config}, epoch
-            )
+    )
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(HF_CONFIG))
+
+
+def _train(root, use_dora: bool, epochs=(0, 1)) -> tuple[dict, dict]:
+    """The base in HF format and, per epoch, the reference merged HF weights (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    state = _base_state(gen)
+    w0 = {k: v.contiguous() for k, v in _to_hf(state).items()}
+    (root / "base").mkdir()
+    save_file(w0, str(root / "base" / "model.safetensors"))
+    (root / "base" / "config.json").write_text(json.dumps(HF_CONFIG))
+    merged = {}
+    for epoch in epochs:
+        adapter = {}
+        for layer in range(2):
+            for name, (out, inp) in LORA.items():
+                key = f"layers.{layer}.{name}"
+                adapter[f"{key}.lora_a.weight"] = torch.randn(RANK, inp, generator=gen) / 4
+                adapter[f"{key}.lora_b.weight"] = 0.1 * torch.randn(out, RANK, generator=gen)
+                if use_dora:
+                    norm = state[f"{key}.weight"].norm(dim=1)
+                    adapter[f"{key}.magnitude"] = norm * (1 + 0.1 * torch.randn(out, generator=gen))
+        _save_epoch(root / "run" / f"epoch_{epoch}", state, adapter)
+        f64 = {k: v.double() for k, v in {**state, **adapter}.items()}
+        merged[epoch] = _to_hf(peft_utils.get_merged_lora_ckpt(f64, RANK, ALPHA))
     return w0, merged
 
 

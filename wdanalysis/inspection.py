@@ -55,11 +55,11 @@ def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
     leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     if hasattr(adapter, "describe"):  # other ecosystems (wdanalysis.formats)
         return {
-            **adapter.describe(),
             "dtypes": sorted(adapter.store.dtypes()),
             "modules_adapted": len(adapted),
-            "module_names": leaves,
+            "module_names": leaves if all("." in n for n in adapted) else "—",
             "ranks": ranks,
+            **adapter.describe(),
         }
     info = {
         "format": {

@@ -62,5 +62,5 @@ def open_file(path: Path, store: TensorStore, step: int | None):
 
 def step_files(folder: Path) -> list[tuple[int, Path]]:
     """Steps saved as files in one folder: mlx-lm ``NNNNNNN_adapters.safetensors``,
-    torchtune ``adapter_N.pt``."""
-    return mlx.step_files(folder) or torchtune.step_files(folder)
+    torchtune ``adapter_N.pt``, kohya-ss ``name-000003.safetensors``."""
+    return mlx.step_files(folder) or torchtune.step_files(folder) or kohya.step_files(folder)

@@ -91,6 +91,12 @@ class ForeignAdapter(Adapter):
                 "per output feature" if a == "out" else "per input channel (wd_on_out=False)"
                 for a in sorted(axes)
             )
+        components: dict[str, int] = {}
+        for module in self.adapted.values():
+            if module.component:
+                components[module.component] = components.get(module.component, 0) + 1
+        if components:
+            info["components"] = [f"{c}: {n} modules" for c, n in sorted(components.items())]
         if self.notes:
             info["notes"] = list(self.notes)
         return info

@@ -30,7 +30,7 @@ from wdanalysis.formats.foreign import (
     plain_config,
 )
 from wdanalysis.keymatch import KeyAligner
-from wdanalysis.tensors import TensorStore
+from wdanalysis.tensors import TensorStore, open_tensor_file
 
 PREFIXES = {  # longest first: lora_te1_ before lora_te_
     "lora_unet_": "UNet",
@@ -194,4 +194,22 @@ def _flattened(base_keys) -> dict[str, list[str]]:
     return flat
 
 
-STEP_FILE = re.compile(r"^(?P<stem>.+?)-(?:step)?(?P<n>\d{6,})\.safetensors$")
+# sd-scripts saves ``<name>-000003.safetensors`` per epoch and ``<name>-step00000500`` per
+# step; the final ``<name>.safetensors`` carries no number and is not a step of the run.
+STEP_FILE = re.compile(r"^(?P<stem>.+)-(?P<kind>step)?(?P<n>\d{6,})\.safetensors$")
+
+
+def step_files(folder: Path) -> list[tuple[int, Path]]:
+    """Numbered saves of one kohya network (one name), steps preferred over epochs."""
+    found: dict[tuple[str, str], list[tuple[int, Path]]] = defaultdict(list)
+    for child in folder.iterdir() if folder.is_dir() else ():
+        match = STEP_FILE.match(child.name)
+        if match and child.is_file():
+            found[(match["stem"], match["kind"] or "")].append((int(match["n"]), child))
+    stems = {stem for stem, _ in found}
+    if len(stems) != 1:
+        return []
+    stem = stems.pop()
+    files = found.get((stem, "step")) or found[(stem, "")]
+    first = open_tensor_file(files[0][1])
+    return sorted(files) if is_kohya_keys(first.keys()) else []
