@@ -238,3 +238,44 @@ def test_kohya_file_for_another_model_is_refused(capsys, tmp_path):
     line = [x for x in err.splitlines() if x.startswith("wdanalysis: error: ")]
     assert len(line) == 1 and "match no base weight" in line[0], err
     assert str(tmp_path / "x.safetensors") in line[0]
+
+
+def test_kohya_numbered_saves_are_steps_and_names_may_carry_more_wrappers(tmp_path):
+    """sd-scripts' ``name-000001.safetensors`` saves form a run; keys written for a text
+    encoder with a ``text_model.`` wrapper still find a base saved without it."""
+    unet, te = _models()
+    te_base = _save_base(te, tmp_path / "te" / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        network = create_network(
+            1.0, 2, ALPHA, None, te, unet, algo="lora", preset=_preset(tmp_path)
+        )
+    network.apply_to(te, unet, apply_text_encoder=True, apply_unet=False)
+    network.double()
+    run = tmp_path / "run"
+    run.mkdir()
+    expected = {}
+    for epoch in (1, 2):
+        _f32_exact(network, seed=10 + epoch)
+        state = {
+            k.replace("lora_te_", "lora_te_text_model_"): v.float().contiguous()
+            for k, v in network.state_dict().items()
+            if k.startswith("lora_te_")
+        }
+        save_file(state, str(run / f"net-{epoch:06d}.safetensors"))
+        merged = {}
+        for lora in network.text_encoder_loras:  # LyCORIS' merged weight of each module
+            weight = lora.get_merged_weight()[0]
+            merged[lora.lora_name] = weight
+        by_key = {}
+        for name, module in te.named_modules():
+            flat = "lora_te_" + name.replace(".", "_")
+            if flat in merged:
+                by_key[name + ".weight"] = merged[flat]
+        expected.update(
+            {(None, epoch, k): reference_delta(te_base[k], w.detach()) for k, w in by_key.items()}
+        )
+    save_file(state, str(run / "net.safetensors"))  # the final save: not a numbered step
+    table = wdanalysis.compare(tmp_path / "te", run, modules=[".*"])
+    assert sorted(set(table["step"])) == [1, 2]
+    assert _check(table, expected) == len(expected) == 12
