@@ -268,7 +268,7 @@ def test_kohya_numbered_saves_are_steps_and_names_may_carry_more_wrappers(tmp_pa
             weight = lora.get_merged_weight()[0]
             merged[lora.lora_name] = weight
         by_key = {}
-        for name, module in te.named_modules():
+        for name, _ in te.named_modules():
             flat = "lora_te_" + name.replace(".", "_")
             if flat in merged:
                 by_key[name + ".weight"] = merged[flat]
