@@ -175,3 +175,31 @@ def test_mlx_lm_config_without_scale_is_refused(capsys, tmp_path, base):
     (tmp_path / "run" / "adapter_config.json").write_text(json.dumps(config))
     line = _cli_error(capsys, base, tmp_path / "run", tmp_path)
     assert "lora_parameters.scale" in line
+
+
+def test_mlx_lm_full_fine_tune_folder_is_refused(capsys, tmp_path, base):
+    import json
+
+    _train(tmp_path / "run", "lora", steps=(5,))
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    config["fine_tune_type"] = "full"
+    (tmp_path / "run" / "adapter_config.json").write_text(json.dumps(config))
+    line = _cli_error(capsys, base, tmp_path / "run", tmp_path)
+    assert "fine_tune_type 'full'" in line
+
+
+def test_mlx_lm_adapter_for_another_model_is_refused(capsys, tmp_path, base):
+    model = _model()
+    model.freeze()
+    other = dict(PARAMS, keys=["self_attn.k_proj"])
+    linear_to_lora_layers(model, 2, other)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    weights = {k.replace("k_proj", "kv_proj"): v for k, v in weights.items()}
+    (tmp_path / "a").mkdir()
+    mx.save_safetensors(str(tmp_path / "a" / "adapters.safetensors"), weights)
+    save_config(
+        {"fine_tune_type": "lora", "lora_parameters": other, "num_layers": 2},
+        tmp_path / "a" / "adapter_config.json",
+    )
+    line = _cli_error(capsys, base, tmp_path / "a", tmp_path)
+    assert "match no base weight" in line and "kv_proj" in line

@@ -189,3 +189,19 @@ def test_torchtune_adapter_without_config_is_refused(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             wdanalysis.compare(tmp_path / "base", tmp_path / "run" / "epoch_0")
+
+
+def test_torchtune_peft_copy_keeps_q_magnitudes_in_meta_order(tmp_path):
+    """Why the .pt is read: torchtune's PEFT export reorders lora_B's q/k rows but not the
+    DoRA magnitude, so the PEFT copy merges q/k wrongly (v is right)."""
+    w0, merged = _train(tmp_path, True, epochs=(0,))
+    peft_only = tmp_path / "peft_only"
+    peft_only.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (peft_only / name).write_bytes((tmp_path / "run" / "epoch_0" / name).read_bytes())
+    table = wdanalysis.compare(tmp_path / "base", peft_only, modules=["q_proj", "v_proj"])
+    for key, wrong in (("q_proj", True), ("v_proj", False)):
+        hf = f"model.layers.0.self_attn.{key}.weight"
+        got = table[table["parameter"] == hf].iloc[0]["delta_m"]
+        expected = reference_delta(w0[hf], merged[0][hf])[0]
+        assert (abs(got - expected) > 1e-6 * expected) == wrong, key
