@@ -127,7 +127,7 @@ def open_diffusers(path: Path, source: TensorStore, step: int | None):
     for key in source.keys():
         component, name, role = _split(key, path)
         parts[(component, name)][role] = key
-    store = ViewStore.over(source, f"diffusers LoRA safetensors ({source.format})")
+    store = ViewStore.over(source, source.format)
     modules, how = {}, set()
     for (component, name), found in parts.items():
         module = ForeignModule(name, component=component)

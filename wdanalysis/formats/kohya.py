@@ -96,7 +96,7 @@ def open_kohya(path: Path, source: TensorStore, step: int | None):
                 "wdanalysis reads LoRA, LoCon and DoRA (dora_wd) networks",
             )
         parts[name][role] = key
-    store = ViewStore.over(source, f"kohya/LyCORIS safetensors ({source.format})")
+    store = ViewStore.over(source, source.format)
     modules = {name: _module(name, found, source, store, path) for name, found in parts.items()}
     alphas = {round(_alpha_of(source, p), 9) for p in parts.values() if "alpha" in p}
     note = (

@@ -116,7 +116,7 @@ def open_mlx(weights: Path, step: int | None):
     raw = read_config(config_path)
     kind, scale = _scale(raw, config_path)
     source = open_tensor_file(weights)
-    store = ViewStore.over(source, f"mlx-lm safetensors ({source.format})")
+    store = ViewStore.over(source, source.format)
     modules = _modules(source, store, scale, weights)
     rank = (raw.get("lora_parameters") or {}).get("rank")
     for module in modules.values():

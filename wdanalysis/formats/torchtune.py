@@ -78,7 +78,7 @@ def open_torchtune(path: Path, step: int | None, full_weights_beside: bool = Fal
         )
     config = read_adapter_config(config_file)
     source = open_tensor_file(path)
-    store = ViewStore.over(source, f"torchtune adapter ({path.suffix})")
+    store = ViewStore.over(source, source.format)
     parts: dict[str, dict[str, str]] = {}
     for key in source.keys():
         role = next(((s, r) for s, r in _ROLES if key.endswith(s)), None)
