@@ -105,3 +105,34 @@ def test_diffusers_lora_matches_diffusers_fuse(tmp_path, base, use_dora, metadat
         assert "1.5" in info["scaling"] and "lora_adapter_metadata" in info["scaling"]
     else:
         assert info["scaling"].startswith("1 ") and "alpha = r" in info["scaling"]
+
+
+def test_diffusers_network_alphas(tmp_path, base):
+    """``.alpha`` tensors beside the factors (network alphas, as diffusers' kohya
+    conversion produces them) set alpha per module; the reference passes the same alphas to
+    diffusers' ``load_lora_adapter(network_alphas=…)``."""
+    from safetensors.torch import load_file, save_file
+
+    _save_lora(tmp_path / "plain", use_dora=False, metadata=False)
+    state = load_file(str(tmp_path / "plain" / "pytorch_lora_weights.safetensors"))
+    alphas = {}
+    for i, key in enumerate(sorted(k for k in state if k.endswith(".lora_A.weight"))):
+        alphas[key.replace(".lora_A.weight", ".alpha")] = 2.0 if i else 7.0  # one differs
+    (tmp_path / "lora").mkdir()
+    tensors = {**state, **{k: torch.tensor(v) for k, v in alphas.items()}}
+    save_file(tensors, str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(base / "unet").double()
+    w0 = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.load_lora_adapter(dict(state), network_alphas=alphas, prefix="unet")
+    unet.fuse_lora()
+    unet.unload_lora()
+    merged = unet.state_dict()
+    expected = {
+        (None, None, k): reference_delta(w0[k].flatten(1), merged[k].flatten(1))
+        for k in w0
+        if k.endswith(".weight") and not torch.equal(w0[k], merged[k])
+    }
+    table = wdanalysis.compare(base / "unet", tmp_path / "lora", modules=TARGETS)
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == len(expected)
+    assert "network alphas" in wdanalysis.inspect(tmp_path / "lora")["scaling"]

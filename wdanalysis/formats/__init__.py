@@ -16,7 +16,7 @@ DIFFUSERS_WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin",
 )
-_FULL_NAMES = ("model.safetensors", "pytorch_model.bin", "model-0", "model.safetensors.index")
+_FULL_NAMES = ("model.safetensors", "pytorch_model.bin", "model-0", "hf_model_")
 
 
 def open_folder(folder: Path, step: int | None):
