@@ -232,7 +232,7 @@ def step_folders(path: Path) -> list[tuple[int, Path]]:
             match = None
         if match:
             found.append((int(match.group(1)), child))
-    if not found and path.is_dir():  # steps saved as files (mlx-lm, torchtune)
+    if not found and path.is_dir():  # steps saved as files (mlx-lm, torchtune, kohya-ss)
         found = formats.step_files(path)
     return sorted(found)
 
