@@ -55,7 +55,7 @@ def base(tmp_path_factory):
     return folder
 
 
-def _train(folder, fine_tune_type: str, steps=(10, 20)) -> dict:
+def _train(folder, fine_tune_type: str, steps=(10, 20), model_path=None) -> dict:
     """mlx-lm's LoRA/DoRA layers, weights moved as training would, saved per step as
     mlx-lm's trainer does. Returns step → {base key: fused float64 weight}."""
     model = _model()
@@ -64,6 +64,7 @@ def _train(folder, fine_tune_type: str, steps=(10, 20)) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     save_config(
         {
+            "model": str(model_path) if model_path else "mlx-community/unknown",
             "fine_tune_type": fine_tune_type,
             "lora_parameters": PARAMS,
             "num_layers": 2,
@@ -203,3 +204,13 @@ def test_mlx_lm_adapter_for_another_model_is_refused(capsys, tmp_path, base):
     )
     line = _cli_error(capsys, base, tmp_path / "a", tmp_path)
     assert "match no base weight" in line and "kv_proj" in line
+
+
+def test_mlx_lm_config_names_the_base_for_compare_auto(tmp_path, base):
+    fused = _train(tmp_path / "run", "lora", steps=(5,), model_path=base)
+    table = wdanalysis.compare("auto", tmp_path / "run", modules=["k_proj"])
+    w0 = _base_weights(base)
+    expected = {
+        ("run", 5, k): reference_delta(w0[k], w) for k, w in fused[5].items() if "k_proj" in k
+    }
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 2

@@ -84,7 +84,9 @@ def test_seed_study_summary_has_one_row_per_method_and_module_with_a_t_interval(
     assert len(summary) == 6 and not summary.duplicated(["method", "module"]).any()
     assert len(per_seed) == 12 and set(per_seed["seed"]) == {0, 1}
     for _, row in summary.iterrows():
-        mine = per_seed[(per_seed["method"] == row["method"]) & (per_seed["module"] == row["module"])]
+        mine = per_seed[
+            (per_seed["method"] == row["method"]) & (per_seed["module"] == row["module"])
+        ]
         values = mine["pearson_r"].to_numpy()
         assert row["n_seeds"] == 2
         assert row["pearson_r_mean"] == pytest.approx(values.mean())

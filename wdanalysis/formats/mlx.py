@@ -130,10 +130,13 @@ def open_mlx(weights: Path, step: int | None):
         raise CheckpointFormatError(
             "fine_tune_type is 'dora' but the file holds no magnitude ('.m') tensors", weights
         )
+    config = plain_config("mlx-lm")
+    if isinstance(raw.get("model"), str):  # the base mlx-lm trained on, for ``compare auto``
+        config.raw = {"base_model_name_or_path": raw["model"]}
     adapter = ForeignAdapter(
         weights,
         store,
-        plain_config("mlx-lm"),
+        config,
         dict(modules),
         ecosystem="mlx-lm",
         scaling_note="lora_parameters.scale from adapter_config.json, used as written",

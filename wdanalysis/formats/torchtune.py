@@ -110,10 +110,12 @@ def open_torchtune(path: Path, step: int | None, full_weights_beside: bool = Fal
             "the folder also holds merged full weights; the adapter was read (it is exact)"
         )
     rule = "alpha/sqrt(r)" if config.use_rslora else "alpha/r"
+    layout = plain_config("torchtune")
+    layout.raw = config.raw  # base_model_name_or_path, for ``compare auto``
     adapter = ForeignAdapter(
         path,
         store,
-        plain_config("torchtune"),
+        layout,
         modules,
         ecosystem="torchtune",
         scaling_note=f"{rule}, r = {config.r}, alpha = {config.lora_alpha:g} from "
