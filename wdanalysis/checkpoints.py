@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from wdanalysis import formats
 from wdanalysis.adapters import (
     VLBART_CONFIG,
     Adapter,
@@ -42,6 +43,7 @@ FULL_WEIGHT_FILES = (
     "model.safetensors",
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
+    *formats.DIFFUSERS_WEIGHT_FILES,
 )
 # GPT-2's Conv1D modules store (in, out) weights.
 CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
@@ -118,6 +120,9 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
         step = step_of(path)
     if path.is_file():
         return _open_file(path, step)
+    found = formats.open_folder(path, step)
+    if found is not None:
+        return found
     if (path / "adapter_config.json").is_file():
         return _open_adapter_folder(path, step)
     for name in FULL_WEIGHT_FILES:
@@ -154,6 +159,9 @@ def _open_file(path: Path, step: int | None) -> Checkpoint:
     if path.name.endswith(".index.json"):
         return _full(path, open_sharded(path), step)
     store = open_tensor_file(path)
+    found = formats.open_file(path, store, step)
+    if found is not None:
+        return found
     if any(k.endswith(_VLBART_MARKERS) for k in store.keys()):
         return _adapter(path, store, VLBART_CONFIG, step)
     if any(".lora_A." in k or ".lora_B." in k for k in store.keys()):
@@ -224,6 +232,8 @@ def step_folders(path: Path) -> list[tuple[int, Path]]:
             match = None
         if match:
             found.append((int(match.group(1)), child))
+    if not found and path.is_dir():  # steps saved as files (mlx-lm, torchtune, kohya-ss)
+        found = formats.step_files(path)
     return sorted(found)
 
 

@@ -53,6 +53,14 @@ def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
     adapted = adapter.adapted
     ranks = sorted({adapter.store.shape(m.lora_a)[0] for m in adapted.values() if m.lora_a})
     leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    if hasattr(adapter, "describe"):  # other ecosystems (wdanalysis.formats)
+        return {
+            "dtypes": sorted(adapter.store.dtypes()),
+            "modules_adapted": len(adapted),
+            "module_names": leaves if all("." in n for n in adapted) else "—",
+            "ranks": ranks,
+            **adapter.describe(),
+        }
     info = {
         "format": {
             "peft": f"PEFT {'DoRA' if config.use_dora else 'LoRA'} adapter",

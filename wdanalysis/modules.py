@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from wdanalysis.errors import WDAnalysisError
 
-QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj")
-VALUE_NAMES = ("v_proj", "value", "v", "v_lin", "wv", "value_proj")
+QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "to_q")
+VALUE_NAMES = ("v_proj", "value", "v", "v_lin", "wv", "value_proj", "to_v")
 FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "in_proj")
 # Leaf names that only mean "attention projection" inside an attention block.
 _SHORT_NAMES = {"q", "v", "wq", "wv", "qkv"}

@@ -266,6 +266,7 @@ class Engine:
             or getattr(module, "saved_base", None)  # VL-BART merges onto its own weight_v
             or (module.magnitude and self.axis == "in" and self.transposed(key))
             or (getattr(module, "embedding", False) and not self.transposed(key))
+            or getattr(module, "magnitude_axis", "out") != "out"  # LyCORIS wd_on_out=False
         ):
             # Rare layouts are merged whole by Adapter.effective_weight. (DoRA's per-output
             # scale on the input axis needs whole stored columns of an (in, out) weight; an

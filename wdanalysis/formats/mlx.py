@@ -1,0 +1,179 @@
+"""mlx-lm adapters: ``adapter_config.json`` + ``adapters.safetensors``.
+
+mlx-lm's ``LoRALinear`` computes ``y = x Wᵀ + scale·(x @ lora_a) @ lora_b`` with
+``lora_a`` ``(in, r)`` and ``lora_b`` ``(r, out)``, so ``ΔW = scale·(lora_a @ lora_b)ᵀ`` and
+``scale`` is used as written (no division by the rank). ``DoRALinear`` keeps ``m`` ``(out,)``
+and fuses ``W' = m · V/‖V‖`` with the norm per output row. Training leaves
+``NNNNNNN_adapters.safetensors`` beside the final file: those are the run's steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.formats.foreign import (
+    ForeignAdapter,
+    ForeignModule,
+    ViewStore,
+    check_rank,
+    lora_view,
+    plain_config,
+)
+from wdanalysis.tensors import TensorStore, open_tensor_file
+
+FINAL_FILE = "adapters.safetensors"
+STEP_FILE = re.compile(r"^(\d+)_adapters\.safetensors$")
+_ROLES = (".lora_a", ".lora_b", ".m")
+_FIX = "mlx-lm writes it as {'fine_tune_type': 'lora'|'dora', 'lora_parameters': {...}}"
+
+
+def is_mlx_config(raw: dict) -> bool:
+    return "lora_parameters" in raw or "fine_tune_type" in raw
+
+
+def is_mlx_folder(folder: Path) -> bool:
+    config = folder / "adapter_config.json"
+    if not config.is_file() or not (
+        (folder / FINAL_FILE).is_file() or any(step_files(folder, config_needed=False))
+    ):
+        return False
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return True  # read_config reports the broken file
+    return isinstance(raw, dict) and is_mlx_config(raw)
+
+
+def is_mlx_keys(keys: list[str]) -> bool:
+    return any(k.endswith((".lora_a", ".lora_b")) for k in keys)
+
+
+def step_files(folder: Path, config_needed: bool = True) -> list[tuple[int, Path]]:
+    """``NNNNNNN_adapters.safetensors`` files, and the final file at ``iters`` when that
+    step has no numbered file of its own."""
+    if config_needed and not (folder / "adapter_config.json").is_file():
+        return []
+    found = []
+    for child in folder.iterdir() if folder.is_dir() else ():
+        match = STEP_FILE.match(child.name)
+        if match and child.is_file():
+            found.append((int(match.group(1)), child))
+    if found and config_needed and (folder / FINAL_FILE).is_file():
+        iters = read_config(folder / "adapter_config.json").get("iters")
+        if isinstance(iters, int) and iters not in {s for s, _ in found}:
+            found.append((iters, folder / FINAL_FILE))
+    return sorted(found)
+
+
+def read_config(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as error:
+        raise CheckpointFormatError(f"cannot read adapter config: {error.strerror}", path) from None
+    except ValueError as error:
+        raise CheckpointFormatError(f"malformed adapter_config.json: {error}", path, _FIX) from None
+    if not isinstance(raw, dict):
+        raise CheckpointFormatError("malformed adapter_config.json: not an object", path, _FIX)
+    return raw
+
+
+def _scale(raw: dict, path: Path) -> tuple[str, float]:
+    kind = raw.get("fine_tune_type", "lora")
+    if kind == "full":
+        raise CheckpointFormatError(
+            "mlx-lm fine_tune_type 'full' saves only the trained layers' weights, not an adapter",
+            path,
+            "fuse or save the whole model with mlx-lm and pass that folder",
+        )
+    if kind not in ("lora", "dora"):
+        raise CheckpointFormatError(f"unknown mlx-lm fine_tune_type {kind!r}", path, _FIX)
+    params = raw.get("lora_parameters")
+    scale = params.get("scale") if isinstance(params, dict) else None
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise CheckpointFormatError(
+            f"lora_parameters.scale is missing or not a number ({scale!r})",
+            path,
+            "mlx-lm needs it too; set the scale used in training",
+        )
+    return kind, float(scale)
+
+
+def open_mlx(weights: Path, step: int | None):
+    """An mlx-lm adapter file; its ``adapter_config.json`` lies in the same folder."""
+    from wdanalysis.checkpoints import AdapterCheckpoint
+
+    config_path = weights.parent / "adapter_config.json"
+    if not config_path.is_file():
+        raise CheckpointFormatError(
+            "mlx-lm adapter weights (lora_a/lora_b) without their adapter_config.json",
+            weights,
+            "the scale is in that file; copy it beside the weights",
+        )
+    raw = read_config(config_path)
+    kind, scale = _scale(raw, config_path)
+    source = open_tensor_file(weights)
+    store = ViewStore.over(source, source.format)
+    modules = _modules(source, store, scale, weights)
+    rank = (raw.get("lora_parameters") or {}).get("rank")
+    for module in modules.values():
+        if module.lora_b and isinstance(rank, int) and module.rank != rank:
+            raise AdapterMismatchError(
+                f"adapter_config.json gives rank {rank} but {module.name} has rank {module.rank}",
+                weights,
+                "the config and the weights come from different runs",
+            )
+    if kind == "dora" and not any(m.magnitude for m in modules.values()):
+        raise CheckpointFormatError(
+            "fine_tune_type is 'dora' but the file holds no magnitude ('.m') tensors", weights
+        )
+    config = plain_config("mlx-lm")
+    if isinstance(raw.get("model"), str):  # the base mlx-lm trained on, for ``compare auto``
+        config.raw = {"base_model_name_or_path": raw["model"]}
+    adapter = ForeignAdapter(
+        weights,
+        store,
+        config,
+        dict(modules),
+        ecosystem="mlx-lm",
+        scaling_note="lora_parameters.scale from adapter_config.json, used as written",
+    )
+    return AdapterCheckpoint(weights, adapter, step)
+
+
+def _modules(source: TensorStore, store: ViewStore, scale: float, where: Path) -> dict:
+    roles: dict[str, dict[str, str]] = {}
+    for key in source.keys():
+        role = next((r for r in _ROLES if key.endswith(r)), None)
+        if role is None:
+            raise CheckpointFormatError(
+                f"unexpected tensor {key!r} in an mlx-lm adapter (expected lora_a, lora_b, m)",
+                where,
+            )
+        roles.setdefault(key[: -len(role)], {})[role] = key
+    modules = {}
+    for name, parts in roles.items():
+        module = ForeignModule(name)
+        if ".lora_a" in parts or ".lora_b" in parts:
+            if not (".lora_a" in parts and ".lora_b" in parts):
+                raise AdapterMismatchError(f"{name} has only one of lora_a/lora_b", where)
+            shapes = source.shape(parts[".lora_a"]), source.shape(parts[".lora_b"])
+            if any(len(s) != 2 for s in shapes):
+                raise AdapterMismatchError(
+                    f"{name}: lora_a {list(shapes[0])} is not a matrix (mixture-of-experts "
+                    "SwitchLinear adapters are not supported)",
+                    where,
+                )
+            lora_view(store, module, parts[".lora_a"], parts[".lora_b"], True, True)
+            check_rank(store, module, where)
+            module.scaling = scale
+        if ".m" in parts:
+            size = math.prod(source.shape(parts[".m"]))
+            module.magnitude = store.add(
+                name + ".lora_magnitude_vector", parts[".m"], (size,), lambda t: t.reshape(-1)
+            )
+        modules[name] = module
+    return modules
