@@ -90,8 +90,11 @@ def _as_matrix(buf: torch.Tensor, extent: Extent, rows: int, cols: int) -> torch
 class Engine:
     """Computes ΔM/ΔD for every (weight, checkpoint) pair; see the module docstring."""
 
-    def __init__(self, base, bound, axis: str, transposed, device="cpu", workers: int = 1):
+    def __init__(
+        self, base, bound, axis: str, transposed, device="cpu", workers: int = 1, budget=None
+    ):
         self.base, self.bound, self.axis, self.transposed = base, bound, axis, transposed
+        self.budget = budget  # bytes of read buffers; None: MEMORY_BUDGET
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise NumericalError(
@@ -156,7 +159,7 @@ class Engine:
         row_bytes = max([1] + [self._row_bytes(key) for key in keys])
         size = max(block_bytes, row_bytes)
         requests = self._requests(plans, blocks)
-        n_buffers = max(3, MEMORY_BUDGET // size)
+        n_buffers = max(3, (self.budget or MEMORY_BUDGET) // size)
         n_buffers = max(n_buffers, (n_file + 2) if self.workers > 1 else 3)
         pin = self.device.type == "cuda"
         reader = Reader(requests, n_buffers, size, pin)
@@ -182,7 +185,8 @@ class Engine:
         return cols * 8  # float64 is the widest
 
     def _block_bytes(self, n_file: int) -> int:
-        per = MEMORY_BUDGET // (n_file + 3) if self.workers > 1 else MEMORY_BUDGET // 8
+        budget = self.budget or MEMORY_BUDGET
+        per = budget // (n_file + 3) if self.workers > 1 else budget // 8
         return max(MIN_BLOCK, min(MAX_BLOCK, per))
 
     def _blocks(self, key: str, jobs: list[_Job], block_bytes: int) -> int:
