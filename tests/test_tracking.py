@@ -230,7 +230,7 @@ while True:
     step += 1
 """
     root = str(Path(tracking.__file__).parents[1])
-    for delay in (0.0, 0.013, 0.031, 0.057, 0.11):
+    for delay in (0.0, 0.023, 0.061):
         proc = subprocess.Popen(
             [sys.executable, "-c", script], stdout=subprocess.PIPE, env={"PYTHONPATH": root}
         )
@@ -263,3 +263,12 @@ def test_tracker_refuses_a_table_of_other_columns(base_dir, tmp_path):
     out.write_text("a,b\n1,2\n")
     with pytest.raises(WDAnalysisError, match="not a wdanalysis table"):
         _train(base_dir, tmp_path / "run", "ft", _callback(base_dir, out), max_steps=2)
+
+
+def test_a_fresh_run_refuses_a_table_of_an_earlier_run(base_dir, tmp_path):
+    out = tmp_path / "tracking.csv"
+    _train(base_dir, tmp_path / "a", "ft", _callback(base_dir, out), max_steps=2)
+    before = out.read_bytes()
+    with pytest.raises(WDAnalysisError, match="earlier run"):
+        _train(base_dir, tmp_path / "b", "ft", _callback(base_dir, out), max_steps=2)
+    assert out.read_bytes() == before

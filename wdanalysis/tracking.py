@@ -77,6 +77,13 @@ class Tracker:
         if live.method != "FT" or step == 0:  # FT weights have moved once training began
             check_same_weights(live, base, selected[0], self.base_path)
         self.done = read_steps(self.out)
+        if step == 0 and self.done:
+            raise WDAnalysisError(
+                f"the table already holds steps up to {max(self.done)} of an earlier run, "
+                "and this training starts from step 0",
+                self.out,
+                "delete it, choose another out, or resume the earlier run",
+            )
         self.live, self.selected, self.active = live, selected, True
 
     # -- each step ------------------------------------------------------------------
@@ -116,6 +123,21 @@ class Tracker:
             engine.run(list(self.selected), on_result)
         table = pd.DataFrame(rows, columns=COLUMNS)
         return table.sort_values(["stack", "layer", "module"], kind="stable")
+
+    def hook(self, last_step: int):
+        """``on_step(step, model)`` for :func:`wdanalysis.train.train`.
+
+        Its first call (before the first step) begins; later calls track every ``every``
+        steps and at ``last_step``.
+        """
+
+        def on_step(step: int, model: nn.Module) -> None:
+            if self.live is None:
+                self.begin(model, step)
+            elif self.due(step) or step == last_step:
+                self.track(step)
+
+        return on_step
 
     def stop(self, error: BaseException) -> None:
         """Report a failure once and stop tracking; rows already written stay as they are."""

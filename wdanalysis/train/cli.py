@@ -7,6 +7,8 @@ import argparse
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.train.config import METHODS, TrainConfig
 
+TRACKING_NAME = "tracking.csv"
+
 EPILOG = """\
 data: a JSONL file with {"text": ..., "label": ...} per line (classification) or
 {"prompt": ..., "response": ...} per line (causal LM, loss on the response), or
@@ -83,6 +85,15 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="dora: let gradients flow through ||V+dV|| (off Sec. 4.3)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--track-every",
+        type=int,
+        metavar="N",
+        help="write ΔM/ΔD every N steps (and at the end) to RUN/tracking.csv while training",
+    )
+    parser.add_argument(
+        "--track-modules", type=_names, help="weights to track (default: attention query/value)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from last checkpoint")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run)
@@ -126,12 +137,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from wdanalysis.train.loop import train
 
-    result = train(config_from_args(args))
+    config = config_from_args(args)
+    tracker = None
+    if args.track_every is not None:
+        from pathlib import Path
+
+        from wdanalysis.tracking import Tracker
+
+        out = Path(config.out_dir) / TRACKING_NAME
+        tracker = Tracker(config.model_dir, out, args.track_every, args.track_modules)
+    result = train(config, on_step=tracker.hook(config.max_steps) if tracker else None)
     steps = ", ".join(str(step) for step in sorted(result.checkpoints))
     print(
         f"{result.method}: checkpoints at steps {steps} in {result.run_dir} "
         f"({result.seconds_per_step:.3f} s/step)"
     )
+    if tracker is not None and tracker.failure is None:
+        print(f"tracked ΔM/ΔD every {tracker.every} steps in {tracker.out}")
     if result.data.eval and result.data.kind == "classification":
         from wdanalysis.train.data import evaluate_accuracy
 

@@ -68,12 +68,15 @@ def train(
     model: nn.Module | None = None,
     tokenizer=None,
     on_checkpoint: Callable[[int, nn.Module], None] | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> RunResult:
     """Train ``config.method`` and save checkpoints into ``config.out_dir``.
 
     ``model``/``tokenizer`` may be given for a model not loadable with ``transformers``;
     ``config.model_dir`` is then only recorded as ``base_model_name_or_path``.
     ``on_checkpoint(step, model)`` runs after each checkpoint is saved (e.g. an evaluation).
+    ``on_step(step, model)`` runs once before the first step (with the step training starts
+    from) and after every optimizer step (e.g. :meth:`wdanalysis.tracking.Tracker.hook`).
     """
     config.validate()
     device = resolve_device(config.device)
@@ -113,6 +116,8 @@ def train(
     save_at = set(config.checkpoint_steps())
     if start == 0 and 0 in save_at and not (run_dir / "checkpoint-0").exists():
         save(0)
+    if on_step is not None:
+        on_step(start, model)
     model.train()
     bar = tqdm(
         range(start, config.max_steps),
@@ -135,6 +140,8 @@ def train(
         rate = scheduler.get_last_lr()[0]
         history.append({"step": step + 1, "loss": loss, "learning_rate": rate})
         bar.set_postfix(loss=f"{loss:.4f}")
+        if on_step is not None:
+            on_step(step + 1, model)
         if step + 1 in save_at:
             save(step + 1)
             if on_checkpoint is not None:
