@@ -272,3 +272,34 @@ def test_a_fresh_run_refuses_a_table_of_an_earlier_run(base_dir, tmp_path):
     with pytest.raises(WDAnalysisError, match="earlier run"):
         _train(base_dir, tmp_path / "b", "ft", _callback(base_dir, out), max_steps=2)
     assert out.read_bytes() == before
+
+
+def test_plot_draws_the_same_fits_and_figures_from_a_live_table(base_dir, tmp_path, capsys):
+    from wdanalysis.cli import main
+
+    run, out = tmp_path / "dora", tmp_path / "tracking.csv"
+    _train(base_dir, run, "dora", _callback(base_dir, out))
+    assert main(["plot", str(out), "--out", str(tmp_path / "live"), "--dpi", "40"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    argv = ["compare", str(base_dir), str(run), "--out", str(tmp_path / "offline")]
+    assert main([*argv, "--modules", *MODULES, "--quiet", "--no-figures"]) == 0
+    deltas = tmp_path / "offline" / "deltas.csv"
+    assert main(["plot", str(deltas), "--out", str(tmp_path / "again"), "--dpi", "40"]) == 0
+    live = pd.read_csv(tmp_path / "live" / "fits.csv")
+    offline = pd.read_csv(tmp_path / "again" / "fits.csv")
+    pd.testing.assert_frame_equal(live, offline, rtol=1e-9, check_exact=False)
+    names = {p.name for p in (tmp_path / "live").iterdir()}
+    assert names == {p.name for p in (tmp_path / "again").iterdir()}
+    assert {"figure2_query.png", "trajectories_dense.png"} <= names
+
+
+def test_plot_refuses_a_table_that_is_not_one(tmp_path, capsys):
+    from wdanalysis.cli import main
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert main(["plot", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.csv" in err and "lacks column" in err
+    assert main(["plot", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err

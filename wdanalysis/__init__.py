@@ -33,6 +33,7 @@ _LAZY = {
     "plot_figure2": "wdanalysis.plotting",
     "plot_trajectories": "wdanalysis.plotting",
     "write_report": "wdanalysis.report",
+    "read_table": "wdanalysis.report",
     # transformers stays optional: the callback class is built on first use
     "WeightDecompositionCallback": "wdanalysis.callback",
 }
