@@ -13,8 +13,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "wdanalysis"
-ENGINE = ("streaming", "reader", "bound", "kernel", "decomposition")
-UPPER = ("analysis", "stats", "resampling", "plotting", "report", "commands", "cli", "tracking")
+ENGINE = ("streaming", "reader", "bound", "live", "kernel", "decomposition")
+UPPER = (
+    "analysis",
+    "stats",
+    "resampling",
+    "plotting",
+    "report",
+    "commands",
+    "cli",
+    "tracking",
+    "callback",
+)
 MAX_LINES = 440  # "about 400" (stats.py stands at 429): a module past this is split
 
 

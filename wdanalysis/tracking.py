@@ -143,7 +143,7 @@ class Tracker:
         """Report a failure once and stop tracking; rows already written stay as they are."""
         self.active, self.failure = False, error
         warnings.warn(
-            f"wdanalysis: weight tracking stopped, training goes on ({self.out}): "
+            f"weight tracking stopped, training goes on ({self.out}): "
             f"{' '.join(str(error).split()) or type(error).__name__}",
             RuntimeWarning,
             stacklevel=3,
