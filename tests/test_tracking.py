@@ -108,25 +108,27 @@ def _callback(base_dir, out, **kwargs):
 
 
 @pytest.mark.parametrize(
-    ("method", "dtype", "rtol"),
+    ("method", "dtype", "rtol", "axis"),
     [
-        ("ft", torch.float64, 1e-9),
-        ("lora", torch.float64, 1e-9),
-        ("dora", torch.float64, 1e-9),
-        ("dora", torch.float32, 1e-6),
+        ("ft", torch.float64, 1e-9, "out"),
+        ("lora", torch.float64, 1e-9, "out"),
+        ("dora", torch.float64, 1e-9, "out"),
+        ("dora", torch.float32, 1e-6, "out"),
+        ("dora", torch.float64, 1e-9, "in"),
     ],
 )
 def test_callback_rows_equal_compare_on_the_saved_checkpoints(
-    base_dir, tmp_path, method, dtype, rtol
+    base_dir, tmp_path, method, dtype, rtol, axis
 ):
     run = tmp_path / method
     out = tmp_path / "tracking.csv"
-    _train(base_dir, run, method, _callback(base_dir, out), dtype=dtype)
+    _train(base_dir, run, method, _callback(base_dir, out, axis=axis), dtype=dtype)
     live = pd.read_csv(out)
     assert list(live.columns) == COLUMNS
     assert sorted(live["step"].unique()) == [2, 4, 6]
-    offline = compare(base_dir, run, modules=MODULES, progress=False)
+    offline = compare(base_dir, run, modules=MODULES, axis=axis, progress=False)
     assert sorted(offline["step"].unique()) == [2, 4, 6]
+    assert set(live["axis"]) == {axis}
     assert (
         set(live["method"])
         == set(offline["method"])
@@ -140,7 +142,8 @@ def test_callback_rows_equal_compare_on_the_saved_checkpoints(
         assert (want > 0).all()  # the weights really moved
         np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
     assert (merged["n_vectors_live"] == merged["n_vectors_offline"]).all()
-    assert {48, 32} <= set(merged["n_vectors_live"])  # the non-square weight is there
+    # the non-square weight is there: 48 output rows of 32 inputs
+    assert set(merged["n_vectors_live"]) == ({32, 48} if axis == "out" else {32})
 
 
 def test_resumed_run_continues_the_table_without_duplicate_steps(base_dir, tmp_path):
@@ -303,3 +306,23 @@ def test_plot_refuses_a_table_that_is_not_one(tmp_path, capsys):
     assert err.count("\n") == 0 and "bad.csv" in err and "lacks column" in err
     assert main(["plot", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ft", "lora"])
+def test_tracking_holds_no_copy_of_the_model(base_dir, tmp_path, method):
+    """The engine is handed the model's own tensors; FT's base is streamed from disk."""
+    from wdanalysis.tensors import TensorStore
+
+    model = _model(base_dir, method, torch.float32)
+    tracker = tracking.Tracker(base_dir, tmp_path / "t.csv", every=1, modules=MODULES)
+    tracker.begin(model, 0)
+    live = tracker.live
+    own = {p.data_ptr() for p in model.parameters()}
+    stores = [live.bound.checkpoint.store] if method == "ft" else [live.base.store]
+    if method != "ft":
+        stores.append(live.bound.checkpoint.adapter.store)
+    for store in stores:
+        assert all(store.get(key).data_ptr() in own for key in store.keys())
+    if method == "ft":
+        assert isinstance(live.base.store, TensorStore)  # read block by block from disk
+        assert all(live.base.store.infos[k].file.suffix == ".safetensors" for k in tracker.selected)
