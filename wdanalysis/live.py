@@ -95,13 +95,18 @@ def _factors(layer: nn.Module) -> tuple:
 
 
 def bind_model(
-    model: nn.Module, base_path: Path, selected: list[str], base: FullModel, run: Run
+    model: nn.Module, base_path: Path, selected: list[str], base: FullModel, run: Run, layout=None
 ) -> LiveModel:
-    """Match ``model``'s weights to the ``selected`` keys of ``base`` (opened from disk)."""
+    """Match ``model``'s weights to the ``selected`` keys of ``base`` (opened from disk).
+
+    ``layout(key)``: whether the base stores ``key`` as (in, out), as ``compare`` decides it
+    (default: the base's own rule); an adapted layer's ``fan_in_fan_out`` overrides it.
+    """
     device = next(iter(model.parameters())).device
+    layout = layout or base.transposed
     layers = adapter_layers(model)
     if layers:
-        return _bind_adapters(model, layers, base_path, selected, base, run, device)
+        return _bind_adapters(model, layers, base_path, selected, base, run, device, layout)
     aligner = aligner_for(base)
     params = dict(model.named_parameters())
     mapping = aligner.map_keys(params)
@@ -111,10 +116,12 @@ def bind_model(
     store = LiveStore(base_path, {key: params[mapping[key]] for key in selected})
     ckpt = FullModel(Path(run.path), store)
     bound = BoundCheckpoint(run, ckpt, "FT", {key: key for key in selected})
-    return LiveModel(base, bound, base.transposed, "FT", device)
+    return LiveModel(base, bound, layout, "FT", device)
 
 
-def _bind_adapters(model, layers, base_path, selected, base: FullModel, run, device) -> LiveModel:
+def _bind_adapters(
+    model, layers, base_path, selected, base: FullModel, run, device, layout
+) -> LiveModel:
     aligner = aligner_for(base)
     frozen = {}
     for name, param in model.named_parameters():
@@ -131,6 +138,12 @@ def _bind_adapters(model, layers, base_path, selected, base: FullModel, run, dev
         key = aligner.find(strip_peft_prefix(path) + ".weight")
         if key not in weights:
             continue
+        if len(getattr(layer, "lora_embedding_A", ())):
+            raise AdapterMismatchError(
+                f"{path}: live tracking of embedding adapters is not supported",
+                base_path,
+                "leave the embedding out of modules, or compare saved checkpoints",
+            )
         a, b, scaling, m = _factors(layer)
         module = AdapterModule(strip_peft_prefix(path), scaling=float(scaling))
         for role, tensor in (("lora_a", a), ("lora_b", b), ("magnitude", m)):
@@ -156,7 +169,7 @@ def _bind_adapters(model, layers, base_path, selected, base: FullModel, run, dev
     inner = FullModel(base.path, LiveStore(base_path, weights), base.model_type)
 
     def transposed(key: str) -> bool:
-        return flips[key] if key in flips else base.transposed(key)
+        return flips[key] if key in flips else layout(key)
 
     return LiveModel(inner, BoundCheckpoint(run, ckpt, method, modules), transposed, method, device)
 

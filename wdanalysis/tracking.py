@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from wdanalysis.analysis import COLUMNS
+from wdanalysis.analysis import COLUMNS, _layout
 from wdanalysis.atomic import atomic_path
-from wdanalysis.checkpoints import Run, open_base, refuse_quantized
+from wdanalysis.checkpoints import Run, aligner_for, open_base, refuse_quantized
 from wdanalysis.decomposition import AXES
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.live import LiveModel, bind_model, check_same_weights
@@ -73,7 +73,8 @@ class Tracker:
         selected = select_weights(shapes, self.modules, str(self.base_path))
         name = self.run_name or self.out.parent.name or "run"
         run = Run(self.out.parent, name, [])
-        live = bind_model(model, self.base_path, selected, base, run)
+        layout = _layout(base, [], None, aligner_for(base))  # the rule compare applies
+        live = bind_model(model, self.base_path, selected, base, run, layout)
         if live.method != "FT" or step == 0:  # FT weights have moved once training began
             check_same_weights(live, base, selected[0], self.base_path)
         self.done = read_steps(self.out)
