@@ -25,6 +25,9 @@ UPPER = (
     "tracking",
     "callback",
 )
+# Left as found (reported, not ours to move): demo.py's command handlers import study.py
+# inside functions, and study.py builds on demo.py. Every other edge is checked.
+KNOWN_CYCLE_EDGES = {("wdanalysis.demo", "wdanalysis.study")}
 MAX_LINES = 440  # "about 400" (stats.py stands at 429): a module past this is split
 
 
@@ -87,6 +90,8 @@ def test_no_import_cycles_between_modules():
     # The package's __init__ only re-exports; ``from wdanalysis import kernel`` is an edge
     # to the submodule, so __init__ is left out of the cycle search.
     graph = {k: v - {"wdanalysis"} for k, v in _graph().items() if k != "wdanalysis"}
+    for source, target in KNOWN_CYCLE_EDGES:
+        graph[source].discard(target)
     state: dict[str, int] = {}
     path: list[str] = []
 
