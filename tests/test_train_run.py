@@ -360,3 +360,36 @@ def test_compare_reads_training_runs(bert_dir, text_data, tmp_path):
         rows = table.to_dict("records") if hasattr(table, "to_dict") else list(table)
         steps = {int(row["step"]) for row in rows}
         assert {2, 4} <= steps
+
+
+@pytest.mark.parametrize("method", ["ft", "lora", "dora"])
+def test_cli_track_every_writes_the_rows_compare_gives(method, bert_dir, text_data, tmp_path):
+    """``--track-every 2`` over 5 steps: rows at 2, 4 and the last step 5, as compare."""
+    import numpy as np
+    import pandas as pd
+
+    import wdanalysis
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / method
+    argv = ["train", "--method", method, "--model", str(bert_dir), "--out", str(out)]
+    argv += ["--data", str(text_data / "train.jsonl"), "--max-steps", "5", "--batch-size", "4"]
+    argv += ["--save-steps", "2,4,5", "--no-progress", "--track-every", "2"]
+    argv += ["--target-modules", "query,intermediate.dense"]
+    argv += ["--track-modules", "query,intermediate.dense"]
+    args = parser.parse_args(argv)
+    assert args.handler(args) == 0
+    live = pd.read_csv(out / "tracking.csv")
+    assert list(live.columns) == wdanalysis.COLUMNS
+    assert sorted(live["step"].unique()) == [2, 4, 5]
+    offline = wdanalysis.compare(
+        bert_dir, out, modules=["query", "intermediate.dense"], progress=False
+    )
+    merged = offline.merge(live, on=["step", "parameter"], suffixes=("", "_live"), validate="1:1")
+    assert len(merged) == len(live) == len(offline) == 3 * 2 * 2
+    assert (merged["method"] == merged["method_live"]).all()
+    assert (merged["run"] == merged["run_live"]).all()
+    assert (merged["delta_d"] > 0).all()
+    for column in ("delta_m", "delta_d"):
+        np.testing.assert_allclose(merged[f"{column}_live"], merged[column], rtol=1e-6, atol=0)

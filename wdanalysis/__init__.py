@@ -20,7 +20,8 @@ from wdanalysis.inspection import inspect
 
 __version__ = "0.1.0"
 
-# Statistics and plotting pull in scipy/matplotlib: import them on first use only.
+# Statistics, plotting and the Trainer callback pull in scipy/matplotlib/transformers:
+# import them on first use only.
 _LAZY = {
     "fit_lines": "wdanalysis.stats",
     "compare_correlations": "wdanalysis.stats",
@@ -32,6 +33,9 @@ _LAZY = {
     "plot_figure2": "wdanalysis.plotting",
     "plot_trajectories": "wdanalysis.plotting",
     "write_report": "wdanalysis.report",
+    "read_table": "wdanalysis.report",
+    # transformers stays optional: the callback class is built on first use
+    "WeightDecompositionCallback": "wdanalysis.callback",
 }
 
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from wdanalysis.autobase import base_named_by, is_auto
+from wdanalysis.bound import BoundCheckpoint
 from wdanalysis.checkpoints import (
     AdapterCheckpoint,
-    Checkpoint,
     FullModel,
     Run,
     aligner_for,
@@ -34,6 +32,7 @@ from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisEr
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.layers import is_embedding_name
 from wdanalysis.modules import describe_weight, select_weights
+from wdanalysis.streaming import Engine
 
 COLUMNS = [
     "method",
@@ -51,17 +50,6 @@ COLUMNS = [
     "checkpoint",
 ]
 RunsArg = str | Path | Sequence[str | Path] | Mapping[str, str | Path]
-
-
-@dataclass
-class BoundCheckpoint:
-    """A checkpoint whose weights have been matched to the selected base keys."""
-
-    run: Run
-    checkpoint: Checkpoint
-    method: str
-    keys: dict  # base key → checkpoint key (full) or AdapterModule (adapter)
-    error: WDAnalysisError | None = None  # set when reading this checkpoint failed mid-way
 
 
 class PartialResultError(WDAnalysisError):
@@ -258,42 +246,6 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
     return {key: mapping[key] for key in selected}
 
 
-def _effective_weight(bound: BoundCheckpoint, key: str, w0: torch.Tensor, transposed):
-    ckpt = bound.checkpoint
-    if isinstance(ckpt, AdapterCheckpoint):
-        module = bound.keys.get(key)
-        if module is None:  # this module was not adapted: unchanged
-            return w0
-        return ckpt.adapter.effective_weight(module, w0, transposed(key))
-    return ckpt.store.get(bound.keys[key])
-
-
-def _require_finite(tensor: torch.Tensor, key: str, where: Path, hint: str | None = None) -> None:
-    if tensor.dtype.itemsize == 1:  # fp8: isfinite is not implemented for it
-        tensor = tensor.float()
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NumericalError(
-            f"weight {key!r} holds {bad} NaN/Inf value(s) of {tensor.numel()}",
-            where,
-            hint or _BROKEN,
-        )
-
-
-_BROKEN = (
-    "the checkpoint is broken (training diverged or the file is damaged); "
-    "leave it out or use an earlier checkpoint"
-)
-
-
-def _source_of(item: BoundCheckpoint, key: str) -> Path:
-    """The file that holds ``key`` for this checkpoint (the shard, or the adapter)."""
-    ckpt = item.checkpoint
-    if isinstance(ckpt, FullModel):
-        return ckpt.store.infos[item.keys[key]].file
-    return ckpt.path
-
-
 def _compute(
     base, selected, bound, axis, transposed, progress, device="cpu", workers=1
 ) -> list[dict]:
@@ -302,8 +254,6 @@ def _compute(
     A checkpoint whose own data fails (unreadable, NaN/Inf) gets ``item.error`` and is
     skipped from then on; a failure of the base stops the analysis.
     """
-    from wdanalysis.streaming import Engine
-
     rows = []
     bar = tqdm(
         total=len(selected) * len(bound),

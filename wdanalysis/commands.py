@@ -18,6 +18,7 @@ from wdanalysis.inspection import format_inspection, inspect
 
 def register(subparsers) -> None:
     _register_compare(subparsers)
+    _register_plot(subparsers)
     _register_inspect(subparsers)
 
 
@@ -59,6 +60,19 @@ def _register_compare(subparsers) -> None:
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_compare)
+
+
+def _register_plot(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="fits, Figure 2 and trajectories from a deltas.csv or tracking.csv table",
+        description="Draw Figure 2, the trajectories and the fits from a saved table: "
+        "deltas.csv (wdanalysis compare) or tracking.csv (live tracking while training).",
+    )
+    parser.add_argument("table", type=Path, help="deltas.csv or tracking.csv")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--dpi", type=float, default=200, help="PNG resolution (default 200)")
+    parser.set_defaults(handler=run_plot)
 
 
 def _register_inspect(subparsers) -> None:
@@ -107,6 +121,22 @@ def run_compare(args: argparse.Namespace) -> int:
         print("\n" + report.fit_table)
         for written in report.paths:
             print(f"wrote {written}")
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """``fits.csv`` and the figures of a saved table, exactly as ``compare --out`` draws them."""
+    from wdanalysis.report import read_table, write_report
+
+    table = read_table(args.table)
+    _check_out_folder(args.out)
+    print(summarize(table))
+    report = write_report(table, args.out, dpi=args.dpi)
+    print("\n" + report.fit_table)
+    for note in report.notes:
+        print(f"note: {note}")
+    for written in report.paths:
+        print(f"wrote {written}")
     return 0
 
 

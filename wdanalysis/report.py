@@ -17,10 +17,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from wdanalysis.atomic import save_figure_atomic, write_csv_atomic
+from wdanalysis.errors import WDAnalysisError
 from wdanalysis.plotting import plot_figure2, plot_trajectories
 from wdanalysis.stats import drop_undefined, fit_lines, format_fit_table, validate_deltas
 
-__all__ = ["ReportResult", "save_figure_pair", "write_report"]
+__all__ = ["ReportResult", "read_table", "save_figure_pair", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,33 @@ class ReportResult:
     def paths(self) -> list[Path]:
         """Every file written, fits.csv first."""
         return [self.fits_csv, *(path for paths in self.figures.values() for path in paths)]
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A deltas table (``deltas.csv``) or a live tracking table (``tracking.csv``).
+
+    Both have the same columns; ``step`` and ``layer`` come back as nullable integers, as
+    :func:`wdanalysis.compare` returns them, so every figure and fit treats them alike.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError:
+        raise WDAnalysisError("no such file", path, "pass a deltas.csv or tracking.csv") from None
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise WDAnalysisError(
+            f"cannot read the table: {' '.join(str(error).split())}",
+            path,
+            "pass a deltas.csv or tracking.csv written by wdanalysis",
+        ) from None
+    try:
+        validate_deltas(table)
+    except WDAnalysisError as error:
+        raise WDAnalysisError(error.problem, path, error.hint) from None
+    for column in ("step", "layer"):
+        if column in table:
+            table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    return table
 
 
 def _file_stem(name: str, module: str, several: bool) -> str:

@@ -1,4 +1,5 @@
-"""The streaming engine behind :func:`wdanalysis.compare`.
+"""The streaming engine: the lower layer shared by :func:`wdanalysis.compare` and the
+training callback (:mod:`wdanalysis.tracking`). It imports nothing from the analysis.
 
 Weight-major and block-wise: for each selected weight, the base matrix is read once in
 blocks of rows, and each block is compared with the same rows of every checkpoint of every
@@ -6,9 +7,10 @@ run before the next block is read. Memory therefore holds a few blocks (a fixed 
 whatever the model or matrix size), never a whole state dict, and never the base twice.
 
 * Full checkpoints in safetensors are read with ``pread`` straight into a small pool of
-  reusable buffers by a background thread, so the disk keeps streaming while the kernel
-  runs (no mmap: mapped pages would count in the process's RSS until unmapped).
-  ``.bin`` checkpoints go through :class:`~wdanalysis.tensors.TensorStore` (mmap).
+  reusable buffers by a background thread (:mod:`wdanalysis.reader`), so the disk keeps
+  streaming while the kernel runs. ``.bin`` checkpoints go through
+  :class:`~wdanalysis.tensors.TensorStore` (mmap); in-memory weights (a model being
+  trained) are compared where they lie, block by block against the base read from disk.
 * LoRA/DoRA adapters never materialise ``W'``: the update ``d = s·B[rows]@A`` is formed in
   float64 for the rows at hand, so nothing cancels. A DoRA merge ``m·V/‖V‖`` rescales each
   output row to norm ``|m|`` without turning it, so on the output axis its ΔD is that of
@@ -20,16 +22,13 @@ whatever the model or matrix size), never a whole state dict, and never the base
 
 from __future__ import annotations
 
-import os
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from wdanalysis.bound import effective_weight, file_of, require_finite, source_of
 from wdanalysis.checkpoints import AdapterCheckpoint
 from wdanalysis.decomposition import (
     DecompositionChange,
@@ -39,153 +38,14 @@ from wdanalysis.decomposition import (
     matrix_sums,
     vector_mode,
 )
-from wdanalysis.errors import NumericalError
+from wdanalysis.errors import NumericalError, WDAnalysisError
 from wdanalysis.layers import factor_matrices
+from wdanalysis.reader import Extent, Reader, extent_of, read_error, slice_request
 
 MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
 MAX_BLOCK = 32 << 20  # largest single read
 MIN_BLOCK = 4 << 20
 ADAPTER_CHUNK_ELEMENTS = 1 << 20  # float64 update rows formed at a time (8 MB)
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_ST_DTYPES["F64"] = torch.float64
-
-
-# ----------------------------------------------------------------------- safetensors layout
-
-
-@dataclass(frozen=True)
-class _Extent:
-    """Where a tensor's bytes lie in a safetensors file."""
-
-    file: Path
-    offset: int  # absolute byte offset of the data
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-_layouts: dict[tuple, dict[str, _Extent]] = {}
-
-
-def _safetensors_layout(file: Path) -> dict[str, _Extent]:
-    """Absolute data offsets of every tensor (header already validated by the loader)."""
-    stat = file.stat()  # a file re-saved at the same path must not reuse stale offsets
-    cache_key = (file, stat.st_mtime_ns, stat.st_size, stat.st_ino)
-    cached = _layouts.get(cache_key)
-    if cached is not None:
-        return cached
-    import json
-    import struct
-
-    with open(file, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_len))
-    extents = {}
-    for key, entry in header.items():
-        if key == "__metadata__" or entry.get("dtype") not in _ST_DTYPES:
-            continue
-        begin, end = entry["data_offsets"]
-        dtype = _ST_DTYPES[entry["dtype"]]
-        shape = tuple(entry["shape"])
-        numel = 1
-        for n in shape:
-            numel *= n
-        if end - begin != numel * dtype.itemsize:
-            continue  # inconsistent entry: let the loader's slow path report it
-        extents[key] = _Extent(file, 8 + header_len + begin, end - begin, dtype, shape)
-    if len(_layouts) > 4096:
-        _layouts.clear()
-    _layouts[cache_key] = extents
-    return extents
-
-
-def _extent(store, key: str) -> _Extent | None:
-    """Byte range of ``key`` if it can be streamed with pread, else ``None``."""
-    info = store.infos.get(key)
-    if info is None or info.file.suffix != ".safetensors":
-        return None
-    try:
-        return _safetensors_layout(info.file).get(key)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-# ----------------------------------------------------------------------------- reader
-
-
-class _Reader:
-    """Reads byte ranges, in the order they will be consumed, into a pool of buffers.
-
-    A single background thread issues the ``pread`` calls (they release the GIL) while the
-    caller computes; ``get`` returns them in request order; ``release`` recycles a buffer.
-    """
-
-    def __init__(self, requests: Iterator[tuple[Path, int, int]], n_buffers: int, size: int, pin):
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(n_buffers):
-            buf = torch.empty(size, dtype=torch.uint8)
-            self._free.put(buf.pin_memory() if pin else buf)
-        self._ready: queue.Queue = queue.Queue()
-        self._requests = requests
-        self._fds: dict[Path, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wdanalysis-reader", daemon=True)
-        self._thread.start()
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return fd
-
-    def _run(self) -> None:
-        try:
-            for path, offset, nbytes in self._requests:
-                buf = None
-                while buf is None:
-                    if self._stop.is_set():
-                        return
-                    try:
-                        buf = self._free.get(timeout=0.1)
-                    except queue.Empty:
-                        continue
-                try:
-                    self._read_into(buf, path, offset, nbytes)
-                except OSError as error:  # this request only: handed to the consumer
-                    self._ready.put((buf, error))
-                else:
-                    self._ready.put((buf, None))
-        except BaseException as error:  # the schedule itself broke: stop the consumer
-            self._ready.put((None, error))
-        finally:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def _read_into(self, buf: torch.Tensor, path: Path, offset: int, nbytes: int) -> None:
-        view = memoryview(buf.numpy())[:nbytes]
-        done, fd = 0, self._fd(path)
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"unexpected end of file at byte {offset + done}")
-            done += got
-
-    def get(self) -> tuple[torch.Tensor, OSError | None]:
-        """The next buffer in request order, and the read error for it if any."""
-        buf, error = self._ready.get()
-        if buf is None:
-            raise error
-        return buf, error
-
-    def release(self, buf: torch.Tensor) -> None:
-        self._free.put(buf)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------ sources
@@ -197,7 +57,7 @@ class _Job:
 
     index: int  # position in ``bound``
     kind: str  # "file" | "dense" | "same" | "lora" | "dora" | "effective"
-    extent: _Extent | None = None
+    extent: Extent | None = None
     dense: Callable[[], torch.Tensor] | None = None
     module: object = None
     sums: torch.Tensor | None = None
@@ -223,15 +83,18 @@ def _rows_cols(shape) -> tuple[int, int]:
     return rows, max(1, _numel(shape) // max(rows, 1))
 
 
-def _as_matrix(buf: torch.Tensor, extent: _Extent, rows: int, cols: int) -> torch.Tensor:
+def _as_matrix(buf: torch.Tensor, extent: Extent, rows: int, cols: int) -> torch.Tensor:
     return buf[: rows * cols * extent.dtype.itemsize].view(extent.dtype).view(rows, cols)
 
 
 class Engine:
     """Computes ΔM/ΔD for every (weight, checkpoint) pair; see the module docstring."""
 
-    def __init__(self, base, bound, axis: str, transposed, device="cpu", workers: int = 1):
+    def __init__(
+        self, base, bound, axis: str, transposed, device="cpu", workers: int = 1, budget=None
+    ):
         self.base, self.bound, self.axis, self.transposed = base, bound, axis, transposed
+        self.budget = budget  # bytes of read buffers; None: MEMORY_BUDGET
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise NumericalError(
@@ -250,7 +113,7 @@ class Engine:
                 jobs.append(self._adapter_job(index, item, key))
                 continue
             ckey = item.keys[key]
-            extent = _extent(ckpt.store, ckey)
+            extent = extent_of(ckpt.store, ckey)
             if extent is not None:
                 jobs.append(_Job(index, "file", extent=extent))
             else:
@@ -297,10 +160,10 @@ class Engine:
         row_bytes = max([1] + [self._row_bytes(key) for key in keys])
         size = max(block_bytes, row_bytes)
         requests = self._requests(plans, blocks)
-        n_buffers = max(3, MEMORY_BUDGET // size)
+        n_buffers = max(3, (self.budget or MEMORY_BUDGET) // size)
         n_buffers = max(n_buffers, (n_file + 2) if self.workers > 1 else 3)
         pin = self.device.type == "cuda"
-        reader = _Reader(requests, n_buffers, size, pin)
+        reader = Reader(requests, n_buffers, size, pin)
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         try:
             for (key, jobs), rows_per_block in zip(plans, blocks, strict=True):
@@ -312,7 +175,7 @@ class Engine:
                 pool.shutdown()
 
     def _position(self, key: str):
-        extent = _extent(self.base.store, key)
+        extent = extent_of(self.base.store, key)
         return (str(extent.file), extent.offset) if extent else ("", 0)
 
     def _row_bytes(self, key: str) -> int:
@@ -323,7 +186,8 @@ class Engine:
         return cols * 8  # float64 is the widest
 
     def _block_bytes(self, n_file: int) -> int:
-        per = MEMORY_BUDGET // (n_file + 3) if self.workers > 1 else MEMORY_BUDGET // 8
+        budget = self.budget or MEMORY_BUDGET
+        per = budget // (n_file + 3) if self.workers > 1 else budget // 8
         return max(MIN_BLOCK, min(MAX_BLOCK, per))
 
     def _blocks(self, key: str, jobs: list[_Job], block_bytes: int) -> int:
@@ -339,17 +203,17 @@ class Engine:
 
     def _requests(self, plans, blocks):
         for (key, jobs), per_block in zip(plans, blocks, strict=True):
-            base_extent = _extent(self.base.store, key)
+            base_extent = extent_of(self.base.store, key)
             rows = self.base.store.shape(key)[0]
             for start in range(0, rows, per_block):
                 n = min(per_block, rows - start)
                 if base_extent is not None:
-                    yield _slice_request(base_extent, rows, start, n)
+                    yield slice_request(base_extent, rows, start, n)
                 for job in jobs:
                     if job.kind == "file":
-                        yield _slice_request(job.extent, rows, start, n)
+                        yield slice_request(job.extent, rows, start, n)
 
-    def _run_key(self, key, jobs, per_block, reader: _Reader, pool):
+    def _run_key(self, key, jobs, per_block, reader: Reader, pool):
         """Stream one weight: every block of base rows against the same rows of every job."""
         transposed = self.transposed(key)
         mode = vector_mode(self.axis, transposed)
@@ -357,7 +221,7 @@ class Engine:
         n_vec = rows if mode == "rows" else cols
         self._prepare_jobs(key, jobs, n_vec)
         base_sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
-        base_extent = _extent(self.base.store, key)
+        base_extent = extent_of(self.base.store, key)
         base_dense = None if base_extent is not None else as_matrix(self.base.store.get(key))
         for start in range(0, rows, per_block):
             block = _Block(key, start, min(per_block, rows - start), cols, mode, transposed)
@@ -386,17 +250,17 @@ class Engine:
             elif job.kind in ("lora", "dora"):
                 self._guard(job, key, self._load_factors, job)
 
-    def _base_block(self, reader: _Reader, block: _Block, extent, dense):
+    def _base_block(self, reader: Reader, block: _Block, extent, dense):
         """The base rows of ``block`` (and the buffer holding them, to release later)."""
         if extent is None:
             return None, self._to_device(dense[block.start : block.start + block.n])
         buf, error = reader.get()
         if error is not None:
             reader.release(buf)
-            raise _read_error(block.key, extent, error)
+            raise read_error(block.key, extent, error)
         return buf, self._to_device(_as_matrix(buf, extent, block.n, block.cols))
 
-    def _compare_block(self, block: _Block, a, jobs: list[_Job], reader: _Reader, pool) -> list:
+    def _compare_block(self, block: _Block, a, jobs: list[_Job], reader: Reader, pool) -> list:
         """Accumulate every live job's sums for this block; returns buffers still to release.
 
         Every file job's buffer is taken from the reader, even for a failed checkpoint, so
@@ -409,7 +273,7 @@ class Engine:
             if job.kind == "file":
                 buf, error = reader.get()
                 if live and error is not None:
-                    self.bound[job.index].error = _read_error(block.key, job.extent, error)
+                    self.bound[job.index].error = read_error(block.key, job.extent, error)
                     live = False
                 task = (job, _as_matrix(buf, job.extent, block.n, block.cols))
                 if live and pool is None:
@@ -447,8 +311,6 @@ class Engine:
 
     def _guard(self, job: _Job, key: str, fn, *args) -> None:
         """Run ``fn``; a checkpoint's own error marks that checkpoint failed, not the run."""
-        from wdanalysis.errors import WDAnalysisError
-
         try:
             fn(*args)
         except WDAnalysisError as error:
@@ -503,49 +365,32 @@ class Engine:
 
     def _effective(self, key, job, mode) -> DecompositionChange:
         """Whole-matrix fallback for the rare adapter layouts (see ``_adapter_job``)."""
-        from wdanalysis.analysis import _effective_weight
-
         item = self.bound[job.index]
         w0 = self.base.store.get(key)
-        wt = _effective_weight(item, key, w0, self.transposed)
+        wt = effective_weight(item, key, w0, self.transposed)
         sums = matrix_sums(w0.to(self.device), wt.to(self.device), mode, self.backend)
         if not torch.isfinite(sums).all():
             self._report_non_finite(key, item)
         return change_from_sums(sums[0], sums[1], sums[2])
 
     def _check_base(self, key) -> None:
-        from wdanalysis.analysis import _require_finite
-
         w0 = self.base.store.get(key)
-        _require_finite(w0, key, self.base.store.infos[key].file, "re-download the base model")
+        require_finite(w0, key, file_of(self.base.store, key), "re-download the base model")
         raise NumericalError(
             f"weight {key!r}: its sums overflowed float64 (values beyond ~1e150)",
-            self.base.store.infos[key].file,
+            file_of(self.base.store, key),
         )
 
     def _report_non_finite(self, key, item) -> None:
         """Count the checkpoint's NaN/Inf values, with the same message as the dense path."""
-        from wdanalysis.analysis import _effective_weight, _require_finite, _source_of
-
         w0 = self.base.store.get(key)
-        wt = _effective_weight(item, key, w0, self.transposed)
-        _require_finite(wt, key, _source_of(item, key))
+        wt = effective_weight(item, key, w0, self.transposed)
+        require_finite(wt, key, source_of(item, key))
         raise NumericalError(
             f"weight {key!r}: its sums overflowed float64 (values beyond ~1e150)",
-            _source_of(item, key),
+            source_of(item, key),
             "rescale the weights",
         )
-
-
-def _read_error(key: str, extent: _Extent, error: OSError):
-    from wdanalysis.errors import CheckpointFormatError
-
-    return CheckpointFormatError(f"cannot read tensor {key!r}: {error}", extent.file)
-
-
-def _slice_request(extent: _Extent, rows: int, start: int, n: int) -> tuple[Path, int, int]:
-    row_bytes = extent.nbytes // max(rows, 1)
-    return extent.file, extent.offset + start * row_bytes, n * row_bytes
 
 
 def _numel(shape) -> int:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.train.config import METHODS, TrainConfig
+
+TRACKING_NAME = "tracking.csv"
 
 EPILOG = """\
 data: a JSONL file with {"text": ..., "label": ...} per line (classification) or
@@ -88,6 +92,15 @@ def register(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="under torchrun: shard the model with FSDP2 (default: DDP, one copy per rank)",
     )
+    parser.add_argument(
+        "--track-every",
+        type=int,
+        metavar="N",
+        help="write ΔM/ΔD every N steps (and at the end) to RUN/tracking.csv while training",
+    )
+    parser.add_argument(
+        "--track-modules", type=_names, help="weights to track (default: attention query/value)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from last checkpoint")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run)
@@ -134,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
     from wdanalysis.train import distributed
     from wdanalysis.train.loop import train
 
+    config = config_from_args(args)
+    tracker = _tracker(args, config)
     with distributed.session():
-        result = train(config_from_args(args))
+        result = train(config, on_step=tracker.hook(config.max_steps) if tracker else None)
         main = result.world.is_main
         steps = ", ".join(str(step) for step in sorted(result.checkpoints))
         if main:
@@ -143,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{result.method}: checkpoints at steps {steps} in {result.run_dir} "
                 f"({result.seconds_per_step:.3f} s/step)"
             )
+        if tracker is not None and tracker.failure is None:
+            print(f"tracked ΔM/ΔD every {tracker.every} steps in {tracker.out}")
         # An FSDP model runs forward on every rank together; a DDP copy on rank 0 alone.
         if result.data.eval and result.data.kind == "classification" and (main or args.fsdp):
             from wdanalysis.train.data import evaluate_accuracy
@@ -157,6 +174,23 @@ def run(args: argparse.Namespace) -> int:
             if main:
                 print(f"held-out accuracy: {accuracy:.4f} on {len(result.data.eval)} examples")
     return 0
+
+
+def _tracker(args: argparse.Namespace, config: TrainConfig):
+    """The live ΔM/ΔD tracker of ``--track-every``: on the main process only (under DDP
+    every rank holds the same weights); FSDP shards them, so tracking is refused there."""
+    if args.track_every is None:
+        return None
+    if args.fsdp:
+        raise WDAnalysisError(
+            "--track-every does not work with --fsdp", hint="use DDP or track offline"
+        )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    from wdanalysis.tracking import Tracker
+
+    out = Path(config.out_dir) / TRACKING_NAME
+    return Tracker(config.model_dir, out, args.track_every, args.track_modules)
 
 
 __all__ = ["register", "run", "config_from_args", "WDAnalysisError"]

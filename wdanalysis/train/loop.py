@@ -74,6 +74,7 @@ def train(
     model: nn.Module | None = None,
     tokenizer=None,
     on_checkpoint: Callable[[int, nn.Module], None] | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> RunResult:
     """Train ``config.method`` and save checkpoints into ``config.out_dir``.
 
@@ -81,6 +82,8 @@ def train(
     ``config.model_dir`` is then only recorded as ``base_model_name_or_path``.
     ``on_checkpoint(step, model)`` runs after each checkpoint is saved (e.g. an evaluation),
     on every rank under torchrun.
+    ``on_step(step, model)`` runs once before the first step (with the step training starts
+    from) and after every optimizer step (e.g. :meth:`wdanalysis.tracking.Tracker.hook`).
     """
     config.validate()
     world = distributed.join(config.device, config.fsdp, config.batch_size)
@@ -115,6 +118,8 @@ def train(
     save_at = set(config.checkpoint_steps())
     if last is None and 0 in save_at:
         save(0)
+    if on_step is not None:
+        on_step(start, distributed.unwrap(model))
     model.train()
     bar = tqdm(
         range(start, config.max_steps),
@@ -135,6 +140,8 @@ def train(
         rate = scheduler.get_last_lr()[0]
         history.append({"step": step + 1, "loss": loss, "learning_rate": rate})
         bar.set_postfix(loss=f"{loss:.4f}")
+        if on_step is not None:
+            on_step(step + 1, distributed.unwrap(model))
         if step + 1 in save_at:
             save(step + 1)
             if on_checkpoint is not None:
