@@ -16,7 +16,7 @@ from wdanalysis.errors import WDAnalysisError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wdanalysis import commands, demo
+    from wdanalysis import commands, demo_cli
     from wdanalysis.train import cli as train_cli
 
     parser = argparse.ArgumentParser(
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.register(subparsers)
     train_cli.register(subparsers)
-    demo.register(subparsers)
+    demo_cli.register(subparsers)
     return parser
 
 
