@@ -21,10 +21,10 @@ from wdanalysis.adapters import (
     group_adapter_keys,
     read_adapter_config,
 )
+from wdanalysis.checkpoint_types import AdapterCheckpoint, FullModel
 from wdanalysis.errors import CheckpointFormatError, NumericalError
 from wdanalysis.hub import resolve_model_path
 from wdanalysis.keymatch import KeyAligner
-from wdanalysis.modules import CONV1D_MODEL_TYPES
 from wdanalysis.tensors import (
     TensorStore,
     open_shard_files,
@@ -45,45 +45,7 @@ FULL_WEIGHT_FILES = (
     "pytorch_model.bin",
     *formats.DIFFUSERS_WEIGHT_FILES,
 )
-# GPT-2's Conv1D modules store (in, out) weights.
-CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
 _VLBART_MARKERS = (".weight_m", ".lora_A", ".lora_B")
-
-
-@dataclass
-class FullModel:
-    """A complete set of weights: a base model or a fully fine-tuned checkpoint."""
-
-    path: Path
-    store: TensorStore
-    model_type: str | None = None
-    step: int | None = None
-    kind: str = "full model"
-    method: str = "FT"
-
-    def conv1d_layout(self) -> bool:
-        if self.model_type is not None:
-            return self.model_type in CONV1D_MODEL_TYPES
-        return any(k.endswith(".attn.c_attn.weight") for k in self.store.keys())
-
-    def transposed(self, key: str) -> bool:
-        leaf = key.rsplit(".", 2)[-2] if key.count(".") else key
-        return self.conv1d_layout() and leaf in CONV1D_LEAVES
-
-
-@dataclass
-class AdapterCheckpoint:
-    """An adapter file set; its effective weights need the base model."""
-
-    path: Path
-    adapter: Adapter
-    step: int | None = None
-    kind: str = "adapter"
-
-    @property
-    def method(self) -> str:
-        return self.adapter.method
-
 
 Checkpoint = FullModel | AdapterCheckpoint
 

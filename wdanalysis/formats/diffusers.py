@@ -120,7 +120,7 @@ def _config(fields: dict, path: Path) -> AdapterConfig:
 
 
 def open_diffusers(path: Path, source: TensorStore, step: int | None):
-    from wdanalysis.checkpoints import AdapterCheckpoint
+    from wdanalysis.checkpoint_types import AdapterCheckpoint
 
     configs = component_configs(path)
     parts: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)

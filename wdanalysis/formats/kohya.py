@@ -79,7 +79,7 @@ def _role(key: str) -> tuple[str, str | None]:
 
 
 def open_kohya(path: Path, source: TensorStore, step: int | None):
-    from wdanalysis.checkpoints import AdapterCheckpoint
+    from wdanalysis.checkpoint_types import AdapterCheckpoint
 
     parts: dict[str, dict[str, str]] = defaultdict(dict)
     for key in source.keys():

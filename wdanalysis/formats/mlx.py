@@ -104,7 +104,7 @@ def _scale(raw: dict, path: Path) -> tuple[str, float]:
 
 def open_mlx(weights: Path, step: int | None):
     """An mlx-lm adapter file; its ``adapter_config.json`` lies in the same folder."""
-    from wdanalysis.checkpoints import AdapterCheckpoint
+    from wdanalysis.checkpoint_types import AdapterCheckpoint
 
     config_path = weights.parent / "adapter_config.json"
     if not config_path.is_file():

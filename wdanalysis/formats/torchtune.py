@@ -67,7 +67,7 @@ def hf_name(name: str) -> str | None:
 
 
 def open_torchtune(path: Path, step: int | None, full_weights_beside: bool = False):
-    from wdanalysis.checkpoints import AdapterCheckpoint
+    from wdanalysis.checkpoint_types import AdapterCheckpoint
 
     config_file = path.parent / "adapter_config.json"
     if not config_file.is_file():
