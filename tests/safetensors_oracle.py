@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from wdanalysis import streaming
+from wdanalysis import reader
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.tensors import open_tensor_file
 
@@ -73,7 +73,7 @@ def _read_extent(extent) -> torch.Tensor:
 
 def check_against_library(path: Path) -> str:
     """Assert our reading agrees with the library's; returns ``"accepted"``/``"refused"``."""
-    streaming._layouts.clear()  # the same path is rewritten within one timestamp tick
+    reader._layouts.clear()  # the same path is rewritten within one timestamp tick
     accepted, values = library_verdict(path)
     try:
         store = open_tensor_file(path)
@@ -97,7 +97,7 @@ def check_against_library(path: Path) -> str:
             assert same_tensor(got, values[key]), f"{key!r}: values differ from the library's"
             if isinstance(store.dtype(key), torch.dtype):  # else a name, e.g. F4 (packed x2)
                 assert store.dtype(key) == got.dtype
-            extent = streaming._extent(store, key)
+            extent = reader.extent_of(store, key)
             if extent is not None:  # the engine's pread path reads the same bytes
                 assert same_tensor(_read_extent(extent), values[key]), f"{key!r}: pread differs"
     finally:
