@@ -338,15 +338,7 @@ class Adapter:
                     self.path,
                     "this adapter was trained on a model of another size",
                 )
-        for key in (module.lora_a, module.lora_b, module.magnitude):
-            dtype = self.store.dtype(key) if key else torch.float32
-            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-                raise AdapterMismatchError(
-                    f"adapter tensor {key!r} has dtype {str(dtype).replace('torch.', '')}; "
-                    "quantized or integer adapter weights are not supported",
-                    self.path,
-                    "save the adapter in fp32/fp16/bf16",
-                )
+        refuse_non_float(self.store, (module.lora_a, module.lora_b, module.magnitude), self.path)
         if module.saved_base and self.store.shape(module.saved_base) != tuple(shape):
             raise AdapterMismatchError(
                 f"{module.name}: weight_v {list(self.store.shape(module.saved_base))} does not "
@@ -391,6 +383,19 @@ class Adapter:
             # vector by the analysis) instead of becoming 0/0 = NaN.
             v = m * (v / torch.where(norm > 0, norm, torch.ones_like(norm)))
         return (v.T if transposed else v).reshape(w0.shape)
+
+
+def refuse_non_float(store, names, path) -> None:
+    """Adapter factors and magnitudes must be floating point (not quantized or integer)."""
+    for name in names:
+        dtype = store.dtype(name) if name else torch.float32
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise AdapterMismatchError(
+                f"adapter tensor {name!r} has dtype {str(dtype).replace('torch.', '')}; "
+                "quantized or integer adapter weights are not supported",
+                path,
+                "save the adapter in fp32/fp16/bf16",
+            )
 
 
 def explain_unmatched(name: str, base_keys) -> tuple[str, str]:

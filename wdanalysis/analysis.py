@@ -276,10 +276,23 @@ def _compute(
 
 
 def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
+    return deltas_row(
+        item.method,
+        item.run.name,
+        item.checkpoint.step,
+        name,
+        axis,
+        change,
+        checkpoint=str(item.checkpoint.path),
+    )
+
+
+def deltas_row(method: str, run: str, step, name, axis: str, change, checkpoint: str = "") -> dict:
+    """One row of the deltas table (``COLUMNS``); shared by ``compare`` and live tracking."""
     return {
-        "method": item.method,
-        "run": item.run.name,
-        "step": item.checkpoint.step,
+        "method": method,
+        "run": run,
+        "step": step,
         "layer": name.layer,
         "module": name.module,
         "parameter": name.parameter,
@@ -289,7 +302,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
         "delta_d": change.delta_d,
         "n_vectors": change.n_vectors,
         "zero_norm_vectors": change.zero_norm_vectors,
-        "checkpoint": str(item.checkpoint.path),
+        "checkpoint": checkpoint,
     }
 
 

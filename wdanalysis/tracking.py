@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from wdanalysis.analysis import COLUMNS, _layout
+from wdanalysis.analysis import COLUMNS, _layout, deltas_row
 from wdanalysis.atomic import atomic_path
 from wdanalysis.checkpoints import Run, aligner_for, open_base, refuse_quantized
 from wdanalysis.decomposition import AXES
@@ -152,22 +152,8 @@ class Tracker:
 
 
 def _row(live: LiveModel, key: str, step: int, axis: str, change) -> dict:
-    name = describe_weight(key)
-    return {
-        "method": live.method,
-        "run": live.bound.run.name,
-        "step": step,
-        "layer": name.layer,
-        "module": name.module,
-        "parameter": name.parameter,
-        "stack": name.stack,
-        "axis": axis,
-        "delta_m": change.delta_m,
-        "delta_d": change.delta_d,
-        "n_vectors": change.n_vectors,
-        "zero_norm_vectors": change.zero_norm_vectors,
-        "checkpoint": "",  # live: no checkpoint
-    }
+    # live: no checkpoint file behind the row
+    return deltas_row(live.method, live.bound.run.name, step, describe_weight(key), axis, change)
 
 
 def read_steps(path: Path) -> set[int]:

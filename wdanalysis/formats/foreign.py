@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from wdanalysis.adapters import Adapter, AdapterConfig, AdapterModule, explain_unmatched
+from wdanalysis.adapters import (
+    Adapter,
+    AdapterConfig,
+    AdapterModule,
+    explain_unmatched,
+    refuse_non_float,
+)
 from wdanalysis.errors import AdapterMismatchError
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.tensors import TensorInfo, TensorStore
@@ -189,15 +195,7 @@ class ForeignAdapter(Adapter):
                     self.path,
                     "this adapter was trained on a model of another size",
                 )
-        for name in (module.lora_a, module.lora_b, module.magnitude):
-            dtype = self.store.dtype(name) if name else torch.float32
-            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-                raise AdapterMismatchError(
-                    f"adapter tensor {name!r} has dtype {str(dtype).replace('torch.', '')}; "
-                    "quantized or integer adapter weights are not supported",
-                    self.path,
-                    "save the adapter in fp32/fp16/bf16",
-                )
+        refuse_non_float(self.store, (module.lora_a, module.lora_b, module.magnitude), self.path)
 
     def effective_weight(self, module, w0: torch.Tensor, transposed: bool):
         """The merged weight in float64 and the base's shape: ``W0 + s·B@A`` (over the
