@@ -39,8 +39,8 @@ from safetensors_oracle import check_against_library
 
 from wdanalysis.adapters import group_adapter_keys, read_adapter_config
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.st_refusal import DTYPE_BITS
 from wdanalysis.tensors import (
-    DTYPE_BITS,
     load_torch_state_dict,
     open_sharded,
     read_safetensors_header,

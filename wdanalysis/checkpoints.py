@@ -23,6 +23,7 @@ from wdanalysis.adapters import (
 )
 from wdanalysis.checkpoint_types import AdapterCheckpoint, FullModel
 from wdanalysis.errors import CheckpointFormatError, NumericalError
+from wdanalysis.formats import pipeline
 from wdanalysis.hub import resolve_model_path
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.tensors import (
@@ -82,6 +83,8 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
         step = step_of(path)
     if path.is_file():
         return _open_file(path, step)
+    if pipeline.is_pipeline(path):  # a diffusers pipeline: its components as one model
+        return FullModel(path, pipeline.open_pipeline(path), None, step)
     found = formats.open_folder(path, step)
     if found is not None:
         return found
@@ -277,10 +280,17 @@ _QUANTIZATION_MARKERS = (  # (suffixes, scheme)
 
 def quantization_of(store: TensorStore) -> tuple[str, str] | None:
     """``(scheme, example key)`` when the store holds quantized weights, else ``None``."""
-    for key in store.keys():
+    keys = store.keys()
+    for key in keys:
         for suffixes, scheme in _QUANTIZATION_MARKERS:
             if key.endswith(suffixes):
                 return scheme, key
+        # mlx (mlx-lm's ``-q`` models, QLoRA bases): packed uint32 ``.weight`` beside
+        # ``.scales`` (and ``.biases`` for the affine mode).
+        if key.endswith(".scales"):
+            weight = key[: -len(".scales")] + ".weight"
+            if weight in store and not is_float(store.dtype(weight)):
+                return "mlx", weight
     return None
 
 
@@ -292,5 +302,11 @@ def refuse_quantized(store: TensorStore, role: str) -> None:
         raise NumericalError(
             f"the {role} is {scheme} quantized (e.g. {key!r}); quantized weights are not supported",
             store.infos[key].file,
-            "analyse the unquantized (fp32/fp16/bf16) model",
+            _MLX_FIX if scheme == "mlx" else "analyse the unquantized (fp32/fp16/bf16) model",
         )
+
+
+_MLX_FIX = (
+    "dequantize it first: mlx_lm.convert --hf-path QUANTIZED --mlx-path OUT --dequantize "
+    "(the weights a QLoRA adapter was trained against)"
+)

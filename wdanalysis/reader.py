@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.tensors import real_key
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _ST_DTYPES["F64"] = torch.float64
@@ -79,7 +80,7 @@ def extent_of(store, key: str) -> Extent | None:
     if info is None or info.file.suffix != ".safetensors":
         return None
     try:
-        return safetensors_layout(info.file).get(key)
+        return safetensors_layout(info.file).get(real_key(info, key))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -24,7 +24,7 @@ from wdanalysis.adapters import (
     refuse_non_float,
 )
 from wdanalysis.errors import AdapterMismatchError
-from wdanalysis.keymatch import KeyAligner
+from wdanalysis.keymatch import KeyAligner, strip_peft_prefix
 from wdanalysis.tensors import TensorInfo, TensorStore
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -114,7 +114,7 @@ class ForeignAdapter(Adapter):
             base_key = (
                 self.resolver(module, aligner)
                 if self.resolver
-                else aligner.find(module.name + ".weight")
+                else _component_key(module, aligner) or aligner.find(module.name + ".weight")
             )
             if base_key is None:
                 unmatched.append(module)
@@ -218,6 +218,14 @@ class ForeignAdapter(Adapter):
         return v.reshape(shape)
 
 
+def _component_key(module: ForeignModule, aligner: KeyAligner) -> str | None:
+    """A pipeline base (:mod:`wdanalysis.formats.pipeline`) names each component's keys
+    ``<component>.<key>``, as diffusers LoRA files do: SDXL's two text encoders share
+    module names, so the component decides."""
+    key = f"{module.component}.{strip_peft_prefix(module.name)}.weight"
+    return key if module.component and key in aligner.base_keys else None
+
+
 def _nonzero(norm: torch.Tensor) -> torch.Tensor:
     # A zero vector has no direction: it stays zero (counted as a zero-norm vector).
     return torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -250,8 +258,10 @@ def lora_view(
         b_shape, b_fn = (u_shape[-1], _prod(u_shape[:-1])), transposed
     else:
         b_shape, b_fn = (u_shape[0], _prod(u_shape[1:])), as_rows(u_shape[0])
-    module.lora_a = store.add(module.name + ".lora_A.weight", down, a_shape, a_fn)
-    module.lora_b = store.add(module.name + ".lora_B.weight", up, b_shape, b_fn)
+    # Components may share module names (SDXL's two text encoders): views are keyed by both.
+    label = f"{module.component}.{module.name}" if module.component else module.name
+    module.lora_a = store.add(label + ".lora_A.weight", down, a_shape, a_fn)
+    module.lora_b = store.add(label + ".lora_B.weight", up, b_shape, b_fn)
     module.rank = a_shape[0]
 
 

@@ -1,0 +1,155 @@
+"""A diffusers pipeline folder as the base: ``model_index.json`` and one sub-folder per
+component, as ``save_pretrained`` and hub snapshots lay it out.
+
+The pipeline is SDXL-shaped: a tiny UNet, two CLIP text encoders whose modules share names
+(``text_model.encoder.layers.0.self_attn.q_proj``) but not sizes (hidden 12 and 20; the
+second saved only as the ``fp16`` variant, sharded), and a VAE (left out). A LoRA over all
+three components is saved with diffusers' ``StableDiffusionXLPipeline.save_lora_weights``;
+the reference merges each component's PEFT adapter with PEFT's ``merge_and_unload`` in
+float64.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from builders import check_table, reference_delta
+
+import wdanalysis
+from wdanalysis.errors import CheckpointFormatError
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+peft = pytest.importorskip("peft", reason="peft is not installed")
+
+from diffusers import StableDiffusionXLPipeline  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+UNET_TARGETS, TE_TARGETS = ["to_k", "to_v"], ["q_proj", "v_proj"]
+
+
+def _unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ).eval()
+
+
+def _text_encoder(hidden: int, seed: int):
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 4,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=30,
+        max_position_embeddings=8,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def _components():
+    return {
+        "unet": _unet(),
+        "text_encoder": _text_encoder(12, 1),
+        "text_encoder_2": _text_encoder(20, 2),
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl")
+    models = _components()
+    models["unet"].save_pretrained(root / "unet")
+    models["text_encoder"].save_pretrained(root / "text_encoder")
+    models["text_encoder_2"].save_pretrained(
+        root / "text_encoder_2", variant="fp16", max_shard_size="8KB"
+    )
+    torch.manual_seed(3)
+    diffusers.AutoencoderKL(
+        block_out_channels=(8,), norm_num_groups=4, latent_channels=4
+    ).save_pretrained(root / "vae")
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    assert not (root / "text_encoder_2" / "model.safetensors").exists()
+    return root
+
+
+def _lora(folder, use_dora: bool) -> dict:
+    """Saves the LoRA as diffusers does; returns {pipeline key: (ΔM, ΔD)} from PEFT's merge."""
+    layers, expected = {}, {}
+    gen = torch.Generator().manual_seed(7)
+    for component, model in _components().items():
+        targets = UNET_TARGETS if component == "unet" else TE_TARGETS
+        config = LoraConfig(r=3, lora_alpha=5, target_modules=targets, use_dora=use_dora)
+        model = get_peft_model(model.double(), config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_((0.1 * torch.randn(p.shape, generator=gen)).float())
+                elif "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen)).copy_(p.float())
+        layers[f"{component}_lora_layers"] = {  # as add_adapter's models name them
+            k.removeprefix("base_model.model."): v.float()
+            for k, v in get_peft_model_state_dict(model).items()
+        }
+        layers[f"{component}_lora_adapter_metadata"] = config.to_dict()
+        w0 = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+        merged = model.merge_and_unload().state_dict()
+        for key, weight in merged.items():
+            base_key = key.replace(".base_layer.", ".")
+            if key.endswith(".weight") and any(f".{t}." in key for t in targets):
+                before = w0.get(base_key, w0.get(key.replace(".weight", ".base_layer.weight")))
+                expected[(None, None, f"{component}.{key}")] = reference_delta(
+                    before.flatten(1), weight.flatten(1)
+                )
+    StableDiffusionXLPipeline.save_lora_weights(folder, **layers)
+    return expected
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_sdxl_pipeline_base_binds_each_component(tmp_path, pipeline, use_dora):
+    expected = _lora(tmp_path / "lora", use_dora)
+    assert {k[2].split(".")[0] for k in expected} == {"unet", "text_encoder", "text_encoder_2"}
+    table = wdanalysis.compare(pipeline, tmp_path / "lora", modules=UNET_TARGETS + TE_TARGETS)
+    assert set(table["method"]) == {"DoRA" if use_dora else "LoRA"}
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == len(expected)
+    assert not table["parameter"].str.startswith("vae.").any()
+
+
+def test_pipeline_reads_components_where_they_lie(pipeline):
+    info = wdanalysis.inspect(pipeline)
+    assert "diffusers pipeline" in info["format"] and "text_encoder_2" in info["format"]
+    base = wdanalysis.checkpoints.open_base(pipeline)
+    keys = base.store.keys()
+    assert not any(k.startswith("vae.") for k in keys)
+    te2 = CLIPTextModel.from_pretrained(pipeline / "text_encoder_2", variant="fp16")
+    key = next(k for k in te2.state_dict() if k.endswith("layers.1.self_attn.q_proj.weight"))
+    assert torch.equal(base.store.get(f"text_encoder_2.{key}"), te2.state_dict()[key])
+
+
+def test_pipeline_without_weights_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "X"]}))
+    with pytest.raises(CheckpointFormatError, match="without weights for any component"):
+        wdanalysis.checkpoints.open_base(tmp_path)
