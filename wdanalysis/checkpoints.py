@@ -23,7 +23,7 @@ from wdanalysis.adapters import (
 )
 from wdanalysis.checkpoint_types import AdapterCheckpoint, FullModel
 from wdanalysis.errors import CheckpointFormatError, NumericalError
-from wdanalysis.formats import pipeline
+from wdanalysis.formats import mlxquant, pipeline
 from wdanalysis.hub import resolve_model_path
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.tensors import (
@@ -141,6 +141,7 @@ def _open_file(path: Path, step: int | None) -> Checkpoint:
 
 def _full(path: Path, store: TensorStore, step: int | None) -> FullModel:
     folder = path if path.is_dir() else path.parent
+    store = mlxquant.dequantized(store, folder)  # mlx -q models: exact float64 on read
     return FullModel(path, store, _model_type(folder), step)
 
 
