@@ -267,3 +267,4 @@ def test_inspect_moe_adapter(tmp_path):
     info = wdanalysis.inspect(tmp_path / "run" / "adapters.safetensors")
     assert info["format"].startswith("mlx-lm LoRA adapter")
     assert info["ranks"] == [2]
+    assert any("mixture-of-experts" in n and "3 experts" in n for n in info["notes"])

@@ -5,6 +5,14 @@ mlx-lm's ``LoRALinear`` computes ``y = x Wᵀ + scale·(x @ lora_a) @ lora_b`` w
 ``scale`` is used as written (no division by the rank). ``DoRALinear`` keeps ``m`` ``(out,)``
 and fuses ``W' = m · V/‖V‖`` with the norm per output row. Training leaves
 ``NNNNNNN_adapters.safetensors`` beside the final file: those are the run's steps.
+
+``LoRAEmbedding``/``DoRAEmbedding`` store ``lora_a`` ``(num_embeddings, r)`` and ``lora_b``
+``(r, dims)`` and fuse ``W + scale·lora_a @ lora_b`` onto the ``(num_embeddings, dims)``
+table, DoRA with ``m`` one per token (the table's rows); the base shape tells them from a
+Linear's factors (:func:`orient`). ``LoRASwitchLinear`` (mixture of experts; mlx-lm has no
+DoRA variant) stores ``lora_a`` ``(experts, r, in)`` and ``lora_b`` ``(experts, out, r)``
+and fuses ``W[e] + scale·lora_b[e] @ lora_a[e]``: one module per expert, each bound to its
+expert's ``(out, in)`` matrix, so the table has one row per expert (:mod:`.moe`).
 """
 
 from __future__ import annotations
@@ -143,6 +151,13 @@ def open_mlx(weights: Path, step: int | None):
         ecosystem="mlx-lm",
         scaling_note="lora_parameters.scale from adapter_config.json, used as written",
     )
+    stacks = {m.stacked: m.experts for m in modules.values() if m.experts}
+    if stacks:
+        adapter.notes.append(
+            f"{len(stacks)} mixture-of-experts (SwitchLinear) modules of "
+            f"{', '.join(str(n) for n in sorted(set(stacks.values())))} experts: "
+            "one row per expert (…experts.<e>.<leaf>.weight)"
+        )
     return AdapterCheckpoint(weights, adapter, step)
 
 
