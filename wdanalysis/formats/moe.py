@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
 from wdanalysis.keymatch import KeyAligner
-from wdanalysis.tensors import TensorInfo, TensorStore
+from wdanalysis.tensors import TensorInfo, TensorStore, real_key
 
 
 def expert_name(path: str, expert: int) -> str:
@@ -60,6 +60,7 @@ class ExpertStore(TensorStore):
                         f"cannot present {key!r} per expert: {virtual!r} already exists",
                         info.file,
                     )
+                # no ``name``: the virtual key has no extent of its own in the file
                 infos[virtual] = TensorInfo(tuple(info.shape[1:]), info.dtype, info.file)
                 experts[virtual] = (key, e)
         return cls(source.path, source.format, infos, source=source, experts=experts)
@@ -73,7 +74,7 @@ class ExpertStore(TensorStore):
             return self.source.get(real)[e]
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                return handle.get_slice(real)[e]
+                return handle.get_slice(real_key(self.source.infos[real], real))[e]
         except (SafetensorError, OSError, RuntimeError) as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise CheckpointFormatError(f"cannot read tensor {real!r}: {first}", file) from None
