@@ -166,22 +166,21 @@ def test_dora_embedding_matches_mlx_fuse(tmp_path, base, axis):
 
 def test_square_embedding_is_told_apart_by_its_name(tmp_path):
     """vocabulary = hidden: lora_a (24, r) and lora_b (r, 24) fit a Linear and a table;
-    the table named embed_tokens is fused as mlx-lm's LoRAEmbedding fuses it."""
+    the table named embed_tokens is fused as mlx-lm's LoRAEmbedding fuses it, the square
+    q_proj (24, 24) as LoRALinear fuses it."""
     base = _save_base(tmp_path / "base", vocab=24, hidden=24)
-    fused = _train(tmp_path / "run", "lora", [EMBED], steps=(5,), vocab=24, hidden=24)
-    table = wdanalysis.compare(base, tmp_path / "run", modules=["embed_tokens"], progress=False)
-    expected = _expected("run", fused, _w0(base))
-    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == 1
-    # the same factors read as a Linear's would give another (wrong) weight
-    w0, wt = _w0(base)[EMBED + ".weight"], fused[5][EMBED + ".weight"]
-    wrong = w0 + (wt - w0).T
-    assert (
-        abs(
-            reference_delta(w0, wrong, transposed=True)[1]
-            - expected[("run", 5, EMBED + ".weight")][1]
-        )
-        > 1e-6
+    keys = [EMBED, "self_attn.q_proj"]
+    fused = _train(tmp_path / "run", "lora", keys, steps=(5,), vocab=24, hidden=24)
+    table = wdanalysis.compare(
+        base, tmp_path / "run", modules=["embed_tokens", "q_proj"], progress=False
     )
+    expected = _expected("run", fused, _w0(base))
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 3
+    # the factors read the other way round would give another weight: the test can fail
+    for key in (EMBED + ".weight", "model.layers.1.self_attn.q_proj.weight"):
+        w0, wt = _w0(base)[key], fused[5][key]
+        swapped = reference_delta(w0, w0 + (wt - w0).T, transposed=key.startswith(EMBED))
+        assert abs(swapped[1] - expected[("run", 5, key)][1]) > 1e-6
 
 
 def test_full_checkpoint_beside_moe_adapter_is_split_per_expert(tmp_path, base):
