@@ -29,6 +29,7 @@ from wdanalysis.checkpoints import (
 )
 from wdanalysis.decomposition import AXES
 from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisError
+from wdanalysis.formats import prepare_base
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.layers import is_embedding_name
 from wdanalysis.modules import describe_weight, select_weights
@@ -113,6 +114,7 @@ def compare(
         base = base_named_by(run_list)
     base_model = open_base(base)
     refuse_quantized(base_model.store, "base model")
+    prepare_base(base_model, run_list)  # experts split, mlx-lm embeddings told apart
     shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
     selected = select_weights(shapes, modules, str(base))
     _check_base_dtypes(base_model, selected)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from wdanalysis.formats import diffusers, kohya, mlx, torchtune
+from wdanalysis.formats import diffusers, kohya, mlx, moe, torchtune
+from wdanalysis.keymatch import KeyAligner
 from wdanalysis.tensors import TensorStore, open_tensor_file
 
 # Full-weight file names of the diffusers layout (a UNet / transformer folder).
@@ -64,3 +65,21 @@ def step_files(folder: Path) -> list[tuple[int, Path]]:
     """Steps saved as files in one folder: mlx-lm ``NNNNNNN_adapters.safetensors``,
     torchtune ``adapter_N.pt``, kohya-ss ``name-000003.safetensors``."""
     return mlx.step_files(folder) or torchtune.step_files(folder) or kohya.step_files(folder)
+
+
+def prepare_base(base, runs: list) -> None:
+    """What the base must settle before selection and layout: stacked expert weights that
+    an adapter adapts are presented per expert (:mod:`.moe`), and mlx-lm factors are told
+    apart as Linear or Embedding ones by the base shapes (:func:`.mlx.orient`)."""
+    moe.split_experts(base, runs)
+    adapters = [
+        c.adapter
+        for run in runs
+        for c in run.checkpoints
+        if getattr(getattr(c, "adapter", None), "ecosystem", "") == "mlx-lm"
+    ]
+    if adapters:
+        aligner = KeyAligner(base.store.keys())
+        shapes = {k: base.store.shape(k) for k in base.store.keys()}
+        for adapter in adapters:
+            mlx.orient(adapter, aligner, shapes)

@@ -74,6 +74,10 @@ class ForeignModule(AdapterModule):
     magnitude_axis: str = "out"
     component: str = ""  # diffusion models: unet / text encoder / …; "" for one model
     resolved: str | None = None  # the base key, once bound
+    # One expert of a stacked (experts, out, in) weight (see formats/moe.py): the stacked
+    # module's name and the number of experts; 0 for an ordinary module.
+    stacked: str = ""
+    experts: int = 0
 
 
 @dataclass
@@ -119,7 +123,7 @@ class ForeignAdapter(Adapter):
             if base_key is None:
                 unmatched.append(module)
                 continue
-            if transposed(base_key):
+            if transposed(base_key) and not module.embedding:
                 raise AdapterMismatchError(
                     f"{module.name}: {self.ecosystem} adapters on (in, out) Conv1D weights "
                     "are not supported",
@@ -166,7 +170,18 @@ class ForeignAdapter(Adapter):
                 "a convolution kernel",
                 self.path,
             )
-        out_features, in_features = shape[0], _prod(shape[1:])
+        if module.embedding and len(shape) != 2:
+            raise AdapterMismatchError(
+                f"{module.name}: an embedding adapter on the base weight {key!r} "
+                f"{list(shape)}, which is not an embedding table",
+                self.path,
+                "pass the base model this adapter was trained on",
+            )
+        # An embedding (num_embeddings, dims) is an (in, out) weight (wdanalysis.layers).
+        out_features, in_features = (
+            (shape[1], shape[0]) if module.embedding else (shape[0], _prod(shape[1:]))
+        )
+        in_channels = shape[0] if module.embedding else shape[1]
         if module.lora_a or module.lora_b:
             if not (module.lora_a and module.lora_b):
                 raise AdapterMismatchError(
@@ -185,7 +200,7 @@ class ForeignAdapter(Adapter):
         if module.magnitude:
             if module.magnitude_axis == "auto":  # a one-element magnitude: out == 1 or in == 1
                 module.magnitude_axis = "out" if out_features == 1 else "in"
-            want = out_features if module.magnitude_axis == "out" else shape[1]
+            want = out_features if module.magnitude_axis == "out" else in_channels
             m_shape = self.store.shape(module.magnitude)
             if _prod(m_shape) != want:
                 raise AdapterMismatchError(
@@ -199,9 +214,12 @@ class ForeignAdapter(Adapter):
 
     def effective_weight(self, module, w0: torch.Tensor, transposed: bool):
         """The merged weight in float64 and the base's shape: ``W0 + s·B@A`` (over the
-        kernel flattened to ``(out, in·k…)``), then DoRA's ``m · V/‖V‖`` on its axis."""
+        kernel flattened to ``(out, in·k…)``, an embedding transposed to ``(dims,
+        num_embeddings)``), then DoRA's ``m · V/‖V‖`` on its axis."""
         shape = w0.shape
-        v = w0.to(torch.float64).reshape(shape[0], -1)
+        v = w0.to(torch.float64)
+        v = v.T if module.embedding else v.reshape(shape[0], -1)
+        in_channels = shape[0] if module.embedding else shape[1]
         if module.lora_b:
             a = self.store.get(module.lora_a).to(torch.float64)
             b = self.store.get(module.lora_b).to(torch.float64)
@@ -212,10 +230,10 @@ class ForeignAdapter(Adapter):
                 norm = torch.linalg.vector_norm(v, dim=1)
                 v = v * (m / _nonzero(norm))[:, None]
             else:  # per input channel: the norm over output and kernel positions
-                cube = v.reshape(shape[0], shape[1], -1)
+                cube = v.reshape(v.shape[0], in_channels, -1)
                 norm = torch.linalg.vector_norm(cube, dim=(0, 2))
-                v = (cube * (m / _nonzero(norm))[None, :, None]).reshape(shape[0], -1)
-        return v.reshape(shape)
+                v = (cube * (m / _nonzero(norm))[None, :, None]).reshape(v.shape[0], -1)
+        return (v.T if module.embedding else v).reshape(shape)
 
 
 def _component_key(module: ForeignModule, aligner: KeyAligner) -> str | None:

@@ -5,6 +5,14 @@ mlx-lm's ``LoRALinear`` computes ``y = x Wᵀ + scale·(x @ lora_a) @ lora_b`` w
 ``scale`` is used as written (no division by the rank). ``DoRALinear`` keeps ``m`` ``(out,)``
 and fuses ``W' = m · V/‖V‖`` with the norm per output row. Training leaves
 ``NNNNNNN_adapters.safetensors`` beside the final file: those are the run's steps.
+
+``LoRAEmbedding``/``DoRAEmbedding`` store ``lora_a`` ``(num_embeddings, r)`` and ``lora_b``
+``(r, dims)`` and fuse ``W + scale·lora_a @ lora_b`` onto the ``(num_embeddings, dims)``
+table, DoRA with ``m`` one per token (the table's rows); the base shape tells them from a
+Linear's factors (:func:`orient`). ``LoRASwitchLinear`` (mixture of experts; mlx-lm has no
+DoRA variant) stores ``lora_a`` ``(experts, r, in)`` and ``lora_b`` ``(experts, out, r)``
+and fuses ``W[e] + scale·lora_b[e] @ lora_a[e]``: one module per expert, each bound to its
+expert's ``(out, in)`` matrix, so the table has one row per expert (:mod:`.moe`).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from wdanalysis.formats.foreign import (
     lora_view,
     plain_config,
 )
+from wdanalysis.formats.moe import expert_name
+from wdanalysis.layers import is_embedding_name
 from wdanalysis.tensors import TensorStore, open_tensor_file
 
 FINAL_FILE = "adapters.safetensors"
@@ -141,6 +151,13 @@ def open_mlx(weights: Path, step: int | None):
         ecosystem="mlx-lm",
         scaling_note="lora_parameters.scale from adapter_config.json, used as written",
     )
+    stacks = {m.stacked: m.experts for m in modules.values() if m.experts}
+    if stacks:
+        adapter.notes.append(
+            f"{len(stacks)} mixture-of-experts (SwitchLinear) modules of "
+            f"{', '.join(str(n) for n in sorted(set(stacks.values())))} experts: "
+            "one row per expert (…experts.<e>.<leaf>.weight)"
+        )
     return AdapterCheckpoint(weights, adapter, step)
 
 
@@ -161,11 +178,15 @@ def _modules(source: TensorStore, store: ViewStore, scale: float, where: Path) -
             if not (".lora_a" in parts and ".lora_b" in parts):
                 raise AdapterMismatchError(f"{name} has only one of lora_a/lora_b", where)
             shapes = source.shape(parts[".lora_a"]), source.shape(parts[".lora_b"])
+            if [len(s) for s in shapes] == [3, 3] and ".m" not in parts:
+                modules.update(_experts(store, name, parts, scale, where))
+                continue
             if any(len(s) != 2 for s in shapes):
                 raise AdapterMismatchError(
-                    f"{name}: lora_a {list(shapes[0])} is not a matrix (mixture-of-experts "
-                    "SwitchLinear adapters are not supported)",
+                    f"{name}: lora_a {list(shapes[0])} and lora_b {list(shapes[1])} are neither "
+                    "matrices (Linear, Embedding) nor stacks of them (SwitchLinear, no DoRA)",
                     where,
+                    "the adapter file is damaged or not of this format",
                 )
             lora_view(store, module, parts[".lora_a"], parts[".lora_b"], True, True)
             check_rank(store, module, where)
@@ -177,3 +198,66 @@ def _modules(source: TensorStore, store: ViewStore, scale: float, where: Path) -
             )
         modules[name] = module
     return modules
+
+
+def _experts(store: ViewStore, name: str, parts: dict, scale: float, where: Path) -> dict:
+    """``LoRASwitchLinear``: ``lora_a`` ``(experts, r, in)`` and ``lora_b`` ``(experts, out,
+    r)``, fused as ``W[e] + scale·lora_b[e] @ lora_a[e]``: one module per expert, bound to
+    that expert's ``(out, in)`` matrix of the stacked base weight (:mod:`.moe`)."""
+    (n, r, n_in), (n_b, n_out, r_b) = (store.source.shape(parts[k]) for k in _ROLES[:2])
+    if n != n_b or r != r_b:
+        raise AdapterMismatchError(
+            f"{name}: mixture-of-experts factors lora_a {[n, r, n_in]} and lora_b "
+            f"{[n_b, n_out, r_b]} disagree on the number of experts or the rank",
+            where,
+            "the adapter file is damaged or not of this format",
+        )
+    modules = {}
+    for e in range(n):
+        module = ForeignModule(expert_name(name, e), stacked=name, experts=n)
+        pick = _expert(e)
+        module.lora_a = store.add(module.name + ".lora_A.weight", parts[".lora_a"], (r, n_in), pick)
+        module.lora_b = store.add(
+            module.name + ".lora_B.weight", parts[".lora_b"], (n_out, r), pick
+        )
+        module.rank, module.scaling = r, scale
+        modules[module.name] = module
+    return modules
+
+
+def _expert(e: int):
+    return lambda t: t[e]
+
+
+def orient(adapter, aligner, shapes: dict) -> None:
+    """Tell ``LoRAEmbedding``/``DoRAEmbedding`` factors from ``LoRALinear``/``DoRALinear``
+    ones by the base weight, before the layout is settled.
+
+    Both store ``lora_a`` ``(rows, r)`` and ``lora_b`` ``(r, cols)``; a Linear fuses
+    ``W + scale·(lora_a @ lora_b)ᵀ`` onto its ``(out, in)`` weight, an Embedding
+    ``W + scale·lora_a @ lora_b`` onto its ``(num_embeddings, dims)`` table, and
+    ``DoRAEmbedding`` keeps ``m = ‖W‖`` per token (row of the table). The base shape decides;
+    a square table, which fits both, counts as an embedding when it is named like one
+    (``embed_tokens``, ``wte``, … in :data:`wdanalysis.layers.EMBEDDING_LEAVES`).
+    As everywhere in wdanalysis (and in PEFT) an embedding is an ``(in, out)`` weight: its
+    output vectors are the table's columns, so mlx-lm's per-token magnitude lies on the
+    ``in`` axis.
+    """
+    for module in adapter.modules.values():
+        if not module.lora_b or module.experts:
+            continue
+        key = aligner.find(module.name + ".weight")
+        if key is None or len(shapes[key]) != 2:
+            continue  # binding explains it
+        rows, cols = adapter.store.shape(module.lora_a)[1], adapter.store.shape(module.lora_b)[0]
+        linear, table = tuple(shapes[key]) == (cols, rows), tuple(shapes[key]) == (rows, cols)
+        if not (linear or table):
+            raise AdapterMismatchError(
+                f"{module.name}: lora_a [{rows}, r] and lora_b [r, {cols}] fit neither a Linear "
+                f"weight [{cols}, {rows}] nor an Embedding table [{rows}, {cols}]; the base "
+                f"weight {key!r} is {list(shapes[key])}",
+                adapter.path,
+                "this adapter was trained on a model of another size",
+            )
+        module.embedding = table and (not linear or is_embedding_name(key, shapes[key]))
+        module.magnitude_axis = "in" if module.embedding else "out"
