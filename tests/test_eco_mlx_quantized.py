@@ -150,3 +150,60 @@ def test_quantized_base_without_its_config_is_refused(tmp_path, capsys):
 def test_non_affine_mlx_quantization_is_refused(tmp_path, capsys):
     _quantized_base(tmp_path / "base", mode="mxfp4")
     _one_line_error(capsys, tmp_path, tmp_path / "base", "mxfp4", "--dequantize")
+
+
+def test_qlora_on_quantized_mixture_of_experts(tmp_path):
+    """LoRASwitchLinear on a quantized SwitchLinear stack: each expert dequantized, one row
+    per expert, equal to mlx-lm's ``fuse(dequantize=True)`` in float64."""
+    from mlx_lm.models import mixtral
+
+    mx.random.seed(1)
+    args = {**ARGS, "model_type": "mixtral", "num_local_experts": 3, "num_experts_per_tok": 2}
+    model = mixtral.Model(mixtral.ModelArgs(**args))
+    model, config = quantize_model(model, dict(args), group_size=32, bits=4)
+    (tmp_path / "base").mkdir()
+    mx.save_safetensors(
+        str(tmp_path / "base" / "model.safetensors"), dict(tree_flatten(model.parameters()))
+    )
+    save_config(config, tmp_path / "base" / "config.json")
+    model.freeze()
+    params = {**PARAMS, "keys": ["block_sparse_moe.switch_mlp.up_proj"]}
+    linear_to_lora_layers(model, 1, params)
+    expected = {}
+    for name, layer in model.named_modules():
+        if hasattr(layer, "lora_b"):
+            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
+            linear = layer.linear
+            with mx.stream(mx.cpu):
+                w0 = mx.dequantize(
+                    linear.weight,
+                    linear.scales.astype(mx.float64),
+                    linear.biases.astype(mx.float64),
+                    group_size=linear.group_size,
+                    bits=linear.bits,
+                )
+                linear.scales = linear.scales.astype(mx.float64)
+                linear.biases = linear.biases.astype(mx.float64)
+                layer.lora_a = layer.lora_a.astype(mx.float64)
+                layer.lora_b = layer.lora_b.astype(mx.float64)
+                fused = layer.fuse(dequantize=True).weight
+            head, _, leaf = name.rpartition(".")
+            for e in range(3):
+                key = f"{head}.experts.{e}.{leaf}.weight"
+                expected[(None, None, key)] = reference_delta(_f64(w0[e]), _f64(fused[e]))
+            layer.lora_a = layer.lora_a.astype(mx.float32)
+            layer.lora_b = layer.lora_b.astype(mx.float32)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    mx.save_safetensors(
+        str(adapter / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
+    )
+    save_config(
+        {"fine_tune_type": "lora", "lora_parameters": params, "num_layers": 1},
+        adapter / "adapter_config.json",
+    )
+    assert len(expected) == 3
+    table = wdanalysis.compare(tmp_path / "base", adapter, modules=["up_proj"])
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == 3
+    others = table[~table["parameter"].isin([k[2] for k in expected])]  # layer 0: not adapted
+    assert (others["delta_m"] == 0).all() and (others["delta_d"] == 0).all()

@@ -70,7 +70,8 @@ class ExpertStore(TensorStore):
             return self.source.get(key)
         real, e = self.experts[key]
         file = self.infos[key].file
-        if file.suffix != ".safetensors":
+        if file.suffix != ".safetensors" or type(self.source) is not TensorStore:
+            # .bin files, and stores that transform on read (dequantized mlx weights)
             return self.source.get(real)[e]
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
