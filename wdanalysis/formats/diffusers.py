@@ -5,7 +5,8 @@ Keys are PEFT's, under the pipeline component they adapt: ``unet.<module>.lora_A
 ``….lora_magnitude_vector``). The scaling is found as diffusers finds it: the LoraConfig
 per component in the file's ``lora_adapter_metadata`` (``r``, ``lora_alpha``,
 ``use_rslora``, ``rank_pattern``, ``alpha_pattern``), else a module's ``.alpha`` tensor
-(network alphas), else alpha = r (scale 1), as diffusers assumes.
+(network alphas), else alpha = r (scale 1), as diffusers assumes. UNet modules are
+matched in the base's own layout, diffusers or original (single-file ``model.diffusion_model.``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import safe_open
 
 from wdanalysis.adapters import AdapterConfig
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.formats import sdlayout
 from wdanalysis.formats.foreign import (
     ForeignAdapter,
     ForeignModule,
@@ -27,6 +30,7 @@ from wdanalysis.formats.foreign import (
     lora_view,
     plain_config,
 )
+from wdanalysis.keymatch import KeyAligner
 from wdanalysis.tensors import TensorStore
 
 WEIGHT_FILE = "pytorch_lora_weights.safetensors"
@@ -164,4 +168,34 @@ def open_diffusers(path: Path, source: TensorStore, step: int | None):
         ecosystem="diffusers",
         scaling_note="; ".join(sorted(how)),
     )
+    adapter.resolver = _resolver(adapter.add_note)
+    layout = sdlayout.names_layout(n for c, n in parts if c == "unet")
+    if layout:
+        adapter.add_note(f"UNet names in the {layout} layout", warn=False)
     return AdapterCheckpoint(path, adapter, step)
+
+
+def _resolver(note: Callable[[str], None]):
+    """Names by unique dotted suffix; a UNet module the base does not name is looked up
+    again under its name in the other layout (diffusers ↔ original, as in a single-file
+    checkpoint's ``model.diffusion_model.``), :mod:`wdanalysis.formats.sdlayout`."""
+
+    def find(module: ForeignModule, aligner: KeyAligner) -> str | None:
+        found = aligner.find(module.name + ".weight")
+        if module.component != "unet" or _whole(found, module.name):
+            return found
+
+        def whole_name(converted: str) -> str | None:  # never a shorter tail of it
+            key = aligner.find(f"diffusion_model.{converted}.weight")
+            key = key or aligner.find(converted + ".weight")
+            return key if _whole(key, converted) else None
+
+        # a UNet name of the other layout, before any shorter tail of this one
+        return sdlayout.find_converted(module.name, ".", whole_name, note) or found
+
+    return find
+
+
+def _whole(key: str | None, name: str) -> bool:
+    """``key`` is module ``name``'s weight under some prefix, not one of a shorter tail."""
+    return key is not None and (key == name + ".weight" or key.endswith(f".{name}.weight"))

@@ -11,16 +11,20 @@ the output and kernel dims). Both are merged exactly on their own axis.
 
 Flattened names are ambiguous (``down_blocks_0`` could be ``down.blocks.0`` or
 ``down_blocks.0``), so they are never un-flattened: every base key is flattened the same
-way and looked up.
+way and looked up. sd-scripts names SD1.x/2.x UNets in the diffusers layout and SDXL UNets
+in the original (LDM) one; a UNet module the base does not name is looked up under its
+name in the other layout (:mod:`wdanalysis.formats.sdlayout`).
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.formats import sdlayout
 from wdanalysis.formats.foreign import (
     ForeignAdapter,
     ForeignModule,
@@ -113,8 +117,12 @@ def open_kohya(path: Path, source: TensorStore, step: int | None):
         modules,
         ecosystem="kohya-ss/LyCORIS",
         scaling_note=note,
-        resolver=_Resolver().find,
     )
+    adapter.resolver = _Resolver(adapter.add_note).find
+    unet = [n[len("lora_unet_") :] for n in parts if n.startswith("lora_unet_")]
+    layout = sdlayout.names_layout(unet)
+    if layout:
+        adapter.add_note(f"UNet names in the {layout} layout", warn=False)
     return AdapterCheckpoint(path, adapter, step)
 
 
@@ -159,28 +167,46 @@ def _module(name: str, found: dict, source: TensorStore, store: ViewStore, path:
 
 
 class _Resolver:
-    """Flattened base names (``.`` → ``_``) → base keys, built once per base."""
+    """Flattened base names (``.`` → ``_``) → base keys, built once per base. A UNet
+    module that the base does not name is looked up again under its name in the other
+    layout (diffusers ↔ original, :mod:`wdanalysis.formats.sdlayout`)."""
 
-    def __init__(self):
+    def __init__(self, note: Callable[[str], None]):
         self._aligner: KeyAligner | None = None
         self._flat: dict[str, list[str]] = {}
+        self._note = note
 
     def find(self, module: ForeignModule, aligner: KeyAligner) -> str | None:
         if aligner is not self._aligner:
             self._aligner, self._flat = aligner, _flattened(aligner.base_keys)
         prefix = next(p for p in PREFIXES if module.name.startswith(p))
         name = module.name[len(prefix) :]
+        candidates = self._candidates(name, module.component)
+        if not candidates and module.component == "UNet":  # the other layout's whole name
+            found = sdlayout.find_converted(name, "_", self._whole_name, self._note)
+            if found is not None:
+                return found
         # The base may also name fewer wrappers than the trainer did (transformers 5 saves
         # CLIPTextModel without ``text_model.``): then the longest tail that fits decides.
-        tails = [name] + [name[i + 1 :] for i, ch in enumerate(name) if ch == "_"]
-        for tail in tails:
-            candidates = self._flat.get(tail, [])
-            if len(candidates) > 1:  # e.g. a single-file checkpoint: prefer the component's
-                hints = _COMPONENT_HINTS.get(module.component, ())
-                candidates = [c for c in candidates if any(h in c.replace(".", "_") for h in hints)]
-            if candidates:
-                return candidates[0] if len(candidates) == 1 else None
-        return None
+        tails = (name[i + 1 :] for i, ch in enumerate(name) if ch == "_")
+        while not candidates:
+            tail = next(tails, None)
+            if tail is None:
+                return None
+            candidates = self._candidates(tail, module.component)
+        return candidates[0] if len(candidates) == 1 else None
+
+    def _candidates(self, flat: str, component: str) -> list[str]:
+        candidates = self._flat.get(flat, [])
+        if len(candidates) > 1:  # e.g. a single-file checkpoint: prefer the component's
+            hints = _COMPONENT_HINTS.get(component, ())
+            candidates = [c for c in candidates if any(h in c.replace(".", "_") for h in hints)]
+        return candidates
+
+    def _whole_name(self, flat: str) -> str | None:
+        """A converted UNet name: only the whole name counts, never a shorter tail."""
+        candidates = self._candidates(flat, "UNet")
+        return candidates[0] if len(candidates) == 1 else None
 
 
 def _flattened(base_keys) -> dict[str, list[str]]:
