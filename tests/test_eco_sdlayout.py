@@ -489,3 +489,20 @@ def test_sdxl_single_file_text_encoders_stay_in_their_trees(tmp_path, layouts):
     with pytest.warns(UserWarning, match="6 text encoder 2 modules left out: the base's OpenCLIP"):
         table = wdanalysis.compare(tmp_path / "sdxl", lora, modules=[".*"])
     _check(table, expected)
+
+
+def test_kohya_sdxl_text_encoders_in_a_pipeline_base():
+    """A pipeline base names SDXL's encoders ``text_encoder.`` and ``text_encoder_2.``:
+    ``lora_te1_…`` belongs to the first alone (``text_encoder`` is not ``text_encoder_2``)."""
+    from wdanalysis.formats import kohya
+    from wdanalysis.formats.foreign import ForeignModule
+    from wdanalysis.keymatch import KeyAligner
+
+    leaf = "text_model.encoder.layers.0.mlp.fc1.weight"
+    aligner = KeyAligner([f"text_encoder.{leaf}", f"text_encoder_2.{leaf}"])
+    find = kohya._Resolver(lambda note: None).find
+    flat = "text_model_encoder_layers_0_mlp_fc1"
+    te1 = ForeignModule("lora_te1_" + flat, component="text encoder 1")
+    te2 = ForeignModule("lora_te2_" + flat, component="text encoder 2")
+    assert find(te1, aligner) == f"text_encoder.{leaf}"
+    assert find(te2, aligner) == f"text_encoder_2.{leaf}"

@@ -62,11 +62,12 @@ _UNSUPPORTED = {
     "w_norm": "trained norm layers",
 }
 # Where each component lives in single-file checkpoints, to break ties.
+# (Dotted components, matched whole: ``text_encoder`` is not ``text_encoder_2``.)
 _COMPONENT_HINTS = {
     "UNet": ("diffusion_model", "unet"),
     "text encoder": ("text_model", "cond_stage_model", "text_encoder"),
-    "text encoder 1": ("embedders_0", "text_encoder"),
-    "text encoder 2": ("embedders_1", "text_encoder_2"),
+    "text encoder 1": ("embedders.0", "text_encoder"),
+    "text encoder 2": ("embedders.1", "text_encoder_2"),
 }
 
 
@@ -200,7 +201,7 @@ class _Resolver:
         candidates = self._flat.get(flat, [])
         if len(candidates) > 1:  # e.g. a single-file checkpoint: prefer the component's
             hints = _COMPONENT_HINTS.get(component, ())
-            candidates = [c for c in candidates if any(h in c.replace(".", "_") for h in hints)]
+            candidates = [c for c in candidates if any(f".{h}." in f".{c}" for h in hints)]
         return candidates
 
     def _whole_name(self, flat: str) -> str | None:
