@@ -153,3 +153,54 @@ def test_pipeline_without_weights_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "X"]}))
     with pytest.raises(CheckpointFormatError, match="without weights for any component"):
         wdanalysis.checkpoints.open_base(tmp_path)
+
+
+def test_sdxl_kohya_network_binds_each_text_encoder(tmp_path, pipeline):
+    """LyCORIS' kohya network over SDXL's two text encoders (``lora_te1_``/``lora_te2_``,
+    same module names) and the UNet, against the pipeline folder; LyCORIS' merge is the
+    reference."""
+    pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
+    import warnings
+
+    from lycoris.kohya import create_network
+    from safetensors.torch import load_file
+
+    models = {k: m.double() for k, m in _components().items()}
+    before = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in models.items()}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(
+        'unet_target_module = ["Transformer2DModel"]\nunet_target_name = []\n'
+        'text_encoder_target_module = ["CLIPAttention"]\n'
+    )
+    tes = [models["text_encoder"], models["text_encoder_2"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        network = create_network(
+            1.0, 3, 2.0, None, tes, models["unet"], algo="lora", preset=str(preset)
+        )
+    network.apply_to(tes, models["unet"], apply_text_encoder=True, apply_unet=True)
+    network.double()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if name.endswith("lora_up.weight"):
+                p.copy_((0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)).float())
+    lora = tmp_path / "sdxl_lora.safetensors"
+    network.save_weights(str(lora), torch.float32, None)
+    keys = load_file(str(lora))
+    assert any(k.startswith("lora_te2_") for k in keys) and any(
+        k.startswith("lora_te1_") for k in keys
+    )
+    network.merge_to(None, None, keys, None, None)
+    expected = {}
+    for component, model in models.items():
+        for key, weight in model.state_dict().items():
+            if key.endswith(("q_proj.weight", "v_proj.weight", "to_q.weight", "to_v.weight")):
+                w0 = before[component][key]
+                if not torch.equal(w0, weight):
+                    expected[(None, None, f"{component}.{key}")] = reference_delta(
+                        w0.flatten(1), weight.flatten(1)
+                    )
+    assert {k[2].split(".")[0] for k in expected} == {"unet", "text_encoder", "text_encoder_2"}
+    table = wdanalysis.compare(pipeline, lora)
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == len(expected)
