@@ -12,6 +12,10 @@ weights ``model-00001-of-00001.safetensors``, ``adapter_model.pt`` (torchtune na
 row order), the PEFT-format ``adapter_model.safetensors`` and ``adapter_config.json``, and
 the copied ``config.json``.
 
+``test_torchtune_own_checkpointer_output_matches_torchtune_merge`` goes further: a run
+written by torchtune itself (``lora_llama2``, ``DoRALinear``, ``FullModelHFCheckpointer``)
+in a separate process that stands in an empty ``torchao`` (``tests/torchtune_writer.py``).
+
 The model: a LLaMA-2 shape with 4 query heads and 2 key/value heads (q_proj (16, 16),
 k/v_proj (8, 16), w1 (24, 16)), LoRA or DoRA on q/k/v and the MLP.
 """
@@ -205,3 +209,35 @@ def test_torchtune_peft_copy_keeps_q_magnitudes_in_meta_order(tmp_path):
         got = table[table["parameter"] == hf].iloc[0]["delta_m"]
         expected = reference_delta(w0[hf], merged[0][hf])[0]
         assert (abs(got - expected) > 1e-6 * expected) == wrong, key
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_torchtune_own_checkpointer_output_matches_torchtune_merge(tmp_path, kind):
+    """A run written by torchtune itself: its ``lora_llama2`` (``DoRALinear`` with its own
+    magnitude initialisation) saved by ``FullModelHFCheckpointer.save_checkpoint``, in a
+    separate process (``tests/torchtune_writer.py`` says why)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    writer = Path(__file__).with_name("torchtune_writer.py")
+    done = subprocess.run(
+        [sys.executable, str(writer), str(tmp_path), kind], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = {p.name for p in (tmp_path / "out" / "epoch_0").iterdir()}
+    assert {"adapter_model.pt", "adapter_model.safetensors", "config.json"} <= names
+    w0 = load_file(str(tmp_path / "base" / "model.safetensors"))
+    modules = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    expected = {}
+    for epoch in (0, 1):
+        merged = load_file(str(tmp_path / f"reference_{epoch}.safetensors"))
+        for key, weight in merged.items():
+            if key.endswith(tuple(f"{m}.weight" for m in modules)):
+                expected[("out", epoch, key)] = reference_delta(w0[key].double(), weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "holds merged full weights … analysing the adapter"
+        table = wdanalysis.compare(tmp_path / "base", tmp_path / "out", modules=modules)
+    assert set(table["method"]) == {"DoRA" if kind == "dora" else "LoRA"}
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 24
