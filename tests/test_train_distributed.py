@@ -8,6 +8,7 @@ dropout: with dropout every rank draws its own masks, so results can only agree 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -275,6 +276,24 @@ def _check_dora_checkpoint(model_dir: Path, run: Path, kind: str) -> None:
         assert {int(row["step"]) for row in rows} >= {2, 4}
 
 
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (from /proc), so that none outlives the test."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def test_killed_job_resumes_in_one_process(bert_dir, data, one_process, tmp_path):
     """SIGKILL of the whole torchrun job after checkpoint-2, resumed by one process."""
     args = _args("dora", bert_dir, tmp_path / "killed", data / "cls.jsonl")
@@ -291,7 +310,11 @@ def test_killed_job_resumes_in_one_process(bert_dir, data, one_process, tmp_path
             time.sleep(0.2)
         time.sleep(1.0)  # the ranks are now stuck in step 3
     finally:
+        workers = _descendants(job.pid)  # torchrun starts each rank in a session of its own
         os.killpg(job.pid, signal.SIGKILL)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         job.wait(timeout=60)
         job.stderr.close()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "killed")] == [0, 2]
