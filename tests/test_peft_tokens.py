@@ -86,3 +86,26 @@ def test_trainable_tokens_bad_input(tmp_path, base):
     config_file.write_text(json.dumps(raw))
     with pytest.raises(CheckpointFormatError, match="no trainable_token_indices"):
         wdanalysis.compare(base, tmp_path / "tokens", modules=["embed_tokens"])
+
+
+def test_target_parameters_equal_peft_merge(tmp_path, base):
+    """``LoraConfig(target_parameters=…)`` (PEFT ≥ 0.17) wraps a parameter, not a module;
+    its saved factors must merge as PEFT merges them."""
+    model = LlamaForCausalLM.from_pretrained(base).double()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    config = LoraConfig(
+        r=3, lora_alpha=5, target_modules=[], target_parameters=["down_proj.weight"]
+    )
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+                p.copy_(p.float().double())
+    peft_model.save_pretrained(tmp_path / "params")
+    merged = peft_model.merge_and_unload().state_dict()
+    keys = [k for k in w0 if k.endswith("down_proj.weight")]
+    expected = {(None, None, k): reference_delta(w0[k], merged[k]) for k in keys}
+    table = wdanalysis.compare(base, tmp_path / "params", modules=["down_proj"])
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 2
