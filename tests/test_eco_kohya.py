@@ -279,3 +279,33 @@ def test_kohya_numbered_saves_are_steps_and_names_may_carry_more_wrappers(tmp_pa
     table = wdanalysis.compare(tmp_path / "te", run, modules=[".*"])
     assert sorted(set(table["step"])) == [1, 2]
     assert _check(table, expected) == len(expected) == 12
+
+
+@pytest.mark.parametrize(
+    "algo, options, what",
+    [
+        ("loha", {}, "LoHa"),
+        ("lokr", {}, "LoKr"),
+        ("full", {}, "full-weight difference"),
+        ("glora", {}, "GLoRA"),
+        ("lora", {"use_tucker": True}, "Tucker"),
+    ],
+)
+def test_other_lycoris_networks_are_refused_by_name(capsys, tmp_path, algo, options, what):
+    """LyCORIS files of networks that are not LoRA/DoRA are named, in one line, whether or
+    not they also hold lora_down/lora_up tensors."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Conv2d(3, 5, 3))
+    _save_base(model, tmp_path / "base" / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        network = create_lycoris(
+            model, 1.0, linear_dim=2, linear_alpha=3.0, conv_dim=2, algo=algo, **options
+        )
+    network.apply_to()
+    network.save_weights(str(tmp_path / "net.safetensors"), torch.float32, None)
+    out = ["--out", str(tmp_path / "out")]
+    code = _main(["compare", str(tmp_path / "base"), str(tmp_path / "net.safetensors"), *out])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert what in err and "net.safetensors" in err, err

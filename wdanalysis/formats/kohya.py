@@ -51,16 +51,26 @@ _ROLES = {
     "alpha": "alpha",
     "dora_scale": "dora",
 }
-_UNSUPPORTED = {
-    "lora_mid.weight": "LoCon with Tucker decomposition (lora_mid)",
-    "hada_w1_a": "LoHa",
-    "lokr_w1": "LoKr",
-    "lokr_w1_a": "LoKr",
-    "oft_blocks": "OFT",
-    "oft_diag": "OFT",
+_UNSUPPORTED = {  # LyCORIS' other networks, by the prefix of their tensors' roles
+    "lora_mid": "LoCon with Tucker decomposition (lora_mid)",
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    "oft_": "OFT",
+    "rescale": "OFT",
     "diff": "full-weight difference",
     "w_norm": "trained norm layers",
+    "b_norm": "trained norm layers",
+    "a1.weight": "GLoRA",
+    "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA",
+    "b2.weight": "GLoRA",
 }
+
+
+def _unsupported(role: str) -> str | None:
+    return next((what for start, what in _UNSUPPORTED.items() if role.startswith(start)), None)
+
+
 # Where each component lives in single-file checkpoints, to break ties.
 # (Dotted components, matched whole: ``text_encoder`` is not ``text_encoder_2``.)
 _COMPONENT_HINTS = {
@@ -75,7 +85,12 @@ def is_kohya_keys(keys: list[str]) -> bool:
     return any(
         k.startswith(tuple(PREFIXES)) and k.endswith((".lora_down.weight", ".lora_up.weight"))
         for k in keys
-    ) or any(k.startswith(tuple(PREFIXES)) and "." in k and _role(k)[1] == "dora" for k in keys)
+    ) or any(
+        k.startswith(tuple(PREFIXES))
+        and "." in k
+        and (_role(k)[1] == "dora" or _unsupported(k.partition(".")[2]))
+        for k in keys
+    )
 
 
 def _role(key: str) -> tuple[str, str | None]:
@@ -90,10 +105,7 @@ def open_kohya(path: Path, source: TensorStore, step: int | None):
     for key in source.keys():
         name, role = _role(key)
         if role is None:
-            rest = key.partition(".")[2]
-            what = _UNSUPPORTED.get(rest) or next(
-                (v for k, v in _UNSUPPORTED.items() if rest.startswith(k)), None
-            )
+            what = _unsupported(key.partition(".")[2])
             raise CheckpointFormatError(
                 f"unsupported tensor {key!r} in a kohya/LyCORIS file"
                 + (f": {what} is not a LoRA/DoRA update" if what else ""),
