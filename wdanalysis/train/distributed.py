@@ -91,9 +91,16 @@ def session() -> Iterator[None]:
     """Tear the process group down when the command ends, also after an error."""
     try:
         yield
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        # Every rank reaches teardown before any leaves: a rank destroying gloo while its
+        # peer still finishes has been seen to abort ("terminate called without an active
+        # exception") on a loaded 2-core machine.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard(indices: list[int], world: World) -> list[int]:
