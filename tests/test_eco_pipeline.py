@@ -204,3 +204,46 @@ def test_sdxl_kohya_network_binds_each_text_encoder(tmp_path, pipeline):
     assert {k[2].split(".")[0] for k in expected} == {"unet", "text_encoder", "text_encoder_2"}
     table = wdanalysis.compare(pipeline, lora)
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == len(expected)
+
+
+def test_sdxl_diffusers_lora_against_a_single_file_with_openclip(tmp_path):
+    """The same diffusers LoRA against SDXL's single-file layout: the first encoder as HF
+    CLIP under ``conditioner.embedders.0.transformer.``, the second in OpenCLIP's fused
+    layout under ``conditioner.embedders.1.model.`` (its q/k/v rows of ``in_proj_weight``
+    read as q_proj/k_proj/v_proj); each encoder's modules stay in their own tree."""
+    from safetensors.torch import save_file
+
+    expected = _lora(tmp_path / "lora", use_dora=True)
+    models = _components()
+    tensors = {"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}  # no UNet here
+    for key, value in models["text_encoder"].state_dict().items():
+        tensors["conditioner.embedders.0.transformer." + key] = value.float().contiguous()
+    te2 = {k: v.float() for k, v in models["text_encoder_2"].state_dict().items()}
+    for n in range(2):  # OpenCLIP's names, written out here
+        pre = next(k for k in te2 if k.endswith(f"layers.{n}.self_attn.q_proj.weight"))
+        pre = pre[: -len("self_attn.q_proj.weight")]
+        block = f"conditioner.embedders.1.model.transformer.resblocks.{n}."
+        tensors[block + "attn.in_proj_weight"] = torch.cat(
+            [te2[pre + f"self_attn.{p}_proj.weight"] for p in "qkv"]
+        )
+        for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc")):
+            tensors[block + theirs + ".weight"] = te2[pre + ours + ".weight"]
+    (tmp_path / "sdxl").mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "sdxl" / "x.safetensors")
+    )
+
+    def single_file_name(key: str) -> str:
+        component, _, rest = key.partition(".")
+        if component == "text_encoder":
+            return "conditioner.embedders.0.transformer." + rest
+        return "conditioner.embedders.1.model.text_model." + rest[rest.index("encoder.") :]
+
+    expected = {
+        (None, None, single_file_name(k[2])): v
+        for k, v in expected.items()
+        if not k[2].startswith("unet.")
+    }
+    with pytest.warns(UserWarning, match="unet modules left out"):
+        table = wdanalysis.compare(tmp_path / "sdxl", tmp_path / "lora", modules=TE_TARGETS)
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 8

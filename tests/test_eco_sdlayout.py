@@ -404,29 +404,55 @@ def _openclip(te_state: dict) -> dict:
     return out
 
 
-def test_openclip_fused_text_encoder_is_left_out_or_refused(capsys, tmp_path, layouts):
+def _clip_names(te_state: dict, tree: str) -> dict:
+    """HF CLIP key → the CLIP-named view of the fused OpenCLIP encoder saved under ``tree``."""
+    names = {}
+    for key in te_state:
+        at = key.find("encoder.layers.")
+        if at >= 0 and key.endswith(("_proj.weight", "fc1.weight", "fc2.weight")):
+            names[key] = f"{tree}text_model.{key[at:]}"
+    return names
+
+
+def test_openclip_fused_text_encoder_is_read_per_projection(tmp_path, layouts):
+    """SD2.x's file: its OpenCLIP encoder fuses q/k/v into ``in_proj_weight``; a LoRA's
+    q_proj/k_proj/v_proj/out_proj/fc1/fc2 modules are analysed on their rows of it, equal to
+    LyCORIS' merge of the same encoder in CLIP layout, and a full checkpoint holding the
+    merged weights in OpenCLIP layout gives the same rows."""
     state, original, rename = layouts
     unet, te = _unet(), _te()
-    folder = tmp_path / "sd2"
-    folder.mkdir()
+    tree = "cond_stage_model.model."
+    te_w0 = {k: v.float().double() for k, v in te.state_dict().items()}
     tensors = {UNET_PREFIX + k: v for k, v in original.items()}
     for k, v in _openclip({k: v.float() for k, v in te.state_dict().items()}).items():
-        tensors["cond_stage_model.model." + k] = v.contiguous()
-    save_file(tensors, str(folder / "model.safetensors"))
+        tensors[tree + k] = v.contiguous()
+    (tmp_path / "sd2").mkdir()
+    save_file(tensors, str(tmp_path / "sd2" / "model.safetensors"))
     network = _kohya_network(tmp_path, unet, te, seed=5)
     lora = tmp_path / "lora.safetensors"
     network.save_weights(str(lora), torch.float32, None)
     w0 = {k: v.double() for k, v in state.items()}
     network.merge_to(None, None, load_file(str(lora)), None, None)
-    expected = _expected(w0, unet.state_dict(), rename, UNET_PREFIX)
-    with pytest.warns(UserWarning, match="text encoder modules left out: the base's OpenCLIP"):
-        table = wdanalysis.compare(folder, lora, modules=[".*"])
+    names = _clip_names(te_w0, tree)
+    te_expected = _expected(te_w0, te.state_dict(), names)
+    assert len(te_expected) == 6 and all(
+        "text_model.encoder.layers.0." in k[2] for k in te_expected
+    )
+    expected = {**_expected(w0, unet.state_dict(), rename, UNET_PREFIX), **te_expected}
+    table = wdanalysis.compare(tmp_path / "sd2", lora, modules=[".*"])
     _check(table, expected)
 
-    te_only = {k: v for k, v in load_file(str(lora)).items() if k.startswith("lora_te_")}
-    save_file(te_only, str(tmp_path / "te_only.safetensors"))
-    line = _cli_error(capsys, folder, tmp_path / "te_only.safetensors", tmp_path)
-    assert "OpenCLIP" in line and "in_proj_weight" in line
+    merged = dict(tensors)  # the merged encoder, saved back in OpenCLIP layout
+    for k, v in _openclip({k: v.float() for k, v in te.state_dict().items()}).items():
+        merged[tree + k] = v.contiguous()
+    (tmp_path / "ft").mkdir()
+    save_file(merged, str(tmp_path / "ft" / "model.safetensors"))
+    te_keys = [k[2].removesuffix(".weight") for k in te_expected]
+    table = wdanalysis.compare(tmp_path / "sd2", [lora, tmp_path / "ft"], modules=te_keys)
+    assert len(table) == 12
+    for run in ("lora", "ft"):
+        rows = table[table["run"].str.startswith(run)]
+        assert check_table(rows, te_expected, rtol=1e-6, atol=1e-12) == 6
 
 
 def test_a_unet_name_of_the_other_layout_wins_over_a_shorter_tail():
@@ -479,6 +505,7 @@ def test_sdxl_single_file_text_encoders_stay_in_their_trees(tmp_path, layouts):
     assert any(k.startswith("lora_te2_") for k in weights)
     unet_w0 = {k: v.double() for k, v in state.items()}
     te1_w0 = {k: v.double() for k, v in te1_state.items()}
+    te2_w0 = {k: v.float().double() for k, v in te2.state_dict().items()}
     network.merge_to(None, None, weights, None, None)
     te1_names = {k: "conditioner.embedders.0.transformer." + k for k in te1_w0}
     expected = {
@@ -486,8 +513,11 @@ def test_sdxl_single_file_text_encoders_stay_in_their_trees(tmp_path, layouts):
         **_expected(te1_w0, te1.state_dict(), te1_names),
     }
     assert sum("embedders.0" in k[2] for k in expected) == 6
-    with pytest.warns(UserWarning, match="6 text encoder 2 modules left out: the base's OpenCLIP"):
-        table = wdanalysis.compare(tmp_path / "sdxl", lora, modules=[".*"])
+    expected.update(
+        _expected(te2_w0, te2.state_dict(), _clip_names(te2_w0, "conditioner.embedders.1.model."))
+    )
+    assert sum("embedders.1" in k[2] for k in expected) == 6
+    table = wdanalysis.compare(tmp_path / "sdxl", lora, modules=[".*"])
     _check(table, expected)
 
 

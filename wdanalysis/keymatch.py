@@ -41,6 +41,19 @@ class KeyAligner:
                 return matches[0] if len(matches) == 1 else None
         return None
 
+    def matches(self, name: str) -> list[str]:
+        """Every base key ``name`` fits by its longest matching dotted suffix (several when
+        :meth:`find` finds it ambiguous)."""
+        name = strip_peft_prefix(name)
+        if name in self.base_keys:
+            return [name]
+        parts = name.split(".")
+        for start in range(len(parts) - 1):
+            found = self._by_suffix.get(".".join(parts[start:]))
+            if found:
+                return list(found)
+        return []
+
     def map_keys(self, names: Iterable[str]) -> dict[str, str]:
         """base key → foreign name, for every foreign name that aligns with a base key."""
         mapped: dict[str, str] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from wdanalysis.formats import diffusers, kohya, mlx, moe, torchtune
+from wdanalysis.formats import diffusers, kohya, mlx, moe, openclip, torchtune
 from wdanalysis.keymatch import KeyAligner
 from wdanalysis.tensors import TensorStore, open_tensor_file
 
@@ -72,6 +72,7 @@ def prepare_base(base, runs: list) -> None:
     an adapter adapts are presented per expert (:mod:`.moe`), and mlx-lm factors are told
     apart as Linear or Embedding ones by the base shapes (:func:`.mlx.orient`)."""
     moe.split_experts(base, runs)
+    openclip.present_as_clip(base, runs)  # fused q/k/v of SD2.x/SDXL single files
     adapters = [
         c.adapter
         for run in runs

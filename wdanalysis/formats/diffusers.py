@@ -182,6 +182,14 @@ def _resolver(note: Callable[[str], None]):
 
     def find(module: ForeignModule, aligner: KeyAligner) -> str | None:
         found = aligner.find(module.name + ".weight")
+        if found is None and module.component.startswith("text_encoder"):
+            # a single file holds both SDXL encoders: the one in this component's tree
+            inside = [
+                key
+                for key in aligner.matches(module.name + ".weight")
+                if not sdlayout.outside_its_tree(module.component, key)
+            ]
+            return inside[0] if len(inside) == 1 else None
         if module.component != "unet" or _whole(found, module.name):
             return found
 
