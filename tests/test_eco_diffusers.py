@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import check_table, reference_delta
+from sd_builders import tiny_unet
 
 import wdanalysis
 
@@ -28,19 +29,7 @@ TARGETS = ["to_k", "to_v", "conv1"]
 
 
 def _unet(seed=0):
-    torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    ).eval()
+    return tiny_unet(seed)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 from builders import check_table, reference_delta
+from sd_builders import tiny_clip, tiny_unet
 
 import wdanalysis
 from wdanalysis.cli import main as _main
@@ -25,35 +26,12 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed"
 from lycoris import create_lycoris  # noqa: E402
 from lycoris.kohya import create_network  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 ALPHA, CONV_ALPHA = 2.0, 1.5
 
 
 def _models(seed=0):
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=12,
-            intermediate_size=20,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=30,
-            max_position_embeddings=8,
-        )
-    )
+    unet, te = tiny_unet(seed), tiny_clip(seed)
     return unet.double().eval(), te.double().eval()
 
 

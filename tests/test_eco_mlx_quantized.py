@@ -93,23 +93,8 @@ def test_qlora_adapter_on_a_quantized_base_matches_mlx_fuse(tmp_path):
     for name, layer in model.named_modules():
         if hasattr(layer, "lora_b"):
             layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
-            linear = layer.linear
-            with mx.stream(mx.cpu):
-                w0 = mx.dequantize(
-                    linear.weight,
-                    linear.scales.astype(mx.float64),
-                    linear.biases.astype(mx.float64),
-                    group_size=linear.group_size,
-                    bits=linear.bits,
-                )
-                linear.scales = linear.scales.astype(mx.float64)
-                linear.biases = linear.biases.astype(mx.float64)
-                layer.lora_a = layer.lora_a.astype(mx.float64)
-                layer.lora_b = layer.lora_b.astype(mx.float64)
-                fused = layer.fuse(dequantize=True).weight
+            w0, fused = _fused_in_float64(layer)
             expected[(None, None, name + ".weight")] = reference_delta(_f64(w0), _f64(fused))
-            layer.lora_a = layer.lora_a.astype(mx.float32)
-            layer.lora_b = layer.lora_b.astype(mx.float32)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     mx.save_safetensors(
@@ -123,6 +108,28 @@ def test_qlora_adapter_on_a_quantized_base_matches_mlx_fuse(tmp_path):
     table = wdanalysis.compare(tmp_path / "base", adapter, modules=["v_proj", "up_proj"])
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 4
     assert "mlx affine quantized" in wdanalysis.inspect(tmp_path / "base")["format"]
+
+
+def _fused_in_float64(layer):
+    """(dequantized W0, mlx-lm's ``fuse(dequantize=True)``) of a LoRA layer on a quantized
+    base, computed in float64 (the layer is left in float32 again)."""
+    linear = layer.linear
+    with mx.stream(mx.cpu):
+        w0 = mx.dequantize(
+            linear.weight,
+            linear.scales.astype(mx.float64),
+            linear.biases.astype(mx.float64),
+            group_size=linear.group_size,
+            bits=linear.bits,
+        )
+        linear.scales = linear.scales.astype(mx.float64)
+        linear.biases = linear.biases.astype(mx.float64)
+        layer.lora_a = layer.lora_a.astype(mx.float64)
+        layer.lora_b = layer.lora_b.astype(mx.float64)
+        fused = layer.fuse(dequantize=True).weight
+    layer.lora_a = layer.lora_a.astype(mx.float32)
+    layer.lora_b = layer.lora_b.astype(mx.float32)
+    return w0, fused
 
 
 def _one_line_error(capsys, tmp_path, base, *words):
@@ -173,26 +180,11 @@ def test_qlora_on_quantized_mixture_of_experts(tmp_path):
     for name, layer in model.named_modules():
         if hasattr(layer, "lora_b"):
             layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
-            linear = layer.linear
-            with mx.stream(mx.cpu):
-                w0 = mx.dequantize(
-                    linear.weight,
-                    linear.scales.astype(mx.float64),
-                    linear.biases.astype(mx.float64),
-                    group_size=linear.group_size,
-                    bits=linear.bits,
-                )
-                linear.scales = linear.scales.astype(mx.float64)
-                linear.biases = linear.biases.astype(mx.float64)
-                layer.lora_a = layer.lora_a.astype(mx.float64)
-                layer.lora_b = layer.lora_b.astype(mx.float64)
-                fused = layer.fuse(dequantize=True).weight
+            w0, fused = _fused_in_float64(layer)
             head, _, leaf = name.rpartition(".")
             for e in range(3):
                 key = f"{head}.experts.{e}.{leaf}.weight"
                 expected[(None, None, key)] = reference_delta(_f64(w0[e]), _f64(fused[e]))
-            layer.lora_a = layer.lora_a.astype(mx.float32)
-            layer.lora_b = layer.lora_b.astype(mx.float32)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     mx.save_safetensors(

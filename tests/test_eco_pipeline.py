@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 from builders import check_table, reference_delta
+from sd_builders import tiny_clip, tiny_unet
 
 import wdanalysis
 from wdanalysis.errors import CheckpointFormatError
@@ -26,43 +27,18 @@ peft = pytest.importorskip("peft", reason="peft is not installed")
 from diffusers import StableDiffusionXLPipeline  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
 
 UNET_TARGETS, TE_TARGETS = ["to_k", "to_v"], ["q_proj", "v_proj"]
 
 
-def _unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    ).eval()
-
-
 def _text_encoder(hidden: int, seed: int):
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden + 4,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        vocab_size=30,
-        max_position_embeddings=8,
-    )
-    return CLIPTextModel(config).eval()
+    return tiny_clip(seed, hidden=hidden, intermediate=2 * hidden + 4, layers=2)
 
 
 def _components():
     return {
-        "unet": _unet(),
+        "unet": tiny_unet(0),
         "text_encoder": _text_encoder(12, 1),
         "text_encoder_2": _text_encoder(20, 2),
     }

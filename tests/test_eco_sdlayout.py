@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 from builders import check_table, reference_delta
+from sd_builders import tiny_clip
 
 import wdanalysis
 from wdanalysis.cli import main as _main
@@ -34,7 +35,6 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 UNET_PREFIX, TE_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."
 UNET_CONFIG = dict(
@@ -60,16 +60,7 @@ def _unet(seed=0):
 
 
 def _te(seed=0):
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        hidden_size=12,
-        intermediate_size=20,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=30,
-        max_position_embeddings=8,
-    )
-    return CLIPTextModel(config).double().eval()
+    return tiny_clip(seed).double().eval()
 
 
 # ------------------------------------------------ the test's own rename (prefix pairs)
