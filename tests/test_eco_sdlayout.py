@@ -432,6 +432,7 @@ def test_openclip_fused_text_encoder_is_read_per_projection(tmp_path, layouts):
     expected = {**_expected(w0, unet.state_dict(), rename, UNET_PREFIX), **te_expected}
     table = wdanalysis.compare(tmp_path / "sd2", lora, modules=[".*"])
     _check(table, expected)
+    assert "OpenCLIP" in " ".join(wdanalysis.inspect(tmp_path / "sd2")["notes"])
 
     merged = dict(tensors)  # the merged encoder, saved back in OpenCLIP layout
     for k, v in _openclip({k: v.float() for k, v in te.state_dict().items()}).items():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from wdanalysis.checkpoints import AdapterCheckpoint, FullModel, open_run
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.formats import openclip
 from wdanalysis.modules import module_path, select_weights
 
 
@@ -29,6 +30,7 @@ def inspect(path: str | Path) -> dict:
 
 
 def _describe_full(ckpt: FullModel) -> dict:
+    fused = openclip.present_as_clip(ckpt, [])  # what compare reads: q/k/v apart
     store = ckpt.store
     shapes = {k: store.shape(k) for k in store.keys()}
     try:
@@ -44,7 +46,14 @@ def _describe_full(ckpt: FullModel) -> dict:
         "layout": "Conv1D (in, out)" if ckpt.conv1d_layout() else "Linear (out, in)",
         "default_modules": sorted({module_path(k).rsplit(".", 1)[-1] for k in selected}),
         "default_weights": len(selected),
+        **({"notes": [_OPENCLIP_NOTE]} if fused else {}),
     }
+
+
+_OPENCLIP_NOTE = (
+    "OpenCLIP text encoder: q/k/v rows of attn.in_proj_weight read as self_attn.q_proj/"
+    "k_proj/v_proj under text_model.encoder.layers.N"
+)
 
 
 def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
