@@ -122,7 +122,6 @@ class ForeignAdapter(Adapter):
     def bind(self, aligner: KeyAligner, shapes: dict, transposed) -> dict:
         bound: dict[str, AdapterModule] = {}
         unmatched: list[ForeignModule] = []
-        fused = sdlayout.has_fused_openclip(aligner.base_keys)
         single_file = sdlayout.is_single_file(aligner.base_keys)
         for module in self.adapted.values():
             base_key = _component_key(module, aligner) or (
@@ -130,8 +129,8 @@ class ForeignAdapter(Adapter):
                 if self.resolver
                 else aligner.find(module.name + ".weight")
             )
-            if base_key and not _plausible(module.component, base_key, fused, single_file):
-                base_key = None
+            if base_key and single_file and sdlayout.outside_its_tree(module.component, base_key):
+                base_key = None  # found by its tail in another component's tree
             if base_key is None:
                 unmatched.append(module)
                 continue
@@ -145,11 +144,9 @@ class ForeignAdapter(Adapter):
             self._check_foreign(module, base_key, tuple(shapes[base_key]))
             module.resolved = base_key
             bound[base_key] = module
-        unmatched = self._drop_absent_components(unmatched, bound, fused)
+        unmatched = self._drop_absent_components(unmatched, bound)
         if unmatched:
             why, hint = explain_unmatched(unmatched[0].name, aligner.base_keys)
-            if fused and not bound and "text" in unmatched[0].component:
-                why, hint = _FUSED_WHY, _FUSED_HINT
             raise AdapterMismatchError(
                 f"{len(unmatched)} of {len(self.adapted)} adapted modules match no base weight, "
                 f"e.g. {unmatched[0].name!r}: {why}",
@@ -158,10 +155,9 @@ class ForeignAdapter(Adapter):
             )
         return bound
 
-    def _drop_absent_components(self, unmatched: list, bound: dict, fused: bool) -> list:
+    def _drop_absent_components(self, unmatched: list, bound: dict) -> list:
         """A diffusion LoRA covers several models (UNet, text encoders); the base is one
-        of them. A component none of whose modules matches is left out, with a note (and
-        why, where the base holds an OpenCLIP text encoder in its fused layout)."""
+        of them. A component none of whose modules matches is left out, with a note."""
         matched = {m.component for m in bound.values()}
         if not matched or not any(m.component for m in unmatched):
             return unmatched
@@ -172,11 +168,7 @@ class ForeignAdapter(Adapter):
             else:
                 kept.append(module)
         for component, count in sorted(dropped.items()):
-            if fused and "text" in component:
-                why = f"{_FUSED_WHY}; {_FUSED_HINT} to analyse them"
-            else:
-                why = f"the base holds no {component}"
-            self.add_note(f"{count} {component} modules left out: {why}")
+            self.add_note(f"{count} {component} modules left out: the base holds no {component}")
         return kept
 
     def _check_foreign(self, module: ForeignModule, key: str, shape: tuple) -> None:
@@ -258,21 +250,6 @@ def _component_key(module: ForeignModule, aligner: KeyAligner) -> str | None:
     module names, so the component decides."""
     key = f"{module.component}.{strip_peft_prefix(module.name)}.weight"
     return key if module.component and key in aligner.base_keys else None
-
-
-def _plausible(component: str, key: str, fused: bool, single_file: bool) -> bool:
-    """A key found by its tail alone may lie in another component's tree: not in a
-    single-file SD checkpoint's other component, not a CLIP name in OpenCLIP's tree."""
-    if single_file and sdlayout.outside_its_tree(component, key):
-        return False
-    return not (fused and "text" in component and ".resblocks." in key)
-
-
-_FUSED_WHY = (
-    "the base's OpenCLIP text encoder (SD2.x, SDXL's second) fuses q/k/v into "
-    "attn.in_proj_weight, a layout wdanalysis does not read"
-)
-_FUSED_HINT = "pass the diffusers-layout text encoder folder (text_encoder/, text_encoder_2/)"
 
 
 def _nonzero(norm: torch.Tensor) -> torch.Tensor:

@@ -218,15 +218,6 @@ def names_layout(names) -> str | None:
     return max(counts, key=counts.get)
 
 
-# OpenCLIP text encoders (SD2.x, SDXL's second) in original checkpoints fuse q/k/v into
-# ``transformer.resblocks.N.attn.in_proj_weight``; LoRAs adapt q_proj/k_proj/v_proj apart.
-_FUSED_QKV = re.compile(r"(^|\.)resblocks\.\d+\.attn\.in_proj_weight$")
-
-
-def has_fused_openclip(base_keys) -> bool:
-    return any(_FUSED_QKV.search(key) for key in base_keys)
-
-
 # Where each pipeline component lives in a single-file (original) checkpoint: a module
 # found by its tail outside its component's tree (SDXL's second text encoder's layer 0 in
 # the first one's) is not that module.
