@@ -79,6 +79,49 @@ def gpt2_config(**overrides):
     return GPT2Config(**kwargs)
 
 
+def trainable_bert(folder: Path, tokenizer, dropout: bool = True) -> Path:
+    """The tiny BERT classifier the training tests fine-tune (seed 0), with ``tokenizer``
+    saved beside it; ``dropout=False`` so that runs can be compared step for step."""
+    from transformers import BertForSequenceClassification
+
+    quiet = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    torch.manual_seed(0)
+    config = bert_config(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=2,
+        **quiet,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def trainable_gpt2(folder: Path, tokenizer, dropout: bool = True) -> Path:
+    """The tiny GPT-2 the training tests fine-tune (seed 0), as :func:`trainable_bert`."""
+    from transformers import GPT2LMHeadModel
+
+    quiet = {} if dropout else {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    torch.manual_seed(0)
+    config = gpt2_config(
+        vocab_size=tokenizer.vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=101,
+        eos_token_id=102,
+        **quiet,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def bart_config(**overrides):
     from transformers import BartConfig
 

