@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 from builders import check_table, reference_delta
+from mlx_builders import fused_in_float64, saved_weights
 
 import wdanalysis
 from wdanalysis.cli import main as _main
@@ -83,40 +83,14 @@ def _train(folder, fine_tune_type: str, steps=(10, 20), model_path=None) -> dict
         weights = dict(tree_flatten(model.trainable_parameters()))
         mx.save_safetensors(str(folder / f"{step:07d}_adapters.safetensors"), weights)
         mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
-        fused[step] = _fused(model)
+        fused[step] = fused_in_float64(model)
     return fused
-
-
-def _fused(model) -> dict:
-    """Each adapted layer fused by mlx-lm itself, in float64."""
-    out = {}
-    for name, layer in model.named_modules():
-        if hasattr(layer, "lora_b"):
-            for attr in ("lora_a", "lora_b", "m"):
-                if hasattr(layer, attr):
-                    setattr(layer, attr, getattr(layer, attr).astype(mx.float64))
-            weight = layer.linear.weight
-            layer.linear.weight = weight.astype(mx.float64)
-            with mx.stream(mx.cpu):
-                fused = layer.fuse()
-                out[name + ".weight"] = np.array(fused.weight.astype(mx.float64))
-            layer.linear.weight = weight
-            for attr in ("lora_a", "lora_b", "m"):
-                if hasattr(layer, attr):
-                    setattr(layer, attr, getattr(layer, attr).astype(mx.float32))
-    return out
-
-
-def _base_weights(base) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(str(base / "model.safetensors"))
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_mlx_lm_adapter_steps_match_mlx_fuse(tmp_path, base, kind):
     fused = _train(tmp_path / "run", kind)
-    w0 = _base_weights(base)
+    w0 = saved_weights(base)
     table = wdanalysis.compare(base, tmp_path / "run", modules=["k_proj", "v_proj", "gate_proj"])
     assert sorted(set(table["step"])) == [10, 20]
     assert set(table["method"]) == {"DoRA" if kind == "dora" else "LoRA"}
@@ -209,7 +183,7 @@ def test_mlx_lm_adapter_for_another_model_is_refused(capsys, tmp_path, base):
 def test_mlx_lm_config_names_the_base_for_compare_auto(tmp_path, base):
     fused = _train(tmp_path / "run", "lora", steps=(5,), model_path=base)
     table = wdanalysis.compare("auto", tmp_path / "run", modules=["k_proj"])
-    w0 = _base_weights(base)
+    w0 = saved_weights(base)
     expected = {
         ("run", 5, k): reference_delta(w0[k], w) for k, w in fused[5].items() if "k_proj" in k
     }

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pytest
 from builders import check_table, reference_delta
+from mlx_builders import adapted_layers, fused_in_float64, saved_weights
 
 import wdanalysis
 from wdanalysis.cli import main as _main
@@ -62,10 +63,6 @@ def base(tmp_path_factory):
     return _save_base(tmp_path_factory.mktemp("mlx-moe") / "base")
 
 
-def _adapters(model) -> list:
-    return [(n, layer) for n, layer in model.named_modules() if hasattr(layer, "lora_b")]
-
-
 def _train(folder, kind: str, keys: list[str], steps=(10, 20), **size) -> dict:
     """mlx-lm's adapter layers with every factor moved as training would, saved per step
     as mlx-lm's trainer saves them. Returns step → {base key: fused float64 weight}."""
@@ -78,7 +75,7 @@ def _train(folder, kind: str, keys: list[str], steps=(10, 20), **size) -> dict:
     save_config(dict(config, iters=steps[-1]), folder / "adapter_config.json")
     fused = {}
     for i, step in enumerate(steps):
-        for _, layer in _adapters(model):
+        for _, layer in adapted_layers(model):
             layer.lora_a = layer.lora_a + 0.05 * mx.random.normal(layer.lora_a.shape)
             layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05 * (i + 1)
             if hasattr(layer, "m"):
@@ -86,32 +83,8 @@ def _train(folder, kind: str, keys: list[str], steps=(10, 20), **size) -> dict:
         weights = dict(tree_flatten(model.trainable_parameters()))
         mx.save_safetensors(str(folder / f"{step:07d}_adapters.safetensors"), weights)
         mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
-        fused[step] = _fused(model)
+        fused[step] = fused_in_float64(model)
     return fused
-
-
-def _fused(model) -> dict:
-    """Each adapted layer fused by mlx-lm itself, in float64 (factors and base cast)."""
-    out = {}
-    for name, layer in _adapters(model):
-        inner = "embedding" if hasattr(layer, "embedding") else "linear"
-        saved = {a: getattr(layer, a) for a in ("lora_a", "lora_b", "m") if hasattr(layer, a)}
-        weight = getattr(layer, inner).weight
-        for attr, value in saved.items():
-            setattr(layer, attr, value.astype(mx.float64))
-        getattr(layer, inner).weight = weight.astype(mx.float64)
-        with mx.stream(mx.cpu):
-            out[name + ".weight"] = np.array(layer.fuse().weight.astype(mx.float64))
-        getattr(layer, inner).weight = weight
-        for attr, value in saved.items():
-            setattr(layer, attr, value)
-    return out
-
-
-def _w0(base) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(str(base / "model.safetensors"))
 
 
 def _expected(run: str, fused: dict, w0: dict, axis: str = "out") -> dict:
@@ -135,7 +108,7 @@ def _expected(run: str, fused: dict, w0: dict, axis: str = "out") -> dict:
 def test_lora_embedding_and_switch_linear_match_mlx_fuse(tmp_path, base, axis):
     fused = _train(tmp_path / "run", "lora", [EMBED, GATE, DOWN, "self_attn.k_proj"])
     table = wdanalysis.compare(base, tmp_path / "run", modules=MODULES, axis=axis, progress=False)
-    expected = _expected("run", fused, _w0(base), axis)
+    expected = _expected("run", fused, saved_weights(base), axis)
     # per step: the embedding, 2 layers × (k_proj + 3 experts × (gate, down))
     assert len(expected) == 2 * (1 + 2 * (1 + 3 * 2))
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(expected) == len(table)
@@ -158,7 +131,7 @@ def test_dora_embedding_matches_mlx_fuse(tmp_path, base, axis):
     table = wdanalysis.compare(
         base, tmp_path / "run", modules=["embed_tokens", "k_proj"], axis=axis, progress=False
     )
-    expected = _expected("run", fused, _w0(base), axis)
+    expected = _expected("run", fused, saved_weights(base), axis)
     assert len(expected) == 2 * 3
     assert set(table["method"]) == {"DoRA"}
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(expected) == len(table)
@@ -174,11 +147,11 @@ def test_square_embedding_is_told_apart_by_its_name(tmp_path):
     table = wdanalysis.compare(
         base, tmp_path / "run", modules=["embed_tokens", "q_proj"], progress=False
     )
-    expected = _expected("run", fused, _w0(base))
+    expected = _expected("run", fused, saved_weights(base))
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 3
     # the factors read the other way round would give another weight: the test can fail
     for key in (EMBED + ".weight", "model.layers.1.self_attn.q_proj.weight"):
-        w0, wt = _w0(base)[key], fused[5][key]
+        w0, wt = saved_weights(base)[key], fused[5][key]
         swapped = reference_delta(w0, w0 + (wt - w0).T, transposed=key.startswith(EMBED))
         assert abs(swapped[1] - expected[("run", 5, key)][1]) > 1e-6
 
@@ -187,7 +160,7 @@ def test_full_checkpoint_beside_moe_adapter_is_split_per_expert(tmp_path, base):
     """A full fine-tuned checkpoint holding the same (experts, out, in) stack gets the same
     per-expert rows as the adapter run."""
     fused = _train(tmp_path / "run", "lora", [GATE], steps=(5,))
-    w0 = _w0(base)
+    w0 = saved_weights(base)
     ft = dict(w0)
     ft.update({k: v.astype(np.float32) for k, v in fused[5].items()})
     (tmp_path / "ft").mkdir()
