@@ -38,3 +38,24 @@ def tiny_clip(seed: int = 0, hidden: int = 12, intermediate: int = 20, layers: i
         max_position_embeddings=8,
     )
     return CLIPTextModel(config).eval()
+
+
+def save_unet_lora(unet, folder, config, seed: int, metadata: bool = True) -> None:
+    """``config`` (a PEFT LoraConfig) added to ``unet``, moved off its initial values as
+    training would, saved with diffusers' ``save_lora_weights``."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    unet.add_adapter(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=config.to_dict() if metadata else None,
+    )

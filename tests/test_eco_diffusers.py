@@ -14,16 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import check_table, reference_delta
-from sd_builders import tiny_unet
+from sd_builders import save_unet_lora, tiny_unet
 
 import wdanalysis
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
 pytest.importorskip("peft", reason="peft is not installed")
 
-from diffusers import StableDiffusionPipeline  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 TARGETS = ["to_k", "to_v", "conv1"]
 
@@ -43,21 +41,8 @@ def base(tmp_path_factory):
 
 
 def _save_lora(folder, use_dora: bool, metadata: bool) -> None:
-    unet = _unet()
     config = LoraConfig(r=4, lora_alpha=6, target_modules=TARGETS, use_dora=use_dora)
-    unet.add_adapter(config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=get_peft_model_state_dict(unet),
-        unet_lora_adapter_metadata=config.to_dict() if metadata else None,
-    )
+    save_unet_lora(_unet(), folder, config, seed=1, metadata=metadata)
 
 
 def _reference(base_folder, lora_folder) -> dict:

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 from builders import check_table, reference_delta
-from sd_builders import tiny_clip
+from sd_builders import save_unet_lora, tiny_clip
 
 import wdanalysis
 from wdanalysis.cli import main as _main
@@ -28,11 +28,9 @@ pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
 pytest.importorskip("peft", reason="peft is not installed")
 
-from diffusers import StableDiffusionPipeline  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 from lycoris.kohya import create_network  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -315,19 +313,7 @@ def test_diffusers_lora_against_an_original_single_file(tmp_path, layouts, use_d
     unet = _unet().float()
     targets = ["to_k", "conv1", "conv_shortcut", "proj_in", "conv", "conv_in", "linear_1"]
     config = LoraConfig(r=2, lora_alpha=3, target_modules=targets, use_dora=use_dora)
-    unet.add_adapter(config)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-    StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "lora",
-        unet_lora_layers=get_peft_model_state_dict(unet),
-        unet_lora_adapter_metadata=config.to_dict(),
-    )
+    save_unet_lora(unet, tmp_path / "lora", config, seed=3)
     reference = diffusers.UNet2DConditionModel(**UNET_CONFIG).double()
     reference.load_state_dict({k: v.double() for k, v in state.items()})
     w0 = {k: v.clone() for k, v in reference.state_dict().items()}
