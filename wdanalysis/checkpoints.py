@@ -281,33 +281,22 @@ _QUANTIZATION_MARKERS = (  # (suffixes, scheme)
 
 def quantization_of(store: TensorStore) -> tuple[str, str] | None:
     """``(scheme, example key)`` when the store holds quantized weights, else ``None``."""
-    keys = store.keys()
-    for key in keys:
+    for key in store.keys():
         for suffixes, scheme in _QUANTIZATION_MARKERS:
             if key.endswith(suffixes):
                 return scheme, key
-        # mlx (mlx-lm's ``-q`` models, QLoRA bases): packed uint32 ``.weight`` beside
-        # ``.scales`` (and ``.biases`` for the affine mode).
-        if key.endswith(".scales"):
-            weight = key[: -len(".scales")] + ".weight"
-            if weight in store and not is_float(store.dtype(weight)):
-                return "mlx", weight
-    return None
+    packed = mlxquant.packed_weights(store)  # left packed only where it could not be read
+    return ("mlx", packed[0]) if packed else None
 
 
 def refuse_quantized(store: TensorStore, role: str) -> None:
-    """Quantized weights need their scales applied; wdanalysis does not dequantize."""
+    """Quantized weights need their scales applied; only mlx's affine mode is dequantized
+    (:mod:`wdanalysis.formats.mlxquant`), on opening."""
     found = quantization_of(store)
     if found:
         scheme, key = found
         raise NumericalError(
             f"the {role} is {scheme} quantized (e.g. {key!r}); quantized weights are not supported",
             store.infos[key].file,
-            _MLX_FIX if scheme == "mlx" else "analyse the unquantized (fp32/fp16/bf16) model",
+            mlxquant.FIX if scheme == "mlx" else "analyse the unquantized (fp32/fp16/bf16) model",
         )
-
-
-_MLX_FIX = (
-    "dequantize it first: mlx_lm.convert --hf-path QUANTIZED --mlx-path OUT --dequantize "
-    "(the weights a QLoRA adapter was trained against)"
-)

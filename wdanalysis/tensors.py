@@ -142,7 +142,10 @@ class TensorStore:
         return {str(info.dtype).replace("torch.", "") for info in self.infos.values()}
 
     def get(self, key: str) -> torch.Tensor:
-        info = self.infos[key]
+        return self.read(key, self.infos[key])
+
+    def read(self, key: str, info: TensorInfo) -> torch.Tensor:
+        """The tensor ``info`` locates (``key``: this store's name for it)."""
         if info.file.suffix == ".safetensors":
             return self._get_safetensors(real_key(info, key), info.file)
         return self._get_bin(real_key(info, key), info.file)

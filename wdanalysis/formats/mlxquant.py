@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from wdanalysis.errors import CheckpointFormatError
-from wdanalysis.tensors import TensorInfo, TensorStore, real_key
+from wdanalysis.tensors import TensorInfo, TensorStore
 
 _CHUNK = 1 << 24  # unpacked bits per chunk of rows: bounds the temporary memory
-_FIX = "dequantize it first: mlx_lm.convert --hf-path QUANTIZED --mlx-path OUT --dequantize"
+FIX = "dequantize it first: mlx_lm.convert --hf-path QUANTIZED --mlx-path OUT --dequantize"
 
 
 def packed_weights(store: TensorStore) -> list[str]:
@@ -59,17 +59,11 @@ class DequantizedStore(TensorStore):
             return super().get(key)
         return dequantize(
             super().get(key),
-            self._hidden(packing.scales),
-            self._hidden(packing.biases),
+            self.read(packing.scales, self.hidden[packing.scales]),
+            self.read(packing.biases, self.hidden[packing.biases]),
             packing.group_size,
             packing.bits,
         )
-
-    def _hidden(self, key: str) -> torch.Tensor:
-        info = self.hidden[key]
-        if info.file.suffix == ".safetensors":
-            return self._get_safetensors(real_key(info, key), info.file)
-        return self._get_bin(real_key(info, key), info.file)
 
 
 def dequantize(
@@ -137,7 +131,7 @@ def _quantization(folder: Path, where: Path) -> dict:
             "mlx quantized weights (uint32 .weight beside .scales) without the "
             "'quantization' entry of their config.json",
             where,
-            "keep the config.json mlx-lm saved beside the weights, or " + _FIX,
+            "keep the config.json mlx-lm saved beside the weights, or " + FIX,
         )
     return quantization
 
@@ -151,13 +145,13 @@ def _packing(module: str, quantization: dict, store: TensorStore, folder: Path) 
     where = store.infos[weight].file
     if mode != "affine" or biases not in store:
         raise CheckpointFormatError(
-            f"{module} is mlx {mode} quantized; only the affine mode is read", where, _FIX
+            f"{module} is mlx {mode} quantized; only the affine mode is read", where, FIX
         )
     if not (isinstance(group_size, int) and isinstance(bits, int) and 2 <= bits <= 8):
         raise CheckpointFormatError(
             f"config.json gives no valid group_size/bits for {module} ({group_size!r}, {bits!r})",
             folder / "config.json",
-            _FIX,
+            FIX,
         )
     q_shape, s_shape = store.shape(weight), store.shape(scales)
     if store.shape(biases) != s_shape or q_shape[-1] * 32 != s_shape[-1] * group_size * bits:
