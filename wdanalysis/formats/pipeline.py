@@ -24,7 +24,6 @@ from wdanalysis.tensors import (
     TensorStore,
     open_shard_files,
     open_sharded,
-    open_tensor_file,
     real_key,
 )
 
@@ -37,22 +36,21 @@ def is_pipeline(folder: Path) -> bool:
     return (folder / INDEX_FILE).is_file()
 
 
-def components(folder: Path) -> list[str]:
-    """The components of ``model_index.json`` with a weight sub-folder, in its order."""
+def components(folder: Path) -> dict[str, list[Path]]:
+    """The components of ``model_index.json`` with weights, in its order → their files."""
     try:
         index = json.loads((folder / INDEX_FILE).read_text())
     except (OSError, ValueError) as error:
         raise CheckpointFormatError(f"unreadable {INDEX_FILE}: {error}", folder) from None
     if not isinstance(index, dict):
         raise CheckpointFormatError(f"malformed {INDEX_FILE}: not an object", folder)
-    return [
-        name
-        for name, value in index.items()
-        if not name.startswith("_")
-        and name not in LEFT_OUT
-        and isinstance(value, list)
-        and _weights_of(folder / name) is not None
-    ]
+    found = {}
+    for name, value in index.items():
+        if not name.startswith("_") and name not in LEFT_OUT and isinstance(value, list):
+            files = _weights_of(folder / name)
+            if files is not None:
+                found[name] = files
+    return found
 
 
 def _weights_of(folder: Path) -> list[Path] | None:
@@ -75,17 +73,16 @@ def _weights_of(folder: Path) -> list[Path] | None:
     return None
 
 
-def _open_component(folder: Path) -> TensorStore:
-    files = _weights_of(folder)
-    if len(files) == 1 and files[0].name.endswith(".json"):
+def _open_component(folder: Path, files: list[Path]) -> TensorStore:
+    if files[0].name.endswith(".json"):
         return open_sharded(files[0])
-    return open_shard_files(files, folder) if len(files) > 1 else open_tensor_file(files[0])
+    return open_shard_files(files, folder)
 
 
 def open_pipeline(folder: Path) -> TensorStore:
     """One store over the pipeline's trainable components, keys ``<component>.<key>``."""
-    names = components(folder)
-    if not names:
+    found = components(folder)
+    if not found:
         raise CheckpointFormatError(
             f"a diffusers pipeline ({INDEX_FILE}) without weights for any component "
             f"(other than {', '.join(sorted(LEFT_OUT))})",
@@ -94,8 +91,8 @@ def open_pipeline(folder: Path) -> TensorStore:
         )
     infos: dict[str, TensorInfo] = {}
     kinds = []
-    for name in names:
-        store = _open_component(folder / name)
+    for name, files in found.items():
+        store = _open_component(folder / name, files)
         kinds.append(f"{name}: {store.format}")
         for key, info in store.infos.items():
             infos[f"{name}.{key}"] = TensorInfo(
