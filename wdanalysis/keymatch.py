@@ -31,15 +31,8 @@ class KeyAligner:
 
     def find(self, name: str) -> str | None:
         """The base key that ``name`` denotes, or ``None`` when none or several fit."""
-        name = strip_peft_prefix(name)
-        if name in self.base_keys:
-            return name
-        parts = name.split(".")
-        for start in range(len(parts) - 1):
-            matches = self._by_suffix.get(".".join(parts[start:]))
-            if matches:
-                return matches[0] if len(matches) == 1 else None
-        return None
+        found = self.matches(name)
+        return found[0] if len(found) == 1 else None
 
     def matches(self, name: str) -> list[str]:
         """Every base key ``name`` fits by its longest matching dotted suffix (several when
