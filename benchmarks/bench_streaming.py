@@ -300,7 +300,7 @@ def run_child(args) -> None:
     import safetensors.torch  # noqa: F401  (imports are not part of the timed work)
 
     import wdanalysis
-    from wdanalysis import kernel
+    from wdanalysis.engine import c_kernel as kernel
 
     kernel.load()
     del wdanalysis

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from wdanalysis.demo import MODULES, model_path
-from wdanalysis.tracking import Tracker
+from wdanalysis.demo.reproduction import MODULES, model_path
+from wdanalysis.tracking.tracker import Tracker
 from wdanalysis.train import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_tracking.json"

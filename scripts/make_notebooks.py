@@ -46,10 +46,10 @@ def reproduction() -> nbformat.NotebookNode:
             "from pathlib import Path\n\n"
             "import pandas as pd\n\n"
             "import wdanalysis\n"
-            "from wdanalysis.demo import DemoSettings, run_demo\n"
-            "from wdanalysis.demo_summary import format_summary\n"
-            "from wdanalysis.resampling import layer_permutation_test\n"
-            "from wdanalysis.seedplot import plot_seed_correlations\n\n"
+            "from wdanalysis.demo.reproduction import DemoSettings, run_demo\n"
+            "from wdanalysis.demo.summary import format_summary\n"
+            "from wdanalysis.stats.resampling import layer_permutation_test\n"
+            "from wdanalysis.plots.seed_correlations import plot_seed_correlations\n\n"
             "%matplotlib inline\n"
             "settings = DemoSettings.quick(SEED) if QUICK else DemoSettings(seed=SEED)\n"
             "repo = Path(wdanalysis.__file__).parents[1]\n"
@@ -133,7 +133,7 @@ def reproduction() -> nbformat.NotebookNode:
         ),
         code(
             "runs = {label: Path(OUT) / label.lower() for label in ('FT', 'LoRA', 'DoRA')}\n"
-            "base = wdanalysis.demo.model_path()\n"
+            "base = wdanalysis.demo.reproduction.model_path()\n"
             "by_input = wdanalysis.compare(\n"
             "    base, runs, modules=['query'], axis='in', progress=False)\n"
             "fits_in = wdanalysis.fit_lines(by_input, per_step=False)\n"
@@ -167,10 +167,10 @@ def template() -> nbformat.NotebookNode:
             "from pathlib import Path\n\n"
             "import wdanalysis\n\n"
             "%matplotlib inline\n"
-            "print(wdanalysis.inspection.format_inspection(wdanalysis.inspect(BASE)))\n"
+            "print(wdanalysis.table.inspection.format_inspection(wdanalysis.inspect(BASE)))\n"
             "for label, path in RUNS.items():\n"
             "    print(f'\\n--- {label}')\n"
-            "    print(wdanalysis.inspection.format_inspection(wdanalysis.inspect(path)))"
+            "    print(wdanalysis.table.inspection.format_inspection(wdanalysis.inspect(path)))"
         ),
         md("## ΔM and ΔD"),
         code("deltas = wdanalysis.compare(BASE, RUNS, modules=MODULES, axis=AXIS)\ndeltas.head()"),

@@ -3,7 +3,7 @@
 Everything here writes files the way users' tools write them (transformers configs, PEFT's
 ``save_pretrained``, ``torch.save`` state dicts, safetensors shards with an index) from tiny
 models built from configs: nothing is downloaded. The reference functions recompute ΔM and
-ΔD with numpy in float64/longdouble by a different route than ``wdanalysis.decomposition``
+ΔD with numpy in float64/longdouble by a different route than ``wdanalysis.engine.decomposition``
 (explicit norms and ``0.5·‖â − b̂‖²`` instead of the kernel's sums), so they can catch it.
 
 The builders are generic: other test files may import them (``from builders import ...``;

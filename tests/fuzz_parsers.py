@@ -37,10 +37,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 from safetensors_oracle import check_against_library
 
-from wdanalysis.adapters import group_adapter_keys, read_adapter_config
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.st_refusal import DTYPE_BITS
-from wdanalysis.tensors import (
+from wdanalysis.loaders.peft_adapter import group_adapter_keys, read_adapter_config
+from wdanalysis.storage.safetensors_refusal import DTYPE_BITS
+from wdanalysis.storage.tensor_store import (
     load_torch_state_dict,
     open_sharded,
     read_safetensors_header,

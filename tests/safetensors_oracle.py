@@ -3,7 +3,7 @@
 :func:`check_against_library` writes nothing: given a file, it asks the library
 (``safe_open`` for the header, its ``get_tensor`` — what ``load_file`` calls — for
 the values) and our
-:func:`~wdanalysis.tensors.open_tensor_file`, and asserts that
+:func:`~wdanalysis.storage.tensor_store.open_tensor_file`, and asserts that
 
 * a file the library opens, we open, with the same keys, shapes and dtypes;
 * every tensor the library loads, we read with identical bytes, through
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from wdanalysis import reader
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.tensors import open_tensor_file
+from wdanalysis.storage import row_reader as reader
+from wdanalysis.storage.tensor_store import open_tensor_file
 
 
 def library_verdict(path: Path) -> tuple[bool, dict[str, torch.Tensor | None]]:

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from wdanalysis.demo import (
+from wdanalysis.demo.reproduction import (
     FIGURE_FILES,
     DemoSettings,
     figures_are_fresh,
@@ -115,7 +115,7 @@ def test_reproduction_notebook_runs_in_quick_mode(tmp_path):
 
 
 def test_demo_reruns_over_its_own_runs_but_not_over_foreign_folders(tmp_path):
-    from wdanalysis.demo import _clear_previous_run
+    from wdanalysis.demo.reproduction import _clear_previous_run
     from wdanalysis.errors import WDAnalysisError
 
     own = tmp_path / "ft"

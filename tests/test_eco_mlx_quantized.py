@@ -16,8 +16,8 @@ import torch
 from builders import check_table, reference_delta
 
 import wdanalysis
-from wdanalysis.cli import main
-from wdanalysis.formats.mlxquant import dequantize
+from wdanalysis.cli.main import main
+from wdanalysis.loaders.formats.mlxquant import dequantize
 
 mx = pytest.importorskip("mlx.core", reason="mlx (pip install 'mlx[cpu]') is not installed")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")

@@ -117,7 +117,7 @@ def test_sdxl_pipeline_base_binds_each_component(tmp_path, pipeline, use_dora):
 def test_pipeline_reads_components_where_they_lie(pipeline):
     info = wdanalysis.inspect(pipeline)
     assert "diffusers pipeline" in info["format"] and "text_encoder_2" in info["format"]
-    base = wdanalysis.checkpoints.open_base(pipeline)
+    base = wdanalysis.loaders.runs.open_base(pipeline)
     keys = base.store.keys()
     assert not any(k.startswith("vae.") for k in keys)
     te2 = CLIPTextModel.from_pretrained(pipeline / "text_encoder_2", variant="fp16")
@@ -128,7 +128,7 @@ def test_pipeline_reads_components_where_they_lie(pipeline):
 def test_pipeline_without_weights_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "X"]}))
     with pytest.raises(CheckpointFormatError, match="without weights for any component"):
-        wdanalysis.checkpoints.open_base(tmp_path)
+        wdanalysis.loaders.runs.open_base(tmp_path)
 
 
 def test_sdxl_kohya_network_binds_each_text_encoder(tmp_path, pipeline):

@@ -4,7 +4,7 @@ A tiny diffusers ``UNet2DConditionModel`` with two ResNets per down block (as SD
 and SDXL), three levels — with attention, without, with — and SDXL's ``add_embedding``, so
 both upsampler places (``output_blocks.N.1.conv`` and ``.2.conv``) occur. Its original
 (LDM) layout is made here by a rename written independently of
-:mod:`wdanalysis.formats.sdlayout` (a list of prefix pairs, as diffusers' conversion script
+:mod:`wdanalysis.loaders.formats.sdlayout` (a list of prefix pairs, as diffusers' conversion script
 builds it), and that rename is itself checked against diffusers' own single-file loader
 (``convert_ldm_unet_checkpoint``). LoRAs are written by LyCORIS (kohya names) and by
 diffusers (``save_lora_weights``); the references are their own merges in float64 on the
@@ -21,8 +21,8 @@ from builders import check_table, reference_delta
 from sd_builders import save_unet_lora, tiny_clip
 
 import wdanalysis
-from wdanalysis.cli import main as _main
-from wdanalysis.formats import sdlayout
+from wdanalysis.cli.main import main as _main
+from wdanalysis.loaders.formats import sdlayout
 
 pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
@@ -436,10 +436,10 @@ def test_openclip_fused_text_encoder_is_read_per_projection(tmp_path, layouts):
 def test_a_unet_name_of_the_other_layout_wins_over_a_shorter_tail():
     """With one upsampler, ``conv.weight`` alone would name it uniquely: a downsampler's
     LoRA must still go to ``input_blocks.3.0.op``, its whole name in the other layout."""
-    from wdanalysis.formats import diffusers as diffusers_format
-    from wdanalysis.formats import kohya
-    from wdanalysis.formats.foreign import ForeignModule
-    from wdanalysis.keymatch import KeyAligner
+    from wdanalysis.loaders.formats import diffusers as diffusers_format
+    from wdanalysis.loaders.formats import kohya
+    from wdanalysis.loaders.formats.foreign import ForeignModule
+    from wdanalysis.loaders.key_alignment import KeyAligner
 
     aligner = KeyAligner(
         UNET_PREFIX + k
@@ -502,9 +502,9 @@ def test_sdxl_single_file_text_encoders_stay_in_their_trees(tmp_path, layouts):
 def test_kohya_sdxl_text_encoders_in_a_pipeline_base():
     """A pipeline base names SDXL's encoders ``text_encoder.`` and ``text_encoder_2.``:
     ``lora_te1_…`` belongs to the first alone (``text_encoder`` is not ``text_encoder_2``)."""
-    from wdanalysis.formats import kohya
-    from wdanalysis.formats.foreign import ForeignModule
-    from wdanalysis.keymatch import KeyAligner
+    from wdanalysis.loaders.formats import kohya
+    from wdanalysis.loaders.formats.foreign import ForeignModule
+    from wdanalysis.loaders.key_alignment import KeyAligner
 
     leaf = "text_model.encoder.layers.0.mlp.fc1.weight"
     aligner = KeyAligner([f"text_encoder.{leaf}", f"text_encoder_2.{leaf}"])

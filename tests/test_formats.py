@@ -39,7 +39,7 @@ from builders import (
 
 import wdanalysis
 from wdanalysis import COLUMNS, compare
-from wdanalysis.checkpoints import aligner_for, open_base, open_checkpoint
+from wdanalysis.loaders.runs import aligner_for, open_base, open_checkpoint
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:peft"),
@@ -678,14 +678,14 @@ def test_tiny_true_delta_d(tmp_path, llama):
 
 
 def _main(argv) -> int:
-    """``wdanalysis.cli.main``, or its handler over compare/inspect alone while a sibling
+    """``wdanalysis.cli.main.main``, or its handler over compare/inspect alone while a sibling
     sub-command (train, demo) is not importable yet."""
-    from wdanalysis import cli
+    from wdanalysis.cli import main as cli
 
     try:
         parser = cli.build_parser()
     except ImportError:  # pragma: no cover - only while sibling CLIs are being written
-        from wdanalysis import commands
+        from wdanalysis.cli import analysis_commands as commands
 
         parser = argparse.ArgumentParser(prog="wdanalysis")
         commands.register(parser.add_subparsers(dest="command", required=True))

@@ -33,9 +33,10 @@ from builders import (
 )
 
 import wdanalysis
-from wdanalysis import cli, hub
-from wdanalysis.checkpoints import open_base, open_run
+from wdanalysis.cli import main as cli
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.loaders.runs import open_base, open_run
+from wdanalysis.storage import hub_cache as hub
 
 pytest.importorskip("peft", reason="PEFT builds the real adapters these tests read")
 pytest.importorskip("transformers", reason="transformers builds the tiny base model")

@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from wdanalysis import compare, kernel, streaming
-from wdanalysis.decomposition import decomposition_change
+from wdanalysis import compare
+from wdanalysis.engine import c_kernel as kernel
+from wdanalysis.engine import streaming
+from wdanalysis.engine.decomposition import decomposition_change
 
 BACKENDS = ["torch"] + (["fused"] if kernel.load() is not None else [])
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]

@@ -72,8 +72,8 @@ def _graph() -> dict[str, set[str]]:
 
 def test_the_import_parser_sees_known_edges():
     graph = _graph()
-    assert "wdanalysis.streaming" in graph["wdanalysis.analysis"]
-    assert "wdanalysis.decomposition" in graph["wdanalysis.streaming"]
+    assert "wdanalysis.engine.streaming" in graph["wdanalysis.table.comparison"]
+    assert "wdanalysis.engine.decomposition" in graph["wdanalysis.engine.streaming"]
 
 
 @pytest.mark.parametrize("engine", ENGINE)

@@ -14,9 +14,8 @@ from builders import synthetic_deltas  # noqa: E402
 from matplotlib.collections import PathCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from wdanalysis.atomic import save_figure_atomic  # noqa: E402
 from wdanalysis.errors import WDAnalysisError  # noqa: E402
-from wdanalysis.plotting import (  # noqa: E402
+from wdanalysis.plots.figures import (  # noqa: E402
     FIT_GID,
     X_LABEL,
     Y_LABEL,
@@ -24,7 +23,8 @@ from wdanalysis.plotting import (  # noqa: E402
     plot_figure2,
     plot_trajectories,
 )
-from wdanalysis.stats import fit_lines  # noqa: E402
+from wdanalysis.stats.fits import fit_lines  # noqa: E402
+from wdanalysis.storage.atomic_write import save_figure_atomic  # noqa: E402
 
 STEPS = (100, 200, 300)
 LAYERS = 6

@@ -14,8 +14,8 @@ import pytest  # noqa: E402
 from builders import synthetic_deltas  # noqa: E402
 
 from wdanalysis.errors import WDAnalysisError  # noqa: E402
-from wdanalysis.report import ReportResult, write_report  # noqa: E402
-from wdanalysis.stats import format_fit_table  # noqa: E402
+from wdanalysis.plots.report import ReportResult, write_report  # noqa: E402
+from wdanalysis.stats.fits import format_fit_table  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_FIT_COLUMNS = [

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from wdanalysis.resampling import (
+from wdanalysis.stats.resampling import (
     across_seed_summary,
     cluster_bootstrap,
     layer_permutation_test,

@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import wdanalysis.analysis as analysis
+import wdanalysis.table.comparison as analysis
 from wdanalysis import compare, inspect
-from wdanalysis.adapters import read_adapter_config
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.tensors import load_torch_state_dict, read_safetensors_header
+from wdanalysis.loaders.peft_adapter import read_adapter_config
+from wdanalysis.storage.tensor_store import load_torch_state_dict, read_safetensors_header
 
 OUT, IN = 6, 4  # non-square on purpose
 LAYERS = 2
@@ -113,14 +113,14 @@ def base(tmp_path) -> Path:
 
 
 def _main(argv: list[str]) -> int:
-    """``wdanalysis.cli.main``, or the same wrapper over ``compare``/``inspect`` alone while a
+    """``wdanalysis.cli.main.main``, or the same wrapper over ``compare``/``inspect`` alone while a
     sibling sub-command (train, demo) cannot be imported."""
-    from wdanalysis import cli
+    from wdanalysis.cli import main as cli
 
     try:
         parser = cli.build_parser()
     except ImportError:  # pragma: no cover - only while sibling CLIs are being written
-        from wdanalysis import commands
+        from wdanalysis.cli import analysis_commands as commands
 
         parser = argparse.ArgumentParser(prog="wdanalysis")
         commands.register(parser.add_subparsers(dest="command", required=True))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from safetensors_oracle import check_against_library, library_verdict, same_tensor
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.tensors import open_tensor_file
+from wdanalysis.storage.tensor_store import open_tensor_file
 
 W = b'"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
 DATA8 = struct.pack("<2f", 1.5, -2.25)

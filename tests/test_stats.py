@@ -1,4 +1,4 @@
-"""Statistics of wdanalysis.stats checked against independent closed forms and known data."""
+"""Statistics of wdanalysis.stats.fits checked against independent closed forms and known data."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.stats import (
+from wdanalysis.stats.fits import (
     compare_correlations,
     fit_lines,
     fit_one,

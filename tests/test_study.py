@@ -18,15 +18,19 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from wdanalysis.demo import DemoSettings
-from wdanalysis.resampling import across_seed_summary, cluster_bootstrap, within_step_correlation
+from wdanalysis.demo.reproduction import DemoSettings
+from wdanalysis.stats.resampling import (
+    across_seed_summary,
+    cluster_bootstrap,
+    within_step_correlation,
+)
 
 TINY = replace(DemoSettings.quick(), steps=4, batch_size=4, eval_size=16)
 
 
 @pytest.fixture(scope="module")
 def seed_study(tmp_path_factory):
-    from wdanalysis.study import run_seed_study
+    from wdanalysis.demo.studies import run_seed_study
 
     return run_seed_study(tmp_path_factory.mktemp("seeds"), TINY, seeds=2, progress=False)
 
@@ -104,7 +108,7 @@ def test_seed_study_summary_has_one_row_per_method_and_module_with_a_t_interval(
 
 
 def test_seed_study_rereads_finished_seeds_instead_of_training_again(seed_study):
-    from wdanalysis.study import run_seed_study
+    from wdanalysis.demo.studies import run_seed_study
 
     root = seed_study.first.out_dir.parent
     weights = root / "seed1" / "ft" / f"checkpoint-{TINY.steps}" / "model.safetensors"
@@ -130,7 +134,7 @@ def test_demo_summary_intervals_come_from_whole_layer_resampling(seed_study):
 
 
 def test_seed_figure_shows_every_seed_and_the_interval(seed_study):
-    from wdanalysis.seedplot import plot_seed_correlations
+    from wdanalysis.plots.seed_correlations import plot_seed_correlations
 
     figure = plot_seed_correlations(seed_study.per_seed, module="query")
     assert isinstance(figure, Figure)
@@ -144,7 +148,7 @@ def test_seed_figure_shows_every_seed_and_the_interval(seed_study):
 
 def test_seed_figure_draws_into_a_given_axes_and_refuses_an_unknown_module():
     from wdanalysis.errors import WDAnalysisError
-    from wdanalysis.seedplot import plot_seed_correlations
+    from wdanalysis.plots.seed_correlations import plot_seed_correlations
 
     per_seed = pd.DataFrame(
         {"method": ["FT"] * 3, "module": "q", "seed": [0, 1, 2], "pearson_r": [-0.2, -0.4, -0.3]}
@@ -162,7 +166,7 @@ def test_seed_figure_draws_into_a_given_axes_and_refuses_an_unknown_module():
 
 
 def test_ablation_trains_every_cell_with_its_own_settings(tmp_path):
-    from wdanalysis.study import cell_name, run_ablation
+    from wdanalysis.demo.studies import cell_name, run_ablation
 
     table = run_ablation(
         tmp_path, TINY, steps=(4,), weight_decays=(0.0, 0.01), warmup_ratios=(0.5,), progress=False
@@ -185,7 +189,7 @@ def test_ablation_trains_every_cell_with_its_own_settings(tmp_path):
     ],
 )
 def test_demo_refuses_bad_settings_in_one_line(flags, message, tmp_path, capsys):
-    from wdanalysis.cli import main
+    from wdanalysis.cli.main import main
 
     assert main(["demo", "--out", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()

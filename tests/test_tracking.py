@@ -221,8 +221,8 @@ def test_a_killed_writer_leaves_whole_lines_only(tmp_path):
 import sys
 import pandas as pd
 from pathlib import Path
-from wdanalysis.analysis import COLUMNS
-from wdanalysis.tracking import append_rows, read_steps
+from wdanalysis.table.comparison import COLUMNS
+from wdanalysis.tracking.tracker import append_rows, read_steps
 out = Path({str(out)!r})
 rows = pd.DataFrame([[f"m{{i}}" * 50] + [i] * 12 for i in range(2000)], columns=COLUMNS)
 step = max(read_steps(out), default=-1) + 1
@@ -278,7 +278,7 @@ def test_a_fresh_run_refuses_a_table_of_an_earlier_run(base_dir, tmp_path):
 
 
 def test_plot_draws_the_same_fits_and_figures_from_a_live_table(base_dir, tmp_path, capsys):
-    from wdanalysis.cli import main
+    from wdanalysis.cli.main import main
 
     run, out = tmp_path / "dora", tmp_path / "tracking.csv"
     _train(base_dir, run, "dora", _callback(base_dir, out))
@@ -297,7 +297,7 @@ def test_plot_draws_the_same_fits_and_figures_from_a_live_table(base_dir, tmp_pa
 
 
 def test_plot_refuses_a_table_that_is_not_one(tmp_path, capsys):
-    from wdanalysis.cli import main
+    from wdanalysis.cli.main import main
 
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
@@ -311,7 +311,7 @@ def test_plot_refuses_a_table_that_is_not_one(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["ft", "lora"])
 def test_tracking_holds_no_copy_of_the_model(base_dir, tmp_path, method):
     """The engine is handed the model's own tensors; FT's base is streamed from disk."""
-    from wdanalysis.tensors import TensorStore
+    from wdanalysis.storage.tensor_store import TensorStore
 
     model = _model(base_dir, method, torch.float32)
     tracker = tracking.Tracker(base_dir, tmp_path / "t.csv", every=1, modules=MODULES)

@@ -17,10 +17,10 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
+from wdanalysis.cli import train_command as train_cli
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.train import TrainConfig, evaluate_accuracy, loop, train
 from wdanalysis.train import checkpoint as ckpt
-from wdanalysis.train import cli as train_cli
 from wdanalysis.train.data import batch_indices, builtin_tweets, load_dataset
 from wdanalysis.train.loop import prepare_parameters
 from wdanalysis.train.model import load_pretrained

@@ -4,45 +4,59 @@ Weight-decomposition analysis of the DoRA paper (Liu et al., ICML 2024): per lay
 training step, the change in magnitude (ΔM) and direction (ΔD) of weight matrices for full
 fine-tuning, LoRA and DoRA checkpoints.
 
-Pipeline: loaders (:mod:`~wdanalysis.checkpoints`, :mod:`~wdanalysis.adapters`) →
-effective weights → decomposition math (:mod:`~wdanalysis.decomposition`) → tidy table
-(:func:`compare`) → statistics (:mod:`~wdanalysis.stats`) → plots (:mod:`~wdanalysis.plotting`).
+The subpackages are the pipeline, each importing only those before it:
+:mod:`~wdanalysis.storage` (tensor files) → :mod:`~wdanalysis.loaders` (what a path
+holds) → :mod:`~wdanalysis.weights` (selection, effective weights) →
+:mod:`~wdanalysis.engine` (Eqs. 2-4, streamed) → :mod:`~wdanalysis.table`
+(:func:`compare`) → :mod:`~wdanalysis.stats` → :mod:`~wdanalysis.plots`; beside them
+:mod:`~wdanalysis.tracking` (live), :mod:`~wdanalysis.train`, :mod:`~wdanalysis.demo` and
+:mod:`~wdanalysis.cli`.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 
-from wdanalysis.analysis import COLUMNS, compare
-from wdanalysis.decomposition import decomposition_change
+from wdanalysis import old_paths
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.inspection import inspect
 
 __version__ = "0.1.0"
 
-# Statistics, plotting and the Trainer callback pull in scipy/matplotlib/transformers:
-# import them on first use only.
+old_paths.install()
+
+# Everything is imported on first use, so that ``wdanalysis --help`` and ``import
+# wdanalysis`` pull in neither torch, pandas, scipy, matplotlib nor transformers.
 _LAZY = {
-    "fit_lines": "wdanalysis.stats",
-    "compare_correlations": "wdanalysis.stats",
-    "format_fit_table": "wdanalysis.stats",
-    "within_step_correlation": "wdanalysis.resampling",
-    "cluster_bootstrap": "wdanalysis.resampling",
-    "layer_permutation_test": "wdanalysis.resampling",
-    "across_seed_summary": "wdanalysis.resampling",
-    "plot_figure2": "wdanalysis.plotting",
-    "plot_trajectories": "wdanalysis.plotting",
-    "write_report": "wdanalysis.report",
-    "read_table": "wdanalysis.report",
+    "COLUMNS": "wdanalysis.table.schema",
+    "compare": "wdanalysis.table.comparison",
+    "inspect": "wdanalysis.table.inspection",
+    "decomposition_change": "wdanalysis.engine.decomposition",
+    "fit_lines": "wdanalysis.stats.fits",
+    "compare_correlations": "wdanalysis.stats.fits",
+    "format_fit_table": "wdanalysis.stats.fits",
+    "within_step_correlation": "wdanalysis.stats.resampling",
+    "cluster_bootstrap": "wdanalysis.stats.resampling",
+    "layer_permutation_test": "wdanalysis.stats.resampling",
+    "across_seed_summary": "wdanalysis.stats.resampling",
+    "plot_figure2": "wdanalysis.plots.figures",
+    "plot_trajectories": "wdanalysis.plots.figures",
+    "write_report": "wdanalysis.plots.report",
+    "read_table": "wdanalysis.table.schema",
     # transformers stays optional: the callback class is built on first use
-    "WeightDecompositionCallback": "wdanalysis.callback",
+    "WeightDecompositionCallback": "wdanalysis.tracking.trainer_callback",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'wdanalysis' has no attribute {name!r}")
 
 
-__all__ = ["COLUMNS", "WDAnalysisError", "compare", "decomposition_change", "inspect", *_LAZY]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["WDAnalysisError", *_LAZY]

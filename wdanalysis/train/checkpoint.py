@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wdanalysis.atomic import atomic_path, write_text_atomic
 from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.storage.atomic_write import atomic_path, write_text_atomic
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = "trainer_state.json"

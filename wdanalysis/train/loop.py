@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wdanalysis.atomic import write_text_atomic
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.storage.atomic_write import write_text_atomic
 from wdanalysis.train import checkpoint as ckpt
 from wdanalysis.train import distributed
 from wdanalysis.train.config import TrainConfig
@@ -83,7 +83,7 @@ def train(
     ``on_checkpoint(step, model)`` runs after each checkpoint is saved (e.g. an evaluation),
     on every rank under torchrun.
     ``on_step(step, model)`` runs once before the first step (with the step training starts
-    from) and after every optimizer step (e.g. :meth:`wdanalysis.tracking.Tracker.hook`).
+    from) and after every optimizer step (e.g. :meth:`wdanalysis.tracking.tracker.Tracker.hook`).
     """
     config.validate()
     world = distributed.join(config.device, config.fsdp, config.batch_size)

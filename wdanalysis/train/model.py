@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from wdanalysis.errors import CheckpointFormatError, WDAnalysisError
-from wdanalysis.hub import resolve_model_path
+from wdanalysis.storage.hub_cache import resolve_model_path
 from wdanalysis.train.data import CAUSAL_LM, CLASSIFICATION
 
 HEAD_NAMES = ("classifier", "score")  # what PEFT's SEQ_CLS task saves in full
@@ -69,7 +69,7 @@ def load_pretrained(model_dir: str | Path, kind: str, num_labels: int | None = N
     """(model, tokenizer) from a local folder with ``transformers`` Auto classes.
 
     ``model_dir`` may be a hub id ``org/name[@revision]`` already in the local Hugging Face
-    cache (:mod:`wdanalysis.hub`; never downloaded). The caller seeds torch first: a newly
+    cache (:mod:`wdanalysis.storage.hub_cache`; never downloaded). The caller seeds torch first: a newly
     initialised classification head is drawn from the global RNG, and every method must
     start from the same head.
     """

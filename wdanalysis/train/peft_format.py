@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wdanalysis.atomic import atomic_path, write_text_atomic
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.storage.atomic_write import atomic_path, write_text_atomic
 from wdanalysis.train.inject import AdapterSpec, adapter_layers, find_modules, unwrap_key
 
 PREFIX = "base_model.model."

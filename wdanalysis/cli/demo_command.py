@@ -1,0 +1,101 @@
+"""``wdanalysis demo``: the command-line shell over :mod:`wdanalysis.demo.reproduction` (one run) and
+:mod:`wdanalysis.demo.studies` (seeds, ablation). Kept apart so that neither imports the other's
+caller: demo ← study ← demo_cli."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from wdanalysis.cli.command_index import help_of
+from wdanalysis.demo.reproduction import DemoSettings, figures_are_fresh, publish_figures, run_demo
+from wdanalysis.demo.studies import format_seed_table, run_ablation, run_seed_study
+from wdanalysis.demo.summary import format_summary, sign_verdict
+from wdanalysis.errors import WDAnalysisError
+from wdanalysis.storage.atomic_write import write_csv_atomic
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help=help_of("demo"),
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder")
+    parser.add_argument("--figures", type=Path, help="also publish figures and tables here")
+    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (20 steps)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="train and analyse seeds 0..K-1, report across seeds"
+    )
+    parser.add_argument("--steps", type=int, help="training steps per method (default 500)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    parser.add_argument("--warmup-ratio", type=float, help="warm-up share of steps (default 0.1)")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="train every cell of steps {150, 500} × weight decay {0, 0.01} × warm-up {0, 10 %%}",
+    )
+    parser.add_argument(
+        "--analyse-only", action="store_true", help="re-analyse the runs already in --out"
+    )
+    parser.add_argument(
+        "--if-stale", action="store_true", help="skip when --figures is already up to date"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run_demo_command)
+
+
+def settings_from_args(args) -> DemoSettings:
+    settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings(seed=args.seed)
+    overrides = {
+        "steps": args.steps,
+        "weight_decay": args.weight_decay,
+        "warmup_ratio": args.warmup_ratio,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("steps", 1) <= 0 or not 0 <= overrides.get("warmup_ratio", 0) < 1:
+        raise WDAnalysisError("--steps must be positive and --warmup-ratio in [0, 1)")
+    if args.seeds < 1:
+        raise WDAnalysisError("--seeds must be at least 1")
+    return replace(settings, **overrides)
+
+
+def run_demo_command(args) -> int:
+    settings = settings_from_args(args)
+    if args.if_stale and args.figures and figures_are_fresh(args.figures, settings):
+        print(f"{args.figures} is up to date with the code; nothing to do")
+        return 0
+    if args.ablation:
+        return _ablation_command(args, settings)
+    if args.seeds > 1:
+        return _seed_study_command(args, settings)
+    result = run_demo(args.out, settings, progress=not args.quiet, analyse_only=args.analyse_only)
+    print("\n" + format_summary(result.summary))
+    print("\n" + sign_verdict(result.summary))
+    if args.figures:
+        publish_figures(result, args.figures)
+        print(f"published figures and tables to {args.figures}/")
+    print(f"done in {result.seconds / 60:.1f} min; outputs in {result.out_dir}/")
+    return 0
+
+
+def _seed_study_command(args, settings: DemoSettings) -> int:
+    study = run_seed_study(args.out, settings, args.seeds, progress=not args.quiet)
+    print("\nseed 0:\n" + format_summary(study.first.summary))
+    print(f"\npooled Pearson r over {args.seeds} seeds:\n")
+    print(format_seed_table(study.summary, study.per_seed))
+    if args.figures:
+        publish_figures(study.first, args.figures, extra=study.files, seeds=args.seeds)
+        print(f"published seed 0's figures and the seed study to {args.figures}/")
+    print(f"done in {study.seconds / 60:.1f} min; outputs in {args.out}/")
+    return 0
+
+
+def _ablation_command(args, settings: DemoSettings) -> int:
+    table = run_ablation(args.out, settings, progress=not args.quiet)
+    columns = ["cell", "method", "module", "accuracy", "pearson_r", "within_step_r"]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+    if args.figures:
+        write_csv_atomic(table, args.figures / "ablation.csv")
+        print(f"published ablation.csv to {args.figures}/")
+    return 0

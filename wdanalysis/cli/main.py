@@ -1,0 +1,104 @@
+"""``wdanalysis`` command line: thin shells over the Python API.
+
+Every sub-command lives in the module that owns its concern and exposes
+``register(subparsers)``; the handler it installs returns an exit status. The modules are
+named in :mod:`~wdanalysis.cli.command_index` and imported only for the sub-command run.
+User errors (:class:`WDAnalysisError`) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from importlib import import_module
+
+from wdanalysis.cli.command_index import COMMANDS
+from wdanalysis.errors import WDAnalysisError
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``wdanalysis`` parser.
+
+    Given the command line, only the sub-command it runs is registered in full (its module
+    imported); every other one is listed by its help line alone, so ``wdanalysis --help``
+    imports no analysis, plotting or training code. Without it every sub-command is.
+    """
+    parser = argparse.ArgumentParser(
+        prog="wdanalysis",
+        description="Weight-decomposition analysis of fine-tuning (DoRA paper, Figure 2).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = _command_in(argv) if argv is not None else None
+    registered: set[str] = set()
+    for name, (module, help_line) in COMMANDS.items():
+        if name in registered:
+            continue
+        if argv is None or name == chosen:
+            before = set(subparsers.choices)
+            import_module(module).register(subparsers)
+            registered |= set(subparsers.choices) - before
+        else:
+            subparsers.add_parser(name, help=help_line, add_help=False)
+            registered.add(name)
+    return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source checkout)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("wdanalysis")
+    except PackageNotFoundError:
+        from wdanalysis import __version__
+
+        return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    return run_handler(args)
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Run a sub-command; user errors, OS errors and Ctrl-C become one line on stderr.
+
+    Warnings (e.g. skipped incomplete checkpoints) are printed as ``wdanalysis: warning:``
+    lines instead of Python's two-line ``file:line: UserWarning`` form.
+    """
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.handler(args) or 0)
+        except WDAnalysisError as error:
+            print(f"wdanalysis: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("wdanalysis: interrupted; no partial output was left behind", file=sys.stderr)
+            return 130
+        except OSError as error:  # e.g. an --out folder that cannot be written, a full disk
+            where = f"{error.filename}: " if error.filename else ""
+            text = " ".join(f"{where}{error.strerror or error}".split())
+            print(
+                f"wdanalysis: error: {text} (check the path and its permissions)", file=sys.stderr
+            )
+            return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"wdanalysis: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

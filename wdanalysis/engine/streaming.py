@@ -1,0 +1,404 @@
+"""The streaming engine: the lower layer shared by :func:`wdanalysis.compare` and the
+training callback (:mod:`wdanalysis.tracking.tracker`). It imports nothing from the analysis.
+
+Weight-major and block-wise: for each selected weight, the base matrix is read once in
+blocks of rows, and each block is compared with the same rows of every checkpoint of every
+run before the next block is read. Memory therefore holds a few blocks (a fixed budget,
+whatever the model or matrix size), never a whole state dict, and never the base twice.
+
+* Full checkpoints in safetensors are read with ``pread`` straight into a small pool of
+  reusable buffers by a background thread (:mod:`wdanalysis.storage.row_reader`), so the disk keeps
+  streaming while the kernel runs. ``.bin`` checkpoints go through
+  :class:`~wdanalysis.storage.tensor_store.TensorStore` (mmap); in-memory weights (a model being
+  trained) are compared where they lie, block by block against the base read from disk.
+* LoRA/DoRA adapters never materialise ``W'``: the update ``d = s·B[rows]@A`` is formed in
+  float64 for the rows at hand, so nothing cancels. A DoRA merge ``m·V/‖V‖`` rescales each
+  output row to norm ``|m|`` without turning it, so on the output axis its ΔD is that of
+  ``V = W0 + s·B@A`` and its ΔM is ``| |m| − ‖W0‖ |``, both exact.
+* Per vector the sums ``Σa², Σa·d, Σd²`` are accumulated in float64 by
+  :func:`~wdanalysis.engine.decomposition.accumulate_sums` (one-pass fused kernel on CPU, torch
+  elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from wdanalysis.engine.decomposition import (
+    DecompositionChange,
+    accumulate_sums,
+    as_matrix,
+    change_from_sums,
+    matrix_sums,
+    vector_mode,
+)
+from wdanalysis.errors import NumericalError, WDAnalysisError
+from wdanalysis.loaders.layer_shapes import factor_matrices
+from wdanalysis.loaders.runs import AdapterCheckpoint
+from wdanalysis.storage.row_reader import Extent, Reader, extent_of, read_error, slice_request
+from wdanalysis.weights.bound_checkpoint import effective_weight, file_of, require_finite, source_of
+
+MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
+MAX_BLOCK = 32 << 20  # largest single read
+MIN_BLOCK = 4 << 20
+ADAPTER_CHUNK_ELEMENTS = 1 << 20  # float64 update rows formed at a time (8 MB)
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+@dataclass
+class _Job:
+    """One (checkpoint, weight) comparison: how to get its rows, where its sums go."""
+
+    index: int  # position in ``bound``
+    kind: str  # "file" | "dense" | "same" | "lora" | "dora" | "effective"
+    extent: Extent | None = None
+    dense: Callable[[], torch.Tensor] | None = None
+    module: object = None
+    sums: torch.Tensor | None = None
+    factors: tuple | None = None  # adapters: (A, s·B, m) float64 on the compute device
+    matrix: torch.Tensor | None = None  # "dense": the whole stored matrix
+    change: DecompositionChange | None = None
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Stored rows ``start:start+n`` of one weight, and how its vectors run."""
+
+    key: str
+    start: int
+    n: int
+    cols: int
+    mode: str  # "rows" | "cols"
+    transposed: bool
+
+
+def _rows_cols(shape) -> tuple[int, int]:
+    rows = shape[0]
+    return rows, max(1, _numel(shape) // max(rows, 1))
+
+
+def _as_matrix(buf: torch.Tensor, extent: Extent, rows: int, cols: int) -> torch.Tensor:
+    return buf[: rows * cols * extent.dtype.itemsize].view(extent.dtype).view(rows, cols)
+
+
+class Engine:
+    """Computes ΔM/ΔD for every (weight, checkpoint) pair; see the module docstring."""
+
+    def __init__(
+        self, base, bound, axis: str, transposed, device="cpu", workers: int = 1, budget=None
+    ):
+        self.base, self.bound, self.axis, self.transposed = base, bound, axis, transposed
+        self.budget = budget  # bytes of read buffers; None: MEMORY_BUDGET
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise NumericalError(
+                "device 'cuda' was asked for but torch sees no GPU", None, "use --device cpu"
+            )
+        self.backend = "auto" if self.device.type == "cpu" else "torch"
+        self.workers = max(1, int(workers))
+
+    # -- planning -------------------------------------------------------------------
+
+    def _jobs(self, key: str) -> list[_Job]:
+        jobs = []
+        for index, item in enumerate(self.bound):
+            ckpt = item.checkpoint
+            if isinstance(ckpt, AdapterCheckpoint):
+                jobs.append(self._adapter_job(index, item, key))
+                continue
+            ckey = item.keys[key]
+            extent = extent_of(ckpt.store, ckey)
+            if extent is not None:
+                jobs.append(_Job(index, "file", extent=extent))
+            else:
+                jobs.append(_Job(index, "dense", dense=lambda s=ckpt.store, k=ckey: s.get(k)))
+        return jobs
+
+    def _adapter_job(self, index: int, item, key: str) -> _Job:
+        module = item.keys.get(key)
+        if module is None:
+            return _Job(index, "same")
+        if (
+            not (module.lora_b or module.magnitude)  # a whole saved weight (modules_to_save)
+            or getattr(module, "saved_base", None)  # VL-BART merges onto its own weight_v
+            or (module.magnitude and self.axis == "in" and self.transposed(key))
+            or (getattr(module, "embedding", False) and not self.transposed(key))
+            or getattr(module, "magnitude_axis", "out") != "out"  # LyCORIS wd_on_out=False
+        ):
+            # Rare layouts are merged whole by Adapter.effective_weight. (DoRA's per-output
+            # scale on the input axis needs whole stored columns of an (in, out) weight; an
+            # embedding is (in, out) whatever the caller's layout says.)
+            return _Job(index, "effective", module=module)
+        return _Job(index, "dora" if module.magnitude else "lora", module=module)
+
+    def _load_factors(self, job: _Job) -> None:
+        """``A``, ``s·B`` and ``m`` of one adapted module, float64 on the compute device."""
+        store, module = self.bound[job.index].checkpoint.adapter.store, job.module
+        dev, f64 = self.device, torch.float64
+        a = b = m = None
+        if module.lora_b:  # conv factors as (r, in·k…) and (out, r) matrices
+            a, b = factor_matrices(store.get(module.lora_a), store.get(module.lora_b))
+            a, b = a.to(dev, f64), b.to(dev, f64) * module.scaling
+        if module.magnitude:
+            m = store.get(module.magnitude).to(dev, f64).reshape(-1)
+        job.factors = (a, b, m)
+
+    # -- running --------------------------------------------------------------------
+
+    def run(self, keys: list[str], on_result) -> None:
+        keys = sorted(keys, key=self._position)
+        plans = [(key, self._jobs(key)) for key in keys]
+        n_file = max([1] + [sum(j.kind == "file" for j in jobs) for _, jobs in plans])
+        block_bytes = self._block_bytes(n_file)
+        blocks = [self._blocks(key, jobs, block_bytes) for key, jobs in plans]
+        row_bytes = max([1] + [self._row_bytes(key) for key in keys])
+        size = max(block_bytes, row_bytes)
+        requests = self._requests(plans, blocks)
+        n_buffers = max(3, (self.budget or MEMORY_BUDGET) // size)
+        n_buffers = max(n_buffers, (n_file + 2) if self.workers > 1 else 3)
+        pin = self.device.type == "cuda"
+        reader = Reader(requests, n_buffers, size, pin)
+        pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        try:
+            for (key, jobs), rows_per_block in zip(plans, blocks, strict=True):
+                for job, change in self._run_key(key, jobs, rows_per_block, reader, pool):
+                    on_result(key, self.bound[job.index], change)  # change None: failed
+        finally:
+            reader.close()
+            if pool is not None:
+                pool.shutdown()
+
+    def _position(self, key: str):
+        extent = extent_of(self.base.store, key)
+        return (str(extent.file), extent.offset) if extent else ("", 0)
+
+    def _row_bytes(self, key: str) -> int:
+        shape = self.base.store.shape(key)
+        cols = 1
+        for n in shape[1:]:
+            cols *= n
+        return cols * 8  # float64 is the widest
+
+    def _block_bytes(self, n_file: int) -> int:
+        budget = self.budget or MEMORY_BUDGET
+        per = budget // (n_file + 3) if self.workers > 1 else budget // 8
+        return max(MIN_BLOCK, min(MAX_BLOCK, per))
+
+    def _blocks(self, key: str, jobs: list[_Job], block_bytes: int) -> int:
+        """Rows of the stored matrix per block, so that no read exceeds ``block_bytes``."""
+        shape = self.base.store.shape(key)
+        rows = shape[0]
+        cols = max(1, _numel(shape) // max(rows, 1))
+        itemsize = max(
+            [_itemsize(self.base.store.dtype(key))]
+            + [j.extent.dtype.itemsize for j in jobs if j.extent is not None]
+        )
+        return max(1, min(rows, block_bytes // (cols * itemsize)))
+
+    def _requests(self, plans, blocks):
+        for (key, jobs), per_block in zip(plans, blocks, strict=True):
+            base_extent = extent_of(self.base.store, key)
+            rows = self.base.store.shape(key)[0]
+            for start in range(0, rows, per_block):
+                n = min(per_block, rows - start)
+                if base_extent is not None:
+                    yield slice_request(base_extent, rows, start, n)
+                for job in jobs:
+                    if job.kind == "file":
+                        yield slice_request(job.extent, rows, start, n)
+
+    def _run_key(self, key, jobs, per_block, reader: Reader, pool):
+        """Stream one weight: every block of base rows against the same rows of every job."""
+        transposed = self.transposed(key)
+        mode = vector_mode(self.axis, transposed)
+        rows, cols = _rows_cols(self.base.store.shape(key))
+        n_vec = rows if mode == "rows" else cols
+        self._prepare_jobs(key, jobs, n_vec)
+        base_sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
+        base_extent = extent_of(self.base.store, key)
+        base_dense = None if base_extent is not None else as_matrix(self.base.store.get(key))
+        for start in range(0, rows, per_block):
+            block = _Block(key, start, min(per_block, rows - start), cols, mode, transposed)
+            base_buf, a = self._base_block(reader, block, base_extent, base_dense)
+            self._accumulate(a, a, base_sums, mode, block.start, block.n, True)
+            held = self._compare_block(block, a, jobs, reader, pool)
+            for buf in held if base_buf is None else [*held, base_buf]:
+                reader.release(buf)
+        if not torch.isfinite(base_sums).all():
+            self._check_base(key)
+        for job in jobs:
+            job.matrix = None
+            if self.bound[job.index].error is None:
+                self._guard(job, key, self._finish_job, key, job, base_sums, mode)
+            job.factors = job.sums = None
+            yield job, (None if self.bound[job.index].error else job.change)
+
+    def _prepare_jobs(self, key: str, jobs: list[_Job], n_vec: int) -> None:
+        """Zero each job's sums; load what is read whole (.bin matrices, adapter factors)."""
+        for job in jobs:
+            job.sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
+            if self.bound[job.index].error is not None:
+                continue
+            if job.kind == "dense":
+                self._guard(job, key, lambda j=job: setattr(j, "matrix", as_matrix(j.dense())))
+            elif job.kind in ("lora", "dora"):
+                self._guard(job, key, self._load_factors, job)
+
+    def _base_block(self, reader: Reader, block: _Block, extent, dense):
+        """The base rows of ``block`` (and the buffer holding them, to release later)."""
+        if extent is None:
+            return None, self._to_device(dense[block.start : block.start + block.n])
+        buf, error = reader.get()
+        if error is not None:
+            reader.release(buf)
+            raise read_error(block.key, extent, error)
+        return buf, self._to_device(_as_matrix(buf, extent, block.n, block.cols))
+
+    def _compare_block(self, block: _Block, a, jobs: list[_Job], reader: Reader, pool) -> list:
+        """Accumulate every live job's sums for this block; returns buffers still to release.
+
+        Every file job's buffer is taken from the reader, even for a failed checkpoint, so
+        that reads stay in step with the schedule. Without a pool each file block is
+        compared at once and its buffer recycled; with one, blocks are compared in parallel.
+        """
+        tasks, held = [], []
+        for job in jobs:
+            live = self.bound[job.index].error is None
+            if job.kind == "file":
+                buf, error = reader.get()
+                if live and error is not None:
+                    self.bound[job.index].error = read_error(block.key, job.extent, error)
+                    live = False
+                task = (job, _as_matrix(buf, job.extent, block.n, block.cols))
+                if live and pool is None:
+                    self._guard(job, block.key, self._compare, block, a, task)
+                if not live or pool is None:
+                    reader.release(buf)
+                else:
+                    held.append(buf)
+                    tasks.append(task)
+            elif live and job.kind == "dense":
+                tasks.append((job, job.matrix[block.start : block.start + block.n]))
+            elif live and job.kind in ("lora", "dora"):
+                tasks.append((job, None))
+        if pool is not None and len(tasks) > 1:
+            list(
+                pool.map(lambda t: self._guard(t[0], block.key, self._compare, block, a, t), tasks)
+            )
+        else:
+            for task in tasks:
+                self._guard(task[0], block.key, self._compare, block, a, task)
+        return held
+
+    def _compare(self, block: _Block, a, task) -> None:
+        """One job's sums for one block: a stored matrix, or an adapter's update."""
+        job, b = task
+        if b is None:
+            self._adapter_block(job, a, block.mode, block.start, block.n, block.transposed)
+        else:
+            self._accumulate(
+                a, self._to_device(b), job.sums, block.mode, block.start, block.n, True
+            )
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.device.type == "cpu" else t.to(self.device)
+
+    def _guard(self, job: _Job, key: str, fn, *args) -> None:
+        """Run ``fn``; a checkpoint's own error marks that checkpoint failed, not the run."""
+        try:
+            fn(*args)
+        except WDAnalysisError as error:
+            self.bound[job.index].error = error
+
+    def _finish_job(self, key, job, base_sums, mode) -> None:
+        job.change = self._finish(key, job, base_sums, mode)
+
+    def _accumulate(self, a, b, sums, mode, start, n, diff) -> None:
+        target = sums[:, start : start + n] if mode == "rows" else sums
+        accumulate_sums(a, b, target, mode, diff, self.backend)
+
+    def _adapter_block(self, job: _Job, a, mode, start, n, transposed) -> None:
+        """Sums for the stored rows ``start:start+n`` of an adapted weight."""
+        lora_a, lora_b, m = job.factors
+        cols = a.shape[1]
+        step = max(1, ADAPTER_CHUNK_ELEMENTS // max(cols, 1))
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            rows = slice(start + s, start + e)
+            if lora_b is None:  # magnitude only (DoRA authors' Wdecompose modules)
+                d = torch.zeros(e - s, cols, dtype=torch.float64, device=a.device)
+            elif transposed:  # stored (in, out): rows are input features
+                d = lora_a[:, rows].T @ lora_b.T
+            else:
+                d = lora_b[rows] @ lora_a
+            if job.kind == "dora" and self.axis == "in":
+                # axis "in" with output rows stored as rows: W' − W0 = (c−1)·a + c·u,
+                # c = m/‖V‖ per row, (c−1) = (m − ‖V‖)/‖V‖ formed without cancellation.
+                x = a[s:e].to(torch.float64)
+                norm_v = torch.linalg.vector_norm(x + d, dim=1)
+                safe = torch.where(norm_v > 0, norm_v, torch.ones_like(norm_v))
+                c = m[rows] / safe
+                d = d * c[:, None] + x * ((m[rows] - norm_v) / safe)[:, None]
+            self._accumulate(a[s:e], d.contiguous(), job.sums, mode, start + s, e - s, False)
+
+    def _finish(self, key, job, base_sums, mode) -> DecompositionChange:
+        if job.kind == "effective":
+            return self._effective(key, job, mode)
+        sums = job.sums
+        if job.kind == "same":
+            sums = base_sums.clone()
+            sums[1:].zero_()
+        magnitude = job.factors[2] if job.kind == "dora" and job.factors else None
+        if not torch.isfinite(sums).all() or (
+            magnitude is not None and not torch.isfinite(magnitude).all()
+        ):
+            self._report_non_finite(key, self.bound[job.index])
+        if magnitude is not None and self.axis == "out":
+            return change_from_sums(sums[0], sums[1], sums[2], new_norm=magnitude)
+        return change_from_sums(sums[0], sums[1], sums[2])
+
+    def _effective(self, key, job, mode) -> DecompositionChange:
+        """Whole-matrix fallback for the rare adapter layouts (see ``_adapter_job``)."""
+        item = self.bound[job.index]
+        w0 = self.base.store.get(key)
+        wt = effective_weight(item, key, w0, self.transposed)
+        sums = matrix_sums(w0.to(self.device), wt.to(self.device), mode, self.backend)
+        if not torch.isfinite(sums).all():
+            self._report_non_finite(key, item)
+        return change_from_sums(sums[0], sums[1], sums[2])
+
+    def _check_base(self, key) -> None:
+        w0 = self.base.store.get(key)
+        require_finite(w0, key, file_of(self.base.store, key), "re-download the base model")
+        raise NumericalError(
+            f"weight {key!r}: its sums overflowed float64 (values beyond ~1e150)",
+            file_of(self.base.store, key),
+        )
+
+    def _report_non_finite(self, key, item) -> None:
+        """Count the checkpoint's NaN/Inf values, with the same message as the dense path."""
+        w0 = self.base.store.get(key)
+        wt = effective_weight(item, key, w0, self.transposed)
+        require_finite(wt, key, source_of(item, key))
+        raise NumericalError(
+            f"weight {key!r}: its sums overflowed float64 (values beyond ~1e150)",
+            source_of(item, key),
+            "rescale the weights",
+        )
+
+
+def _numel(shape) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
+def _itemsize(dtype) -> int:
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 8

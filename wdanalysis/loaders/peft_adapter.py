@@ -1,0 +1,302 @@
+"""LoRA and DoRA adapters: parse their configs and rebuild effective weights exactly.
+
+Formats read here (see ``shared/reference/formats-and-pitfalls.md``):
+
+* PEFT ``LORA`` adapters, with or without ``use_dora`` (``lora_magnitude_vector``), on
+  ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` layers;
+* the DoRA authors' LLM format (``peft_type: "DORA"``, ``weight_m_wdecomp.weight``);
+* the DoRA authors' VL-BART state dicts (``weight_m``, bare ``lora_A``/``lora_B``).
+
+Conv weights are analysed as the matrix ``(out, in·k…)`` (PEFT's DoRA norm runs over every
+dim but 0), with ``lora_A`` ``(r, in, k…)`` and ``lora_B`` ``(out, r, 1…)`` flattened the
+same way: PEFT's conv merge ``conv(A, B)`` is exactly ``B.view(out, r) @ A.view(r, -1)``.
+An embedding weight ``(num_embeddings, embedding_dim)`` is, for PEFT, stored ``(in, out)``:
+its update is ``(lora_embedding_B @ lora_embedding_A)ᵀ`` and its DoRA magnitude holds one
+value per embedding dimension, so it is handled like a transposed (``Conv1D``) weight.
+
+The effective weight is always rebuilt from the untouched base matrix, one matrix at a time
+and in float64, so merges never pile up across checkpoints and bf16 never rounds the update.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.loaders import trainable_tokens as tokens
+from wdanalysis.loaders.key_alignment import KeyAligner, strip_peft_prefix
+from wdanalysis.loaders.layer_shapes import check_factors, factor_matrices, out_in
+from wdanalysis.loaders.peft_config import (  # noqa: F401 - re-exported: the adapters' API
+    SUPPORTED_PEFT_TYPES,
+    VLBART_CONFIG,
+    AdapterConfig,
+    read_adapter_config,
+)
+from wdanalysis.storage.tensor_store import TensorStore
+
+# Suffix of a key → (role, is the module's own name before it).
+_ROLE_SUFFIXES = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_magnitude_vector.weight", "m"),
+    (".lora_magnitude_vector", "m"),
+    (".weight_m_wdecomp.weight", "m"),
+    (".weight_m", "m"),
+    (".weight_v", "v"),  # VL-BART DoraLinear: its own frozen copy of W0
+    (".lora_A", "A"),
+    (".lora_B", "B"),
+    (".lora_embedding_A", "EA"),  # nn.Embedding: (r, num_embeddings)
+    (".lora_embedding_B", "EB"),  # (embedding_dim, r)
+)
+_UNSUPPORTED_ROLES = ("lora_E", "hada_w", "lokr_w")
+
+
+@dataclass
+class AdapterModule:
+    """The adapter's pieces for one module, keyed by their names in the adapter file."""
+
+    name: str  # module path without the PEFT prefix
+    lora_a: str | None = None
+    lora_b: str | None = None
+    magnitude: str | None = None
+    replacement: str | None = None  # a whole saved weight (PEFT modules_to_save)
+    saved_base: str | None = None  # VL-BART ``weight_v``: the W0 the module itself merges onto
+    rank: int | None = None
+    scaling: float = 1.0
+    embedding: bool = False  # an nn.Embedding: stored (in, out), update (B@A)ᵀ
+    token_rows: str | None = (
+        None  # PEFT trainable tokens (:mod:`wdanalysis.loaders.trainable_tokens`)
+    )
+    token_indices: tuple[int, ...] = ()
+
+
+def group_adapter_keys(keys: list[str], where: Path) -> dict[str, AdapterModule]:
+    """Group adapter tensor names by the module they adapt."""
+    modules: dict[str, AdapterModule] = {}
+    for key in keys:
+        if any(f".{role}" in key for role in _UNSUPPORTED_ROLES):
+            raise CheckpointFormatError(
+                f"unsupported adapter tensor {key!r} (embedding or non-LoRA adapter)", where
+            )
+        if tokens.token_module(key):
+            name = strip_peft_prefix(tokens.token_module(key))
+            modules.setdefault(name, AdapterModule(name)).token_rows = key
+            continue
+        role, name = _role_of(key)
+        module = modules.setdefault(name, AdapterModule(name))
+        module.embedding = module.embedding or role in ("EA", "EB")
+        if role in ("A", "EA"):
+            module.lora_a = key
+        elif role in ("B", "EB"):
+            module.lora_b = key
+        elif role == "m":
+            module.magnitude = key
+        elif role == "v":
+            module.saved_base = key
+        elif key.endswith(".weight"):
+            module.replacement = key
+    return modules
+
+
+# A live PEFT model's state dict (``torch.save(peft_model.state_dict())``) keeps the adapter
+# name: ``q_proj.lora_A.default.weight``, ``q_proj.lora_magnitude_vector.default.weight``.
+_NAMED_ROLE = re.compile(
+    r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_magnitude_vector|lora_embedding_[AB])"
+    r"\.[^.]+(?:\.weight)?$"
+)
+_NAMED_ROLES = {
+    "lora_A": "A",
+    "lora_B": "B",
+    "lora_magnitude_vector": "m",
+    "lora_embedding_A": "EA",
+    "lora_embedding_B": "EB",
+}
+
+
+def _role_of(key: str) -> tuple[str, str]:
+    for suffix, role in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            return role, strip_peft_prefix(key[: -len(suffix)])
+    named = _NAMED_ROLE.match(key)
+    if named:
+        return _NAMED_ROLES[named["role"]], strip_peft_prefix(named["module"])
+    stripped = strip_peft_prefix(key)
+    stripped = stripped.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+    stripped = stripped.replace(".base_layer.", ".")  # the wrapped layer's own weight
+    name = stripped[: -len(".weight")] if stripped.endswith(".weight") else stripped
+    return "other", name
+
+
+@dataclass
+class Adapter:
+    """A LoRA/DoRA adapter over a base model, checked against that model's weights."""
+
+    path: Path
+    store: TensorStore
+    config: AdapterConfig
+    modules: dict[str, AdapterModule]
+
+    @property
+    def method(self) -> str:
+        return "DoRA" if any(m.magnitude for m in self.modules.values()) else "LoRA"
+
+    @property
+    def adapted(self) -> dict[str, AdapterModule]:
+        return {n: m for n, m in self.modules.items() if m.lora_b or m.magnitude}
+
+    def bind(self, aligner: KeyAligner, shapes: dict[str, tuple[int, ...]], transposed) -> dict:
+        """Map base keys to adapter modules; fail loudly on anything that does not fit."""
+        bound: dict[str, AdapterModule] = {}
+        unmatched = []
+        for name, module in self.modules.items():
+            base_key = aligner.find(name + ".weight")
+            if base_key is None:
+                if module.lora_b or module.magnitude or module.token_rows:
+                    unmatched.append(name)
+                continue  # e.g. a task head saved with modules_to_save: not in the base
+            if module.embedding and len(shapes[base_key]) != 2:
+                raise AdapterMismatchError(
+                    f"{module.name}: an embedding adapter on the base weight "
+                    f"{list(shapes[base_key])}, which is not an embedding table",
+                    self.path,
+                    "pass the base model this adapter was trained on",
+                )
+            if module.token_rows:
+                module.token_indices = tokens.indices_for(name, self.config.raw, self.path)
+                rows = self.store.shape(module.token_rows)
+                tokens.check_rows(name, module.token_indices, rows, shapes[base_key], self.path)
+            self._check_module(module, shapes[base_key], transposed(base_key) or module.embedding)
+            bound[base_key] = module
+        if unmatched:
+            total = sum(1 for m in self.modules.values() if m.lora_b or m.magnitude)
+            why, hint = explain_unmatched(unmatched[0], aligner.base_keys)
+            raise AdapterMismatchError(
+                f"{len(unmatched)} of {total} adapted modules match no base weight, "
+                f"e.g. {unmatched[0]!r}: {why}",
+                self.path,
+                hint,
+            )
+        return bound
+
+    def _check_module(self, module: AdapterModule, shape, transposed: bool) -> None:
+        if not (module.lora_a or module.lora_b or module.magnitude):
+            return  # a whole saved weight (1-D norms too): checked when it is analysed
+        out_features, _ = out_in(shape, transposed, self.path)
+        if module.lora_a or module.lora_b:
+            if not (module.lora_a and module.lora_b):
+                raise AdapterMismatchError(
+                    f"{module.name} has only one of lora_A/lora_B",
+                    self.path,
+                    "the adapter file is incomplete; re-save it",
+                )
+            a_shape, b_shape = self.store.shape(module.lora_a), self.store.shape(module.lora_b)
+            rank = check_factors(module.name, a_shape, b_shape, shape, transposed, self.path)
+            module.rank, module.scaling = self.config.rank_and_scaling(module.name, rank, self.path)
+        if module.magnitude:
+            m_shape = self.store.shape(module.magnitude)
+            if math.prod(m_shape) != out_features:
+                raise AdapterMismatchError(
+                    f"{module.name}: magnitude has shape {list(m_shape)} but the base weight has "
+                    f"{out_features} output features",
+                    self.path,
+                    "this adapter was trained on a model of another size",
+                )
+        refuse_non_float(self.store, (module.lora_a, module.lora_b, module.magnitude), self.path)
+        if module.saved_base and self.store.shape(module.saved_base) != tuple(shape):
+            raise AdapterMismatchError(
+                f"{module.name}: weight_v {list(self.store.shape(module.saved_base))} does not "
+                f"match the base weight {list(shape)}",
+                self.path,
+                "this checkpoint was trained on a model of another size",
+            )
+
+    def effective_weight(self, module: AdapterModule, w0: torch.Tensor, transposed: bool):
+        """The merged weight in float64, in the base weight's stored layout.
+
+        LoRA: ``W0 + s·B@A``; DoRA: ``m · V / ‖V‖`` with ``V = W0 + s·B@A`` and the norm
+        taken per output feature, exactly as PEFT and the DoRA authors merge. Conv kernels
+        are merged as ``(out, in·k…)`` matrices, embeddings as transposed weights
+        (:mod:`wdanalysis.loaders.layer_shapes`).
+        """
+        if module.token_rows:  # rows replaced first; PEFT refuses LoRA on the same table
+            w0 = tokens.with_rows(w0, module.token_indices, self.store.get(module.token_rows))
+        if not (module.lora_b or module.magnitude):
+            if module.replacement is None:
+                return w0.to(torch.float64)
+            saved = self.store.get(module.replacement)
+            if tuple(saved.shape) != tuple(w0.shape):
+                # e.g. an embedding resized for added tokens: fatal only when analysed
+                raise AdapterMismatchError(
+                    f"{module.name}: saved weight {list(saved.shape)} does not match the base "
+                    f"weight {list(w0.shape)}",
+                    self.path,
+                    "leave this module out of --modules, or pass the matching base model",
+                )
+            return saved.to(torch.float64)
+        # VL-BART's DoraLinear merges onto its own saved copy of W0 (weight_v)
+        use_saved = module.saved_base and self.config.format == "dora-vlbart"
+        v = (self.store.get(module.saved_base) if use_saved else w0).to(torch.float64)
+        transposed = transposed or module.embedding
+        v = v.T if transposed else v.reshape(v.shape[0], -1)  # conv: (out, in·k…)
+        if module.lora_b:
+            a, b = factor_matrices(self.store.get(module.lora_a), self.store.get(module.lora_b))
+            v = v + module.scaling * (b.to(torch.float64) @ a.to(torch.float64))
+        if module.magnitude:
+            m = self.store.get(module.magnitude).to(torch.float64).reshape(-1, 1)
+            norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+            # A zero row of V has no direction: it stays zero (and is counted as a zero-norm
+            # vector by the analysis) instead of becoming 0/0 = NaN.
+            v = m * (v / torch.where(norm > 0, norm, torch.ones_like(norm)))
+        return (v.T if transposed else v).reshape(w0.shape)
+
+
+def refuse_non_float(store, names, path) -> None:
+    """Adapter factors and magnitudes must be floating point (not quantized or integer)."""
+    for name in names:
+        dtype = store.dtype(name) if name else torch.float32
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise AdapterMismatchError(
+                f"adapter tensor {name!r} has dtype {str(dtype).replace('torch.', '')}; "
+                "quantized or integer adapter weights are not supported",
+                path,
+                "save the adapter in fp32/fp16/bf16",
+            )
+
+
+def explain_unmatched(name: str, base_keys) -> tuple[str, str]:
+    """Why an adapted module matches no base weight, and the fix: a model mismatch (the
+    base has no such module) or a key-prefix mismatch (the name fits several base weights)."""
+    paths = sorted(k[: -len(".weight")] for k in base_keys if k.endswith(".weight"))
+    leaf = name.rsplit(".", 1)[-1]
+    same_leaf = [p for p in paths if p.rsplit(".", 1)[-1] == leaf]
+    retrain = "pass the base model this adapter was trained on"
+    if not same_leaf:
+        leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        shown = ", ".join(leaves[:8]) + (", …" if len(leaves) > 8 else "")
+        return (
+            f"model mismatch: the base has no {leaf!r} module (its modules: {shown})",
+            retrain,
+        )
+    parts = name.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    for start in range(len(parts) - 1):
+        tail = ".".join(parts[start:])
+        fits = [p for p in same_leaf if p == tail or p.endswith("." + tail)]
+        if len(fits) >= 2 and (not numbered or start <= numbered[0]):
+            return (
+                f"key prefix mismatch: it fits {fits[0]!r} and {fits[1]!r} alike",
+                "the adapter was saved without the model's module prefix; rename its keys to "
+                f"full module names such as 'base_model.model.{fits[0]}'",
+            )
+        if fits:
+            break
+    return (
+        f"model mismatch: the base has {leaf!r} modules but none at this path "
+        f"(e.g. {same_leaf[0]!r})",
+        retrain,
+    )

@@ -1,0 +1,302 @@
+"""What a path holds: a full model, an adapter, or a training run of many checkpoints.
+
+Reads only headers and configs; tensors are read later, one at a time, by the analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wdanalysis.errors import CheckpointFormatError, NumericalError
+from wdanalysis.loaders import formats
+from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint, FullModel
+from wdanalysis.loaders.formats import mlxquant, pipeline
+from wdanalysis.loaders.key_alignment import KeyAligner
+from wdanalysis.loaders.peft_adapter import (
+    VLBART_CONFIG,
+    Adapter,
+    AdapterConfig,
+    group_adapter_keys,
+    read_adapter_config,
+)
+from wdanalysis.storage.hub_cache import resolve_model_path
+from wdanalysis.storage.tensor_store import (
+    TensorStore,
+    open_shard_files,
+    open_sharded,
+    open_tensor_file,
+)
+
+STEP_FOLDER = re.compile(
+    r"^(?:checkpoint|step|epoch|global_step|global-step|iter)[-_]?(\d+)$", re.IGNORECASE
+)
+# Single-file checkpoints named by step, e.g. the DoRA authors' VL-BART ``Epoch05.pth``.
+STEP_FILE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+FULL_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    *formats.DIFFUSERS_WEIGHT_FILES,
+)
+_VLBART_MARKERS = (".weight_m", ".lora_A", ".lora_B")
+
+Checkpoint = FullModel | AdapterCheckpoint
+
+
+@dataclass
+class Run:
+    """One training run: its checkpoints sorted by step, and what was skipped."""
+
+    path: Path
+    name: str
+    checkpoints: list[Checkpoint]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    label: str | None = None  # user's display name, replaces the inferred method
+
+    @property
+    def method(self) -> str:
+        methods = {c.method for c in self.checkpoints}
+        return methods.pop() if len(methods) == 1 else "/".join(sorted(methods))
+
+
+# ------------------------------------------------------------------------------ opening
+
+
+def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
+    """Open one checkpoint (file or folder) by looking at its files and headers.
+
+    A hub id ``org/name[@revision]`` that is not a local path is opened from the local
+    Hugging Face cache (:mod:`wdanalysis.storage.hub_cache`).
+    """
+    path = resolve_model_path(path)
+    if not path.exists():
+        raise CheckpointFormatError("no such file or folder", path, "check the path")
+    if step is None:
+        step = step_of(path)
+    if path.is_file():
+        return _open_file(path, step)
+    if pipeline.is_pipeline(path):  # a diffusers pipeline: its components as one model
+        return FullModel(path, pipeline.open_pipeline(path), None, step)
+    found = formats.open_folder(path, step)
+    if found is not None:
+        return found
+    if (path / "adapter_config.json").is_file():
+        return _open_adapter_folder(path, step)
+    for name in FULL_WEIGHT_FILES:
+        if (path / name).is_file():
+            return _full(path, _open_weights(path / name), step)
+    loose = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    if loose:
+        return _full(path, open_shard_files(loose, path), step)
+    if any(path.glob("adapter_model.*")):
+        raise CheckpointFormatError(
+            "adapter weights without adapter_config.json", path, "copy the config beside them"
+        )
+    if not any(path.iterdir()):
+        raise CheckpointFormatError(
+            "empty folder",
+            path,
+            "point at the folder holding model.safetensors, pytorch_model.bin, an adapter, "
+            "or checkpoint-N sub-folders",
+        )
+    raise CheckpointFormatError(
+        "no recognisable checkpoint (expected model.safetensors, pytorch_model.bin, "
+        "an adapter_config.json, or checkpoint-N sub-folders)",
+        path,
+    )
+
+
+def _open_weights(path: Path) -> TensorStore:
+    return open_sharded(path) if path.name.endswith(".index.json") else open_tensor_file(path)
+
+
+def _open_file(path: Path, step: int | None) -> Checkpoint:
+    if path.name == "adapter_config.json":
+        return _open_adapter_folder(path.parent, step)
+    if path.name.endswith(".index.json"):
+        return _full(path, open_sharded(path), step)
+    store = open_tensor_file(path)
+    found = formats.open_file(path, store, step)
+    if found is not None:
+        return found
+    if any(k.endswith(_VLBART_MARKERS) for k in store.keys()):
+        return _adapter(path, store, VLBART_CONFIG, step)
+    if any(".lora_A." in k or ".lora_B." in k for k in store.keys()):
+        config_file = path.parent / "adapter_config.json"
+        if config_file.is_file():
+            return _adapter(path, store, read_adapter_config(config_file), step)
+        raise CheckpointFormatError(
+            "LoRA weights without adapter_config.json", path, "put the config beside the file"
+        )
+    return _full(path, store, step)
+
+
+def _full(path: Path, store: TensorStore, step: int | None) -> FullModel:
+    folder = path if path.is_dir() else path.parent
+    store = mlxquant.dequantized(store, folder)  # mlx -q models: exact float64 on read
+    return FullModel(path, store, _model_type(folder), step)
+
+
+def _open_adapter_folder(folder: Path, step: int | None) -> AdapterCheckpoint:
+    config = read_adapter_config(folder / "adapter_config.json")
+    for name in ADAPTER_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return _adapter(folder, open_tensor_file(folder / name), config, step)
+    raise CheckpointFormatError(
+        "adapter_config.json found but no adapter_model.safetensors or adapter_model.bin",
+        folder,
+        "the save was cut short or the weights were not copied; copy them beside the config",
+    )
+
+
+def _adapter(path: Path, store: TensorStore, config: AdapterConfig, step) -> AdapterCheckpoint:
+    modules = group_adapter_keys(store.keys(), path)
+    return AdapterCheckpoint(path, Adapter(path, store, config, modules), step)
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# --------------------------------------------------------------------------------- steps
+
+
+def step_of(path: Path) -> int | None:
+    """The training step of a checkpoint: from its folder name, else ``trainer_state.json``."""
+    folder = path if path.is_dir() else path.parent
+    for name in (path.name if path.is_dir() else path.stem, folder.name):
+        match = STEP_FOLDER.match(name)
+        if match:
+            return int(match.group(1))
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def step_folders(path: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-N`` style sub-folders (or ``EpochNN.pth`` style weight files), sorted by
+    N as a number (not as text)."""
+    found = []
+    for child in path.iterdir() if path.is_dir() else ():
+        if child.is_dir():
+            match = STEP_FOLDER.match(child.name)
+        elif child.suffix in STEP_FILE_SUFFIXES:
+            match = STEP_FOLDER.match(child.stem)
+        else:
+            match = None
+        if match:
+            found.append((int(match.group(1)), child))
+    if not found and path.is_dir():  # steps saved as files (mlx-lm, torchtune, kohya-ss)
+        found = formats.step_files(path)
+    return sorted(found)
+
+
+def open_run(path: str | Path, name: str | None = None) -> Run:
+    """A run folder of ``checkpoint-N`` sub-folders, or a single checkpoint as a one-step run.
+
+    Sub-folders that hold no complete checkpoint (a run killed mid-save) are skipped with
+    a warning and listed in ``Run.skipped``; the others are kept. A cached hub id is opened
+    from its snapshot folder and named by the id.
+    """
+    resolved = resolve_model_path(path)
+    if not resolved.exists():
+        raise CheckpointFormatError("no such file or folder", path, "check the path")
+    name = name or (Path(path).name if resolved == Path(path) else str(path))
+    path = resolved
+    folders = step_folders(path)
+    if not folders:
+        return Run(path, name, [open_checkpoint(path)])
+    checkpoints, skipped = [], []
+    for step, folder in folders:
+        try:
+            checkpoints.append(open_checkpoint(folder, step))
+        except CheckpointFormatError as error:
+            skipped.append((folder, error.problem))
+    if skipped:
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} incomplete checkpoint(s): "
+            + ", ".join(f"{p.name} ({why})" for p, why in skipped),
+            stacklevel=2,
+        )
+    if not checkpoints:
+        raise CheckpointFormatError(
+            f"none of the {len(folders)} checkpoint folders is complete "
+            f"(first: {skipped[0][0].name}: {skipped[0][1]})",
+            path,
+        )
+    return Run(path, name, checkpoints, skipped)
+
+
+def open_base(path: str | Path) -> FullModel:
+    base = open_checkpoint(path)
+    if not isinstance(base, FullModel):
+        raise CheckpointFormatError(
+            "the base must be a full model, not an adapter",
+            path,
+            "pass the pretrained model the adapter was trained on",
+        )
+    return base
+
+
+def aligner_for(base: FullModel) -> KeyAligner:
+    return KeyAligner(base.store.keys())
+
+
+def is_float(dtype: torch.dtype | str) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+# Companion tensors that quantization schemes save beside (or instead of) ``.weight``.
+_QUANTIZATION_MARKERS = (  # (suffixes, scheme)
+    (
+        (
+            ".absmax",
+            ".quant_map",
+            ".nested_absmax",
+            ".quant_state.bitsandbytes__nf4",
+            ".quant_state.bitsandbytes__fp4",
+        ),
+        "bitsandbytes 4-bit",
+    ),
+    ((".SCB", ".weight_format"), "bitsandbytes 8-bit"),
+    ((".qweight", ".qzeros", ".g_idx"), "GPTQ/AWQ"),
+    (
+        (".weight_scale", ".weight_scale_inv", ".weight_packed", ".input_scale"),
+        "scaled fp8/int (compressed-tensors)",
+    ),
+)
+
+
+def quantization_of(store: TensorStore) -> tuple[str, str] | None:
+    """``(scheme, example key)`` when the store holds quantized weights, else ``None``."""
+    for key in store.keys():
+        for suffixes, scheme in _QUANTIZATION_MARKERS:
+            if key.endswith(suffixes):
+                return scheme, key
+    packed = mlxquant.packed_weights(store)  # left packed only where it could not be read
+    return ("mlx", packed[0]) if packed else None
+
+
+def refuse_quantized(store: TensorStore, role: str) -> None:
+    """Quantized weights need their scales applied; only mlx's affine mode is dequantized
+    (:mod:`wdanalysis.loaders.formats.mlxquant`), on opening."""
+    found = quantization_of(store)
+    if found:
+        scheme, key = found
+        raise NumericalError(
+            f"the {role} is {scheme} quantized (e.g. {key!r}); quantized weights are not supported",
+            store.infos[key].file,
+            mlxquant.FIX if scheme == "mlx" else "analyse the unquantized (fp32/fp16/bf16) model",
+        )

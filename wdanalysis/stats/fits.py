@@ -1,0 +1,390 @@
+"""Statistics of the ΔM–ΔD relation (DoRA paper, Figure 2): line fits and correlations.
+
+The paper's claim is about a *sign*: full fine-tuning and DoRA change magnitude and
+direction in opposite senses (negative ΔM–ΔD slope), LoRA in the same sense (positive
+slope). Every number here serves to check that claim with its uncertainty: a least-squares
+line of ΔM on ΔD, Pearson's r with a Fisher-z interval, Spearman's ρ (robust to the few
+outlying layers that often dominate r), pooled over layers and steps as in the paper and
+again per step, so a reader sees whether the sign holds throughout training.
+
+Everything takes and returns tidy :class:`pandas.DataFrame` objects; undefined statistics
+(one point, constant ΔD, ...) are NaN with the reason in the ``note`` column, never a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from wdanalysis.errors import WDAnalysisError
+from wdanalysis.table.schema import REQUIRED_COLUMNS, validate_deltas
+
+__all__ = [
+    "FIT_COLUMNS",
+    "MODULE_ALIASES",
+    "compare_correlations",
+    "drop_undefined",
+    "fit_lines",
+    "format_fit_table",
+    "fit_one",
+    "select_module",
+    "validate_deltas",
+]
+
+#: Output columns of :func:`fit_lines`, in order (the grouping columns come first).
+FIT_COLUMNS: tuple[str, ...] = (
+    "scope",
+    "step",
+    "n",
+    "n_layers",
+    "n_steps",
+    "slope",
+    "slope_se",
+    "slope_ci_low",
+    "slope_ci_high",
+    "intercept",
+    "intercept_se",
+    "intercept_ci_low",
+    "intercept_ci_high",
+    "pearson_r",
+    "pearson_p",
+    "pearson_ci_low",
+    "pearson_ci_high",
+    "spearman_rho",
+    "spearman_p",
+    "note",
+)
+
+#: Names the same attention projection goes by in different model families, so that
+#: ``module="query"`` (paper Fig. 2) and ``module="value"`` (Fig. 6) work on any of them.
+MODULE_ALIASES: dict[str, tuple[str, ...]] = {
+    "query": ("query", "q_proj", "q", "q_lin", "wq", "to_q", "q_attn"),
+    "key": ("key", "k_proj", "k", "k_lin", "wk", "to_k"),
+    "value": ("value", "v_proj", "v", "v_lin", "wv", "to_v"),
+    "output": ("output", "o_proj", "out_proj", "o", "out_lin", "wo", "to_out", "dense"),
+}
+
+CONFIDENCE = 0.95
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def drop_undefined(deltas: pd.DataFrame) -> pd.DataFrame:
+    """Drop rows whose ΔM or ΔD is NaN/±inf, warning how many per run; raise if none is left.
+
+    ΔD is NaN when every vector of a weight had zero norm; such a matrix has no direction,
+    so it cannot sit on the ΔM–ΔD plane. Silently dropping it would hide a broken checkpoint,
+    so the warning names the runs.
+    """
+    values = deltas[["delta_m", "delta_d"]].to_numpy(dtype=float, na_value=np.nan)
+    bad = ~np.isfinite(values).all(axis=1)
+    if not bad.any():
+        return deltas
+    if bad.all():
+        raise WDAnalysisError(
+            f"every one of the {len(deltas)} rows has a NaN or infinite delta_m/delta_d; "
+            "nothing is left to fit",
+            hint="ΔD is NaN when all vectors of a weight have zero norm: check the checkpoints",
+        )
+    per_run = deltas.loc[bad, "run"].astype(str).value_counts(sort=False)
+    detail = ", ".join(f"{count} in run {run!r}" for run, count in per_run.items())
+    warnings.warn(
+        f"dropped {int(bad.sum())} of {len(deltas)} rows with NaN/infinite delta_m or "
+        f"delta_d ({detail})",
+        UserWarning,
+        stacklevel=3,
+    )
+    return deltas.loc[~bad]
+
+
+def _module_matches(module: str, wanted: str) -> bool:
+    names = MODULE_ALIASES.get(wanted.lower())
+    if names is None:  # a concrete name: match its alias family too ("q_proj" ~ "query")
+        names = next((v for v in MODULE_ALIASES.values() if wanted.lower() in v), (wanted,))
+    return module.lower() in names
+
+
+def select_module(deltas: pd.DataFrame, module: str | None) -> pd.DataFrame:
+    """Rows of one module: an exact name ("q_proj") or a family alias ("query", "value").
+
+    With ``module=None`` the table must hold a single module: mixing query and value
+    matrices in one scatter would compare unlike things, so we ask rather than guess.
+    """
+    present = list(dict.fromkeys(deltas["module"].astype(str)))
+    if module is None:
+        if len(present) > 1:
+            raise WDAnalysisError(
+                f"the deltas hold {len(present)} modules ({', '.join(present)}); "
+                "pick one with module=... (e.g. module='query' for the paper's Figure 2)"
+            )
+        return deltas
+    exact = deltas["module"].astype(str) == module
+    if exact.any():
+        return deltas.loc[exact]
+    alias = deltas["module"].astype(str).map(lambda name: _module_matches(name, module))
+    if not alias.any():
+        raise WDAnalysisError(
+            f"module {module!r} is not in the deltas; present: {', '.join(present)}"
+        )
+    return deltas.loc[alias.to_numpy(dtype=bool)]
+
+
+# --------------------------------------------------------------------------- one fit
+
+
+def _nan_fit() -> dict[str, float]:
+    keys = [c for c in FIT_COLUMNS if c not in ("scope", "step", "n", "n_layers", "n_steps")]
+    return {key: math.nan for key in keys if key != "note"}
+
+
+def _line(x: np.ndarray, y: np.ndarray, out: dict) -> None:
+    """Least-squares line of y on x with t-based 95% intervals (needs n ≥ 3 for SEs)."""
+    n = len(x)
+    result = sps.linregress(x, y)
+    out["slope"], out["intercept"] = float(result.slope), float(result.intercept)
+    if n < 3:  # two points define the line exactly: no residual, no uncertainty
+        return
+    t = sps.t.ppf(0.5 + CONFIDENCE / 2, n - 2)
+    out["slope_se"], out["intercept_se"] = float(result.stderr), float(result.intercept_stderr)
+    out["slope_ci_low"] = out["slope"] - t * out["slope_se"]
+    out["slope_ci_high"] = out["slope"] + t * out["slope_se"]
+    out["intercept_ci_low"] = out["intercept"] - t * out["intercept_se"]
+    out["intercept_ci_high"] = out["intercept"] + t * out["intercept_se"]
+
+
+def _correlations(x: np.ndarray, y: np.ndarray, out: dict) -> None:
+    """Pearson r (+ Fisher-z 95% CI when n ≥ 4) and Spearman ρ; p-values need n ≥ 3."""
+    n = len(x)
+    pearson = sps.pearsonr(x, y)
+    out["pearson_r"] = float(pearson.statistic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ties can make ρ's input constant: NaN is the answer
+        spearman = sps.spearmanr(x, y)
+    out["spearman_rho"] = float(spearman.statistic)
+    if n < 3:  # r = ±1 by construction; a p-value would be meaningless
+        return
+    out["pearson_p"] = float(pearson.pvalue)
+    out["spearman_p"] = float(spearman.pvalue)
+    if n >= 4:  # Fisher z: se = 1/sqrt(n - 3)
+        interval = pearson.confidence_interval(confidence_level=CONFIDENCE)
+        out["pearson_ci_low"], out["pearson_ci_high"] = float(interval.low), float(interval.high)
+
+
+def fit_one(delta_d: np.ndarray, delta_m: np.ndarray) -> dict[str, float | str]:
+    """All statistics of one ΔM-on-ΔD regression, NaN (with a ``note``) where undefined.
+
+    Kept separate from the grouping so that it can be tested against closed forms directly.
+    """
+    x = np.asarray(delta_d, dtype=float)
+    y = np.asarray(delta_m, dtype=float)
+    out: dict[str, float | str] = {**_nan_fit(), "note": ""}
+    n = len(x)
+    if n < 2:
+        out["note"] = f"{n} point(s): a line needs at least 2"
+        return out
+    if np.all(x == x[0]):
+        out["note"] = "ΔD is constant: slope and correlation undefined"
+        return out
+    _line(x, y, out)
+    if np.all(y == y[0]):
+        out["note"] = "ΔM is constant: correlation undefined"
+        return out
+    _correlations(x, y, out)
+    if n == 2:
+        out["note"] = "2 points: exact line, no standard errors, p-values or CI"
+    elif n == 3:
+        out["note"] = "3 points: r's Fisher-z CI needs at least 4"
+    return out
+
+
+# --------------------------------------------------------------------------- grouped fits
+
+
+def _group_row(keys: dict, frame: pd.DataFrame, scope: str, step) -> dict:
+    row = {**keys, "scope": scope, "step": step, "n": len(frame)}
+    row["n_layers"] = int(frame["layer"].nunique(dropna=True))
+    row["n_steps"] = int(frame["step"].nunique(dropna=True))
+    row.update(fit_one(frame["delta_d"].to_numpy(float), frame["delta_m"].to_numpy(float)))
+    return row
+
+
+def fit_lines(
+    deltas: pd.DataFrame,
+    by: Sequence[str] = ("method", "run", "module"),
+    per_step: bool = True,
+) -> pd.DataFrame:
+    """Fit ΔM = intercept + slope·ΔD per group, pooled over layers and steps, then per step.
+
+    Returns one tidy row per fit: ``scope="pooled"`` rows (``step`` is <NA>) are the
+    paper's numbers; ``scope="step"`` rows (one per known step) show whether the slope's
+    sign holds at every step. Rows with NaN ΔM/ΔD are dropped with a warning. Groups keep
+    the input order, so FT/LoRA/DoRA come out as the user listed them.
+    """
+    by = list(by)
+    validate_deltas(deltas, required=[*REQUIRED_COLUMNS, *by])
+    clean = drop_undefined(deltas)
+    rows = []
+    for key, group in clean.groupby(by, sort=False, dropna=False):
+        keys = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+        rows.append(_group_row(keys, group, "pooled", pd.NA))
+        if not per_step:
+            continue
+        for step, at_step in group.groupby("step", sort=True, dropna=True):
+            rows.append(_group_row(keys, at_step, "step", step))
+    fits = pd.DataFrame(rows, columns=[*by, *FIT_COLUMNS])
+    fits["step"] = fits["step"].astype("Int64")
+    return fits
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def _pooled_fits(data: pd.DataFrame, module: str | None) -> pd.DataFrame:
+    """Pooled fit rows from either a fits table or a deltas table, for one module."""
+    if "pearson_r" in data.columns and "scope" in data.columns:
+        fits = data.loc[data["scope"] == "pooled"]
+    else:
+        fits = fit_lines(data, per_step=False)
+    if "module" in fits.columns:
+        fits = select_module(fits, module)
+    return fits
+
+
+def _find_run(fits: pd.DataFrame, name: str) -> pd.Series:
+    """The pooled row of a run, found by run name or else by a method label unique to one run."""
+    for column in ("run", "method"):
+        if column in fits.columns:
+            hit = fits.loc[fits[column].astype(str) == str(name)]
+            if len(hit) == 1:
+                return hit.iloc[0]
+            if len(hit) > 1:
+                raise WDAnalysisError(
+                    f"{name!r} matches {len(hit)} rows by {column}; name a single run",
+                    hint=f"runs: {', '.join(map(str, fits['run']))}",
+                )
+    runs = ", ".join(map(str, fits["run"])) if "run" in fits.columns else "none"
+    raise WDAnalysisError(f"no run or method called {name!r}; runs present: {runs}")
+
+
+def compare_correlations(
+    data: pd.DataFrame,
+    run_a: str,
+    run_b: str,
+    module: str | None = None,
+) -> pd.Series:
+    """Fisher z test that two runs' pooled ΔM–ΔD correlations differ (e.g. FT vs LoRA).
+
+    ``data`` is a deltas table or the output of :func:`fit_lines`; runs are named by run
+    or, when unambiguous, by method. The test treats the two correlations as independent
+    and each point as an independent observation; points pooled over steps of one layer
+    are not, so the p-value tends to be too small. For runs that adapt the same layers use
+    :func:`wdanalysis.stats.resampling.layer_permutation_test`, which swaps whole layers and
+    holds its level under that structure; this test remains for runs on different models.
+    """
+    fits = _pooled_fits(data, module)
+    a, b = _find_run(fits, run_a), _find_run(fits, run_b)
+    r_a, r_b, n_a, n_b = float(a["pearson_r"]), float(b["pearson_r"]), int(a["n"]), int(b["n"])
+    result = {
+        "run_a": a.get("run", run_a),
+        "run_b": b.get("run", run_b),
+        "method_a": a.get("method", pd.NA),
+        "method_b": b.get("method", pd.NA),
+        "module": a.get("module", pd.NA),
+        "r_a": r_a,
+        "r_b": r_b,
+        "n_a": n_a,
+        "n_b": n_b,
+        "z": math.nan,
+        "p_value": math.nan,
+        "note": "",
+    }
+    if min(n_a, n_b) < 4 or not (np.isfinite(r_a) and np.isfinite(r_b)):
+        result["note"] = "needs a defined r and at least 4 points in each run"
+        return pd.Series(result, name="fisher_z_test")
+    # clip so that |r| = 1 (e.g. a perfect synthetic line) gives a huge, finite z
+    z_a, z_b = np.arctanh(np.clip([r_a, r_b], -1 + 1e-15, 1 - 1e-15))
+    z = (z_a - z_b) / math.sqrt(1 / (n_a - 3) + 1 / (n_b - 3))
+    result["z"] = float(z)
+    result["p_value"] = float(2 * sps.norm.sf(abs(z)))
+    return pd.Series(result, name="fisher_z_test")
+
+
+# --------------------------------------------------------------------------- terminal table
+
+
+def _fmt(value: float, spec: str) -> str:
+    if value is None or value is pd.NA or not np.isfinite(value):
+        return "—"
+    return format(value, spec).replace("-", "−")
+
+
+def _sign_consistency(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
+    """'4/5' = the slope has the pooled slope's sign at 4 of the 5 steps with a fit."""
+    steps = fits.loc[fits["scope"] == "step"]
+    for key in keys:
+        steps = steps.loc[steps[key].astype(str) == str(pooled[key])]
+    slopes = steps["slope"].to_numpy(dtype=float)
+    slopes = slopes[np.isfinite(slopes)]
+    if len(slopes) == 0 or not np.isfinite(pooled["slope"]):
+        return "—"
+    agree = int((np.sign(slopes) == np.sign(pooled["slope"])).sum())
+    return f"{agree}/{len(slopes)}"
+
+
+def format_fit_table(fits: pd.DataFrame) -> str:
+    """A compact, aligned text table of the pooled fits, for the terminal.
+
+    Columns: method, run, module, n, slope, r, ρ, r's 95% CI and, when per-step fits are
+    present, at how many steps the slope has the pooled sign; undefined values print as —
+    and the reason follows in a note.
+    """
+    validate_deltas_like = [c for c in ("scope", "n", "slope", "pearson_r") if c not in fits]
+    if validate_deltas_like:
+        raise WDAnalysisError(
+            f"not a fits table (missing {', '.join(validate_deltas_like)})",
+            hint="pass the output of wdanalysis.stats.fits.fit_lines",
+        )
+    pooled = fits.loc[fits["scope"] == "pooled"]
+    keys = [c for c in ("method", "run", "module") if c in fits.columns]
+    has_steps = bool((fits["scope"] == "step").any())
+    header = [*keys, "n", "slope", "r", "ρ", "95% CI of r"]
+    if has_steps:
+        header.append("sign held")
+    lines = []
+    for _, row in pooled.iterrows():
+        cells = [str(row[key]) for key in keys]
+        ci = f"[{_fmt(row['pearson_ci_low'], '.2f')}, {_fmt(row['pearson_ci_high'], '.2f')}]"
+        cells += [
+            str(int(row["n"])),
+            _fmt(row["slope"], "#.3g"),
+            _fmt(row["pearson_r"], "+.2f"),
+            _fmt(row.get("spearman_rho", math.nan), "+.2f"),
+            ci if np.isfinite(row["pearson_ci_low"]) else "—",
+        ]
+        if has_steps:
+            cells.append(_sign_consistency(fits, row, keys))
+        note = row.get("note")
+        if isinstance(note, str) and note:  # NaN when the fits were read back from CSV
+            cells.append(f"  ({note})")
+        lines.append(cells)
+    return _align([header, *lines], numeric_from=len(keys))
+
+
+def _align(rows: list[list[str]], numeric_from: int) -> str:
+    """Left-align text columns, right-align numeric ones; a trailing note is left as is."""
+    width = max(len(r) for r in rows[:1])
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(width)]
+    out = []
+    for row in rows:
+        cells = [
+            cell.ljust(widths[i]) if i < numeric_from else cell.rjust(widths[i])
+            for i, cell in enumerate(row[:width])
+        ]
+        out.append(("  ".join(cells) + "".join(row[width:])).rstrip())
+    return "\n".join(out)

@@ -1,0 +1,173 @@
+"""Reading a weight's rows straight from disk: the I/O half of the streaming engine.
+
+* :func:`extent` finds where a tensor's bytes lie in a safetensors file (header parsed once
+  per file), so that any block of its rows is one ``pread``.
+* :class:`Reader` issues those reads from a background thread into a small pool of
+  reusable buffers, in the order the engine will consume them (no mmap: mapped pages would
+  count in the process's RSS until unmapped).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.storage.tensor_store import real_key
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_ST_DTYPES["F64"] = torch.float64
+
+
+# ----------------------------------------------------------------------- safetensors layout
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Where a tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    offset: int  # absolute byte offset of the data
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+_layouts: dict[tuple, dict[str, Extent]] = {}
+
+
+def safetensors_layout(file: Path) -> dict[str, Extent]:
+    """Absolute data offsets of every tensor (header already validated by the loader)."""
+    stat = file.stat()  # a file re-saved at the same path must not reuse stale offsets
+    cache_key = (file, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    cached = _layouts.get(cache_key)
+    if cached is not None:
+        return cached
+    import json
+    import struct
+
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+    extents = {}
+    for key, entry in header.items():
+        if key == "__metadata__" or entry.get("dtype") not in _ST_DTYPES:
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = _ST_DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        numel = 1
+        for n in shape:
+            numel *= n
+        if end - begin != numel * dtype.itemsize:
+            continue  # inconsistent entry: let the loader's slow path report it
+        extents[key] = Extent(file, 8 + header_len + begin, end - begin, dtype, shape)
+    if len(_layouts) > 4096:
+        _layouts.clear()
+    _layouts[cache_key] = extents
+    return extents
+
+
+def extent_of(store, key: str) -> Extent | None:
+    """Byte range of ``key`` if it can be streamed with pread, else ``None``."""
+    info = store.infos.get(key)
+    if info is None or info.file.suffix != ".safetensors":
+        return None
+    try:
+        return safetensors_layout(info.file).get(real_key(info, key))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class Reader:
+    """Reads byte ranges, in the order they will be consumed, into a pool of buffers.
+
+    A single background thread issues the ``pread`` calls (they release the GIL) while the
+    caller computes; ``get`` returns them in request order; ``release`` recycles a buffer.
+    """
+
+    def __init__(self, requests: Iterator[tuple[Path, int, int]], n_buffers: int, size: int, pin):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(n_buffers):
+            buf = torch.empty(size, dtype=torch.uint8)
+            self._free.put(buf.pin_memory() if pin else buf)
+        self._ready: queue.Queue = queue.Queue()
+        self._requests = requests
+        self._fds: dict[Path, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wdanalysis-reader", daemon=True)
+        self._thread.start()
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return fd
+
+    def _run(self) -> None:
+        try:
+            for path, offset, nbytes in self._requests:
+                buf = None
+                while buf is None:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        buf = self._free.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                try:
+                    self._read_into(buf, path, offset, nbytes)
+                except OSError as error:  # this request only: handed to the consumer
+                    self._ready.put((buf, error))
+                else:
+                    self._ready.put((buf, None))
+        except BaseException as error:  # the schedule itself broke: stop the consumer
+            self._ready.put((None, error))
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _read_into(self, buf: torch.Tensor, path: Path, offset: int, nbytes: int) -> None:
+        view = memoryview(buf.numpy())[:nbytes]
+        done, fd = 0, self._fd(path)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"unexpected end of file at byte {offset + done}")
+            done += got
+
+    def get(self) -> tuple[torch.Tensor, OSError | None]:
+        """The next buffer in request order, and the read error for it if any."""
+        buf, error = self._ready.get()
+        if buf is None:
+            raise error
+        return buf, error
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def read_error(key: str, extent: Extent, error: OSError) -> CheckpointFormatError:
+    """The one-line error for a tensor whose bytes could not be read."""
+    return CheckpointFormatError(f"cannot read tensor {key!r}: {error}", extent.file)
+
+
+def slice_request(extent: Extent, rows: int, start: int, n: int) -> tuple[Path, int, int]:
+    row_bytes = extent.nbytes // max(rows, 1)
+    return extent.file, extent.offset + start * row_bytes, n * row_bytes

@@ -1,0 +1,276 @@
+"""The analysis: base model + runs → tidy table of ΔM and ΔD per (run, step, weight).
+
+The loop is weight-major: each selected base matrix is read once and compared with every
+checkpoint of every run before the next one is read, so memory holds one base matrix and
+one checkpoint matrix at a time and the base is never re-read per checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from wdanalysis.engine.decomposition import AXES
+from wdanalysis.engine.streaming import Engine
+from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisError
+from wdanalysis.loaders.auto_base import base_named_by, is_auto
+from wdanalysis.loaders.formats import prepare_base
+from wdanalysis.loaders.key_alignment import KeyAligner
+from wdanalysis.loaders.runs import (
+    AdapterCheckpoint,
+    FullModel,
+    Run,
+    aligner_for,
+    is_float,
+    open_base,
+    open_run,
+    refuse_quantized,
+)
+from wdanalysis.table.schema import COLUMNS, deltas_row
+from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
+from wdanalysis.weights.layout import stored_transposed
+from wdanalysis.weights.selection import describe_weight, select_weights
+
+RunsArg = str | Path | Sequence[str | Path] | Mapping[str, str | Path]
+
+
+class PartialResultError(WDAnalysisError):
+    """Some checkpoints failed while computing; ``table`` holds every other one, complete.
+
+    ``failures`` lists ``(run name, step, error)``. Raised instead of returning the table so
+    that a partial result is never taken for a whole one.
+    """
+
+    def __init__(self, table: pd.DataFrame, failures: list, total: int):
+        self.table = table
+        self.failures = failures
+        super().__init__(
+            f"{len(failures)} of {total} checkpoints failed and were left out of the table; "
+            f"first: {failures[0][2]}",
+            hint="every other checkpoint's rows are complete; fix or remove the failed "
+            "checkpoints and rerun",
+        )
+
+
+def compare(
+    base: str | Path,
+    runs: RunsArg,
+    modules: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    axis: str = "out",
+    fan_in_fan_out: bool | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+    workers: int | None = None,
+) -> pd.DataFrame:
+    """ΔM and ΔD of every selected weight, for every checkpoint of every run.
+
+    Parameters
+    ----------
+    base: the pretrained model every run started from: a file or folder, a hub id
+        ``org/name[@revision]`` found in the local Hugging Face cache (never downloaded), or
+        ``"auto"``: the base the runs' adapters name in ``base_model_name_or_path``.
+    runs: one path, a list of paths, or ``{label: path}``. A path is a run folder of
+        ``checkpoint-N`` sub-folders or a single checkpoint (full model or adapter), or a
+        cached hub id.
+    modules: leaf module names (``q_proj``) or paths/regexes; default: attention query
+        and value projections.
+    labels: display names replacing the inferred method (``FT``/``LoRA``/``DoRA``).
+    axis: ``"out"`` (default): one magnitude per output feature, as DoRA implementations
+        store it; ``"in"``: one per input feature.
+    fan_in_fan_out: force (True) or forbid (False) the (in, out) GPT-2 ``Conv1D`` layout;
+        ``None`` infers it from ``config.json``, key names and adapter configs.
+    device: where the ΔM/ΔD sums are computed: ``"cpu"`` (fused one-pass kernel when a C
+        compiler is available, else torch) or ``"cuda"``. Both use float64 arithmetic.
+    workers: threads computing the checkpoints of one block in parallel (1: one compute
+        thread beside the reader thread). ``None``: 2 where there are 2 or more cores, which
+        kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did not.
+
+    Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight).
+    """
+    if axis not in AXES:
+        raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
+    run_list = _open_runs(runs, labels)
+    if is_auto(base):
+        base = base_named_by(run_list)
+    base_model = open_base(base)
+    refuse_quantized(base_model.store, "base model")
+    prepare_base(base_model, run_list)  # experts split, mlx-lm embeddings told apart
+    shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
+    selected = select_weights(shapes, modules, str(base))
+    _check_base_dtypes(base_model, selected)
+    aligner = aligner_for(base_model)
+    transposed = stored_transposed(base_model, run_list, fan_in_fan_out, aligner)
+    bound = [
+        _bind(run, ckpt, shapes, selected, aligner, transposed)
+        for run in run_list
+        for ckpt in run.checkpoints
+    ]
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    rows = _compute(base_model, selected, bound, axis, transposed, progress, device, workers)
+    failed = [item for item in bound if item.error is not None]
+    if not failed:
+        return _table(rows, run_list)
+    if len(failed) == len(bound):
+        raise failed[0].error
+    dropped = {(item.run.name, str(item.checkpoint.path)) for item in failed}
+    rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
+    failures = [(item.run.name, item.checkpoint.step, item.error) for item in failed]
+    raise PartialResultError(_table(rows, run_list), failures, len(bound))
+
+
+def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
+    if isinstance(runs, (str, Path)):
+        runs = [runs]
+    if isinstance(runs, Mapping):
+        labels, runs = list(runs.keys()), list(runs.values())
+    runs = list(runs)
+    if not runs:
+        raise WDAnalysisError("no runs given: pass at least one run folder or checkpoint")
+    if labels is not None and len(labels) != len(runs):
+        raise WDAnalysisError(f"got {len(labels)} labels for {len(runs)} runs")
+    opened = [open_run(path) for path in runs]
+    _unique_names(opened)
+    for run, label in zip(opened, labels or [None] * len(opened), strict=True):
+        run.label = label
+    return opened
+
+
+def _unique_names(runs: list[Run]) -> None:
+    seen: dict[str, int] = {}
+    for run in runs:
+        count = seen.get(run.name, 0)
+        seen[run.name] = count + 1
+        if count:
+            run.name = f"{run.name}#{count + 1}"
+
+
+def _check_base_dtypes(base: FullModel, selected: list[str]) -> None:
+    for key in selected:
+        if not is_float(base.store.dtype(key)):
+            raise NumericalError(
+                f"weight {key!r} has dtype {_dtype_name(base.store.dtype(key))}; quantized or "
+                "integer weights are not supported",
+                base.store.infos[key].file,
+                "analyse the unquantized (fp32/fp16/bf16) model",
+            )
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _bind(run, ckpt, shapes, selected, aligner: KeyAligner, transposed):
+    if isinstance(ckpt, AdapterCheckpoint):
+        keys = ckpt.adapter.bind(aligner, shapes, transposed)
+    else:
+        keys = _bind_full(ckpt, selected, aligner, shapes)
+    method = run.label or ckpt.method
+    return BoundCheckpoint(run, ckpt, method, keys)
+
+
+def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
+    refuse_quantized(ckpt.store, "checkpoint")
+    mapping = aligner.map_keys(ckpt.store.keys())
+    missing = [key for key in selected if key not in mapping]
+    if missing:
+        raise AdapterMismatchError(
+            f"checkpoint lacks {len(missing)} of the {len(selected)} selected weights, "
+            f"e.g. {missing[0]!r}: base and checkpoint come from different models",
+            ckpt.store.path,
+            "pass the base model this run was fine-tuned from",
+        )
+    for key in selected:
+        if ckpt.store.shape(mapping[key]) != tuple(shapes[key]):
+            raise AdapterMismatchError(
+                f"weight {mapping[key]!r} has shape {list(ckpt.store.shape(mapping[key]))} "
+                f"but the base has {list(shapes[key])}: base and checkpoint come from "
+                "different models",
+                ckpt.store.path,
+                "pass the base model this run was fine-tuned from",
+            )
+        if not is_float(ckpt.store.dtype(mapping[key])):
+            raise NumericalError(
+                f"weight {mapping[key]!r} has dtype {_dtype_name(ckpt.store.dtype(mapping[key]))}; "
+                "quantized or integer weights are not supported",
+                ckpt.store.infos[mapping[key]].file,
+                "analyse an unquantized (fp32/fp16/bf16) checkpoint",
+            )
+    return {key: mapping[key] for key in selected}
+
+
+def _compute(
+    base, selected, bound, axis, transposed, progress, device="cpu", workers=1
+) -> list[dict]:
+    """Stream every selected weight through every checkpoint (:mod:`wdanalysis.engine.streaming`).
+
+    A checkpoint whose own data fails (unreadable, NaN/Inf) gets ``item.error`` and is
+    skipped from then on; a failure of the base stops the analysis.
+    """
+    rows = []
+    bar = tqdm(
+        total=len(selected) * len(bound),
+        desc="ΔM/ΔD",
+        unit="matrix",
+        disable=not progress,
+        leave=False,
+    )
+    names = {}
+
+    def on_result(key, item, change):
+        if change is not None:
+            name = names.get(key) or names.setdefault(key, describe_weight(key))
+            rows.append(_row(item, name, axis, change))
+        bar.update()
+
+    with bar:
+        Engine(base, bound, axis, transposed, device, workers).run(list(selected), on_result)
+    return rows
+
+
+def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
+    return deltas_row(
+        item.method,
+        item.run.name,
+        item.checkpoint.step,
+        name,
+        axis,
+        change,
+        checkpoint=str(item.checkpoint.path),
+    )
+
+
+def _table(rows: list[dict], runs: list[Run]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["step"] = table["step"].astype("Int64")
+    table["layer"] = table["layer"].astype("Int64")
+    order = {run.name: i for i, run in enumerate(runs)}
+    table = table.sort_values(
+        by=["run", "step", "stack", "layer", "module"],
+        key=lambda col: col.map(order) if col.name == "run" else col,
+        kind="stable",
+    ).reset_index(drop=True)
+    _warn_zero_norms(table)
+    return table
+
+
+def _warn_zero_norms(table: pd.DataFrame) -> None:
+    hit = table[table["zero_norm_vectors"] > 0]
+    if hit.empty:
+        return
+    worst = hit.iloc[0]
+    warnings.warn(
+        f"{len(hit)} (run, step, weight) rows had zero-norm vectors, left out of ΔD "
+        f"(e.g. {worst['zero_norm_vectors']} of {worst['n_vectors']} in {worst['parameter']} "
+        f"of {worst['run']}); see the zero_norm_vectors column"
+        + (
+            "; some ΔD are NaN because every vector was zero" if hit["delta_d"].isna().any() else ""
+        ),
+        stacklevel=3,
+    )

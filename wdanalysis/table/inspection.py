@@ -1,0 +1,112 @@
+"""``wdanalysis inspect``: say what a path holds before analysing it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from wdanalysis.errors import WDAnalysisError
+from wdanalysis.loaders.formats import openclip
+from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, open_run
+from wdanalysis.weights.selection import module_path, select_weights
+
+
+def inspect(path: str | Path) -> dict:
+    """A description of a checkpoint or run: format, kind, dtypes, steps, adapted modules.
+
+    ``path`` may be a cached hub id ``org/name[@revision]`` (:mod:`wdanalysis.storage.hub_cache`).
+    """
+    run = open_run(path)
+    first = run.checkpoints[0]
+    info = {
+        "path": str(path),
+        "kind": "run" if len(run.checkpoints) > 1 or run.skipped else first.kind,
+        "method": run.method + (" (full weights)" if run.method == "FT" else ""),
+        "steps": [c.step if c.step is not None else "unknown" for c in run.checkpoints],
+        "skipped": [f"{p.name}: {why}" for p, why in run.skipped],
+    }
+    info.update(_describe_full(first) if isinstance(first, FullModel) else _describe_adapter(first))
+    return info
+
+
+def _describe_full(ckpt: FullModel) -> dict:
+    fused = openclip.present_as_clip(ckpt, [])  # what compare reads: q/k/v apart
+    store = ckpt.store
+    shapes = {k: store.shape(k) for k in store.keys()}
+    try:
+        selected = select_weights(shapes, None, str(ckpt.path))
+    except WDAnalysisError:
+        selected = []
+    return {
+        "format": store.format,
+        "dtypes": sorted(store.dtypes()),
+        "tensors": len(shapes),
+        "parameters": sum(math.prod(s) for s in shapes.values()),
+        "model_type": ckpt.model_type,
+        "layout": "Conv1D (in, out)" if ckpt.conv1d_layout() else "Linear (out, in)",
+        "default_modules": sorted({module_path(k).rsplit(".", 1)[-1] for k in selected}),
+        "default_weights": len(selected),
+        **({"notes": [_OPENCLIP_NOTE]} if fused else {}),
+    }
+
+
+_OPENCLIP_NOTE = (
+    "OpenCLIP text encoder: q/k/v rows of attn.in_proj_weight read as self_attn.q_proj/"
+    "k_proj/v_proj under text_model.encoder.layers.N"
+)
+
+
+def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
+    adapter = ckpt.adapter
+    config = adapter.config
+    adapted = adapter.adapted
+    ranks = sorted({adapter.store.shape(m.lora_a)[0] for m in adapted.values() if m.lora_a})
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    if hasattr(adapter, "describe"):  # other ecosystems (wdanalysis.loaders.formats)
+        return {
+            "dtypes": sorted(adapter.store.dtypes()),
+            "modules_adapted": len(adapted),
+            "module_names": leaves if all("." in n for n in adapted) else "—",
+            "ranks": ranks,
+            **adapter.describe(),
+        }
+    info = {
+        "format": {
+            "peft": f"PEFT {'DoRA' if config.use_dora else 'LoRA'} adapter",
+            "dora-authors": "DoRA authors' LLM adapter (peft_type DORA)",
+            "dora-vlbart": "DoRA authors' VL-BART state dict",
+        }[config.format]
+        + f" ({adapter.store.format})",
+        "dtypes": sorted(adapter.store.dtypes()),
+        "modules_adapted": len(adapted),
+        "module_names": leaves,
+        "ranks": ranks,
+        "magnitude_only_modules": sum(1 for m in adapted.values() if not m.lora_b),
+        "fan_in_fan_out": config.fan_in_fan_out,
+        "base_model": config.raw.get("base_model_name_or_path") or "not named",
+    }
+    if config.format == "dora-vlbart":
+        info["scaling"] = "1.0 (VL-BART code applies B@A unscaled)"
+    else:
+        rule = "alpha/sqrt(r)" if config.use_rslora else "alpha/r"
+        info["scaling"] = (
+            f"{rule} = {config.lora_alpha:g}/{'sqrt(' if config.use_rslora else ''}{config.r}"
+            f"{')' if config.use_rslora else ''} = "
+            f"{config.rank_and_scaling('', config.r, ckpt.path)[1]:.6g}"
+            + (
+                " (rank_pattern/alpha_pattern override some modules)"
+                if config.rank_pattern or config.alpha_pattern
+                else ""
+            )
+        )
+    return info
+
+
+def format_inspection(info: dict) -> str:
+    width = max(len(k) for k in info)
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = ", ".join(str(v) for v in value) if value else "—"
+        lines.append(f"{key.replace('_', ' '):<{width}}  {value}")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""The deltas table: its columns, one row of it, and reading it back.
+
+One schema for every producer and reader: :func:`~wdanalysis.compare` (``deltas.csv``),
+live tracking (``tracking.csv``), the statistics and the plots. Long format, one row per
+(run, step, weight); ``step`` and ``layer`` are nullable integers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from wdanalysis.errors import WDAnalysisError
+
+__all__ = ["COLUMNS", "REQUIRED_COLUMNS", "deltas_row", "read_table", "validate_deltas"]
+
+COLUMNS = [
+    "method",
+    "run",
+    "step",
+    "layer",
+    "module",
+    "parameter",
+    "stack",
+    "axis",
+    "delta_m",
+    "delta_d",
+    "n_vectors",
+    "zero_norm_vectors",
+    "checkpoint",
+]
+#: Columns every statistic needs; the rest of the deltas table is carried along unused.
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "method",
+    "run",
+    "step",
+    "layer",
+    "module",
+    "delta_m",
+    "delta_d",
+)
+
+
+def deltas_row(method: str, run: str, step, name, axis: str, change, checkpoint: str = "") -> dict:
+    """One row of the deltas table (``COLUMNS``); shared by ``compare`` and live tracking."""
+    return {
+        "method": method,
+        "run": run,
+        "step": step,
+        "layer": name.layer,
+        "module": name.module,
+        "parameter": name.parameter,
+        "stack": name.stack,
+        "axis": axis,
+        "delta_m": change.delta_m,
+        "delta_d": change.delta_d,
+        "n_vectors": change.n_vectors,
+        "zero_norm_vectors": change.zero_norm_vectors,
+        "checkpoint": checkpoint,
+    }
+
+
+def validate_deltas(deltas: pd.DataFrame, required: Sequence[str] = REQUIRED_COLUMNS) -> None:
+    """Fail early, with the fix in the message, on a table that is not a deltas table.
+
+    Checking at the boundary turns a ``KeyError: 'delta_d'`` deep inside pandas into one
+    line the CLI can print.
+    """
+    if not isinstance(deltas, pd.DataFrame):
+        raise TypeError(
+            f"expected a pandas DataFrame of deltas (from wdanalysis.compare), "
+            f"got {type(deltas).__name__}"
+        )
+    missing = [column for column in required if column not in deltas.columns]
+    if missing:
+        raise WDAnalysisError(
+            f"the deltas table lacks column(s) {', '.join(missing)}; "
+            f"it has {', '.join(map(str, deltas.columns)) or 'no columns'}",
+            hint="pass the table produced by wdanalysis.compare (or its deltas.csv)",
+        )
+    if deltas.empty:
+        raise WDAnalysisError(
+            "the deltas table is empty: there is nothing to fit or plot",
+            hint="check that the checkpoints hold the selected weight matrices",
+        )
+    for column in ("delta_m", "delta_d"):
+        if not pd.api.types.is_numeric_dtype(deltas[column]):
+            raise WDAnalysisError(
+                f"column {column} must be numeric, found dtype {deltas[column].dtype}",
+                hint="read deltas.csv with pandas.read_csv, which parses numbers",
+            )
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A deltas table (``deltas.csv``) or a live tracking table (``tracking.csv``).
+
+    Both have the same columns; ``step`` and ``layer`` come back as nullable integers, as
+    :func:`wdanalysis.compare` returns them, so every figure and fit treats them alike.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError:
+        raise WDAnalysisError("no such file", path, "pass a deltas.csv or tracking.csv") from None
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise WDAnalysisError(
+            f"cannot read the table: {' '.join(str(error).split())}",
+            path,
+            "pass a deltas.csv or tracking.csv written by wdanalysis",
+        ) from None
+    try:
+        validate_deltas(table)
+    except WDAnalysisError as error:
+        raise WDAnalysisError(error.problem, path, error.hint) from None
+    for column in ("step", "layer"):
+        if column in table:
+            table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    return table

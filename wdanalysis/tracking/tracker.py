@@ -1,0 +1,187 @@
+"""ΔM/ΔD of a model while it trains: rows appended to a table, no checkpoint needed.
+
+:class:`Tracker` is the framework-free core behind
+:class:`~wdanalysis.tracking.trainer_callback.WeightDecompositionCallback` (``transformers.Trainer``) and
+``wdanalysis train --track-every N``:
+
+* ``begin(model, step)`` opens the base, matches it to the model and refuses, with the
+  one-line :class:`~wdanalysis.errors.WDAnalysisError`, a base that is missing or belongs to
+  another model. It reads the steps already in the table, so a resumed run adds no
+  duplicates.
+* ``track(model, step)`` computes the rows of one step through the streaming engine (on the
+  model's device, float64 sums: the numbers ``compare`` gives for a checkpoint saved at
+  that step) and writes them. A failure here is reported once as a warning and stops the
+  tracking; the training and the rows already written are untouched.
+
+The table has the columns of ``deltas.csv``. Every write replaces the file atomically
+(temporary file, fsync, rename), so a process killed at any moment leaves the table as it
+was before or after the write: whole lines only.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from wdanalysis.engine.decomposition import AXES
+from wdanalysis.engine.live_model import LiveModel, bind_model, check_same_weights
+from wdanalysis.engine.streaming import Engine
+from wdanalysis.errors import WDAnalysisError
+from wdanalysis.loaders.runs import Run, aligner_for, open_base, refuse_quantized
+from wdanalysis.storage.atomic_write import atomic_path
+from wdanalysis.table.schema import COLUMNS, deltas_row
+from wdanalysis.weights.layout import stored_transposed
+from wdanalysis.weights.selection import describe_weight, select_weights
+
+TRACKING_BUDGET = 32 << 20  # bytes of base blocks in flight (FT): small beside a model
+
+
+class Tracker:
+    """Computes and appends the ΔM/ΔD rows of a model being trained; see module docstring."""
+
+    def __init__(
+        self,
+        base: str | Path,
+        out: str | Path,
+        every: int,
+        modules: list[str] | None = None,
+        axis: str = "out",
+        run: str | None = None,
+    ):
+        if axis not in AXES:
+            raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
+        if int(every) < 1:
+            raise WDAnalysisError(f"every must be a positive number of steps, got {every!r}")
+        self.base_path, self.out, self.every = Path(base), Path(out), int(every)
+        self.modules, self.axis, self.run_name = modules, axis, run
+        self.live: LiveModel | None = None
+        self.done: set[int] = set()
+        self.active = False
+        self.failure: BaseException | None = None
+
+    # -- begin ----------------------------------------------------------------------
+
+    def begin(self, model: nn.Module, step: int = 0) -> None:
+        """Bind ``model`` to the base and read the table's steps; refuses a wrong base."""
+        base = open_base(self.base_path)
+        refuse_quantized(base.store, "base model")
+        shapes = {k: base.store.shape(k) for k in base.store.keys()}
+        selected = select_weights(shapes, self.modules, str(self.base_path))
+        name = self.run_name or self.out.parent.name or "run"
+        run = Run(self.out.parent, name, [])
+        layout = stored_transposed(base, [], None, aligner_for(base))  # the rule compare applies
+        live = bind_model(model, self.base_path, selected, base, run, layout)
+        if live.method != "FT" or step == 0:  # FT weights have moved once training began
+            check_same_weights(live, base, selected[0], self.base_path)
+        self.done = read_steps(self.out)
+        if step == 0 and self.done:
+            raise WDAnalysisError(
+                f"the table already holds steps up to {max(self.done)} of an earlier run, "
+                "and this training starts from step 0",
+                self.out,
+                "delete it, choose another out, or resume the earlier run",
+            )
+        self.live, self.selected, self.active = live, selected, True
+
+    # -- each step ------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return self.active and step % self.every == 0 and step not in self.done
+
+    def track(self, step: int) -> bool:
+        """Write the rows of ``step`` unless already there; ``False`` once tracking stopped."""
+        if not self.active or step in self.done:
+            return self.active
+        try:
+            rows = self.compute(step)
+            append_rows(self.out, rows)
+        except Exception as error:  # noqa: BLE001 - the training must go on
+            self.stop(error)
+            return False
+        self.done.add(step)
+        return True
+
+    def compute(self, step: int) -> pd.DataFrame:
+        """The rows of the model as it is now, labelled ``step``."""
+        live = self.live
+        live.bound.checkpoint.step = step
+        live.bound.error = None
+        rows: list[dict] = []
+
+        def on_result(key, item, change):
+            if change is None:
+                raise item.error
+            rows.append(_row(live, key, step, self.axis, change))
+
+        engine = Engine(
+            live.base, [live.bound], self.axis, live.transposed, live.device, 1, TRACKING_BUDGET
+        )
+        with torch.no_grad():
+            engine.run(list(self.selected), on_result)
+        table = pd.DataFrame(rows, columns=COLUMNS)
+        return table.sort_values(["stack", "layer", "module"], kind="stable")
+
+    def hook(self, last_step: int):
+        """``on_step(step, model)`` for :func:`wdanalysis.train.train`.
+
+        Its first call (before the first step) begins; later calls track every ``every``
+        steps and at ``last_step``.
+        """
+
+        def on_step(step: int, model: nn.Module) -> None:
+            if self.live is None:
+                self.begin(model, step)
+            elif self.due(step) or step == last_step:
+                self.track(step)
+
+        return on_step
+
+    def stop(self, error: BaseException) -> None:
+        """Report a failure once and stop tracking; rows already written stay as they are."""
+        self.active, self.failure = False, error
+        warnings.warn(
+            f"weight tracking stopped, training goes on ({self.out}): "
+            f"{' '.join(str(error).split()) or type(error).__name__}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _row(live: LiveModel, key: str, step: int, axis: str, change) -> dict:
+    # live: no checkpoint file behind the row
+    return deltas_row(live.method, live.bound.run.name, step, describe_weight(key), axis, change)
+
+
+def read_steps(path: Path) -> set[int]:
+    """Steps already in a tracking table (none when it does not exist yet)."""
+    if not path.exists():
+        return set()
+    try:
+        columns = list(pd.read_csv(path, nrows=0).columns)
+        if columns != COLUMNS:
+            raise ValueError(f"its columns are {columns[:4]}..., not those of deltas.csv")
+        table = pd.read_csv(path, usecols=["step"])
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise WDAnalysisError(
+            f"not a wdanalysis table: {' '.join(str(error).split())}",
+            path,
+            "choose another out path, or delete the file to start afresh",
+        ) from None
+    return {int(s) for s in table["step"].dropna()}
+
+
+def append_rows(path: Path, rows: pd.DataFrame) -> None:
+    """Add ``rows`` to the table at ``path`` atomically (the header when it is new)."""
+    old = path.read_bytes() if path.exists() else b""
+    buffer = io.StringIO()
+    rows.to_csv(buffer, index=False, header=not old, lineterminator="\n")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(old)
+            handle.write(buffer.getvalue().encode("utf-8"))
+            handle.flush()
