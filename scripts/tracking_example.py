@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from wdanalysis.cli.main import main as cli
+from wdanalysis.cli import main as cli
 from wdanalysis.demo.reproduction import model_path
 from wdanalysis.plots.figures import plot_trajectories
-from wdanalysis.plots.report import read_table
 from wdanalysis.storage.atomic_write import save_figure_atomic
+from wdanalysis.table.schema import read_table
 
 LR = {"ft": "5e-5", "lora": "1e-3", "dora": "1e-3"}
 

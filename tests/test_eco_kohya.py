@@ -18,7 +18,7 @@ from builders import check_table, reference_delta
 from sd_builders import tiny_clip, tiny_unet
 
 import wdanalysis
-from wdanalysis.cli.main import main as _main
+from wdanalysis.cli import main as _main
 
 pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")

@@ -18,7 +18,7 @@ from builders import check_table, reference_delta
 from mlx_builders import fused_in_float64, saved_weights
 
 import wdanalysis
-from wdanalysis.cli.main import main as _main
+from wdanalysis.cli import main as _main
 
 mx = pytest.importorskip("mlx.core", reason="mlx (pip install 'mlx[cpu]') is not installed")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")

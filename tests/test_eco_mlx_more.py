@@ -6,7 +6,8 @@ non-square) gets ``LoRAEmbedding`` / ``DoRAEmbedding`` on ``model.embed_tokens``
 ``linear_to_lora_layers``; adapters and base are saved as mlx-lm saves them. The reference
 merged weights come from ``LoRAEmbedding.fuse`` / ``DoRAEmbedding.fuse`` /
 ``LoRASwitchLinear.fuse`` run in float64, and the reference ΔM/ΔD from explicit norms: an
-embedding as an (in, out) weight (wdanalysis.loaders.layer_shapes), each expert's (out, in) matrix alone.
+embedding as an (in, out) weight (wdanalysis.loaders.layer_shapes), each expert's (out, in)
+matrix alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from builders import check_table, reference_delta
 from mlx_builders import adapted_layers, fused_in_float64, saved_weights
 
 import wdanalysis
-from wdanalysis.cli.main import main as _main
+from wdanalysis.cli import main as _main
 
 mx = pytest.importorskip("mlx.core", reason="mlx (pip install 'mlx[cpu]') is not installed")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")

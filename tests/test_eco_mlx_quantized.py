@@ -16,7 +16,7 @@ import torch
 from builders import check_table, reference_delta
 
 import wdanalysis
-from wdanalysis.cli.main import main
+from wdanalysis.cli import main
 from wdanalysis.loaders.formats.mlxquant import dequantize
 
 mx = pytest.importorskip("mlx.core", reason="mlx (pip install 'mlx[cpu]') is not installed")

@@ -21,7 +21,7 @@ from builders import check_table, reference_delta
 from sd_builders import save_unet_lora, tiny_clip
 
 import wdanalysis
-from wdanalysis.cli.main import main as _main
+from wdanalysis.cli import main as _main
 from wdanalysis.loaders.formats import sdlayout
 
 pytest.importorskip("lycoris", reason="lycoris-lora is not installed")

@@ -678,9 +678,9 @@ def test_tiny_true_delta_d(tmp_path, llama):
 
 
 def _main(argv) -> int:
-    """``wdanalysis.cli.main.main``, or its handler over compare/inspect alone while a sibling
+    """``wdanalysis.cli.main``, or its handler over compare/inspect alone while a sibling
     sub-command (train, demo) is not importable yet."""
-    from wdanalysis.cli import main as cli
+    from wdanalysis.cli import entry_point as cli
 
     try:
         parser = cli.build_parser()

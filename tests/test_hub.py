@@ -33,7 +33,7 @@ from builders import (
 )
 
 import wdanalysis
-from wdanalysis.cli import main as cli
+from wdanalysis.cli import entry_point as cli
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.runs import open_base, open_run
 from wdanalysis.storage import hub_cache as hub

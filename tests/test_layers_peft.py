@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import wdanalysis
-import wdanalysis.cli.main
+import wdanalysis.cli
 from wdanalysis.errors import WDAnalysisError
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install peft)")
@@ -170,7 +170,7 @@ def test_ft_conv_from_bin_matches(runs, tmp_path):
 
 def test_inspect_reads_conv_dora(runs, capsys):
     _, _, paths, _ = runs
-    assert wdanalysis.cli.main.main(["inspect", str(paths["DoRA"])]) == 0
+    assert wdanalysis.cli.main(["inspect", str(paths["DoRA"])]) == 0
     assert "DoRA" in capsys.readouterr().out
 
 

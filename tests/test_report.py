@@ -15,7 +15,7 @@ from builders import synthetic_deltas  # noqa: E402
 
 from wdanalysis.errors import WDAnalysisError  # noqa: E402
 from wdanalysis.plots.report import ReportResult, write_report  # noqa: E402
-from wdanalysis.stats.fits import format_fit_table  # noqa: E402
+from wdanalysis.stats.fit_table import format_fit_table  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_FIT_COLUMNS = [

@@ -113,9 +113,9 @@ def base(tmp_path) -> Path:
 
 
 def _main(argv: list[str]) -> int:
-    """``wdanalysis.cli.main.main``, or the same wrapper over ``compare``/``inspect`` alone while a
+    """``wdanalysis.cli.main``, or the same wrapper over ``compare``/``inspect`` alone while a
     sibling sub-command (train, demo) cannot be imported."""
-    from wdanalysis.cli import main as cli
+    from wdanalysis.cli import entry_point as cli
 
     try:
         parser = cli.build_parser()

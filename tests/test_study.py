@@ -189,7 +189,7 @@ def test_ablation_trains_every_cell_with_its_own_settings(tmp_path):
     ],
 )
 def test_demo_refuses_bad_settings_in_one_line(flags, message, tmp_path, capsys):
-    from wdanalysis.cli.main import main
+    from wdanalysis.cli import main
 
     assert main(["demo", "--out", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()

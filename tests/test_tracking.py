@@ -278,7 +278,7 @@ def test_a_fresh_run_refuses_a_table_of_an_earlier_run(base_dir, tmp_path):
 
 
 def test_plot_draws_the_same_fits_and_figures_from_a_live_table(base_dir, tmp_path, capsys):
-    from wdanalysis.cli.main import main
+    from wdanalysis.cli import main
 
     run, out = tmp_path / "dora", tmp_path / "tracking.csv"
     _train(base_dir, run, "dora", _callback(base_dir, out))
@@ -297,7 +297,7 @@ def test_plot_draws_the_same_fits_and_figures_from_a_live_table(base_dir, tmp_pa
 
 
 def test_plot_refuses_a_table_that_is_not_one(tmp_path, capsys):
-    from wdanalysis.cli.main import main
+    from wdanalysis.cli import main
 
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")

@@ -30,7 +30,7 @@ from transformers import (
     BertForSequenceClassification,
 )
 
-from wdanalysis.cli.main import main
+from wdanalysis.cli import main
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.train import TrainConfig, distributed, loop, train
 from wdanalysis.train import checkpoint as ckpt
@@ -57,7 +57,7 @@ def injected(*args, **kwargs):
         time.sleep(600)  # stuck until the test kills the job
     return real(*args, **kwargs)
 loop.training_step = injected
-from wdanalysis.cli.main import main
+from wdanalysis.cli import main
 raise SystemExit(main(sys.argv[1:]))
 """
 

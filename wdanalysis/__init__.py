@@ -33,7 +33,7 @@ _LAZY = {
     "decomposition_change": "wdanalysis.engine.decomposition",
     "fit_lines": "wdanalysis.stats.fits",
     "compare_correlations": "wdanalysis.stats.fits",
-    "format_fit_table": "wdanalysis.stats.fits",
+    "format_fit_table": "wdanalysis.stats.fit_table",
     "within_step_correlation": "wdanalysis.stats.resampling",
     "cluster_bootstrap": "wdanalysis.stats.resampling",
     "layer_permutation_test": "wdanalysis.stats.resampling",

@@ -2,7 +2,7 @@
 
 import sys
 
-from wdanalysis.cli.main import main
+from wdanalysis.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,6 @@ Python API, each registered only when it is run. May import every other subpacka
 
 from __future__ import annotations
 
-from wdanalysis.cli.main import build_parser, main, run_handler, version
+from wdanalysis.cli.entry_point import build_parser, main, run_handler, version
 
 __all__ = ["build_parser", "main", "run_handler", "version"]

@@ -243,7 +243,7 @@ def analyse(out_dir: Path, settings: DemoSettings, trained: dict, started: float
 def source_hash(settings: DemoSettings) -> str:
     """Hash of the package's code and the demo settings: figures are fresh when it matches."""
     digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the whole wdanalysis package
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())

@@ -2,8 +2,8 @@
 
 PEFT records the model an adapter was trained on in ``adapter_config.json``; that name is a
 local path (relative to where training ran, as PEFT itself reads it) or a hub id, which is
-looked up in the local Hugging Face cache (:mod:`wdanalysis.storage.hub_cache`). Every checkpoint of every
-run must name the same model; full fine-tuned checkpoints name none.
+looked up in the local Hugging Face cache (:mod:`wdanalysis.storage.hub_cache`). Every
+checkpoint of every run must name the same model; full fine-tuned checkpoints name none.
 """
 
 from __future__ import annotations

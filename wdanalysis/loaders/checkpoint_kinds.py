@@ -9,10 +9,17 @@ from pathlib import Path
 
 from wdanalysis.loaders.peft_adapter import Adapter
 from wdanalysis.storage.tensor_store import TensorStore
-from wdanalysis.weights.selection import CONV1D_MODEL_TYPES
 
-__all__ = ["CONV1D_LEAVES", "AdapterCheckpoint", "FullModel"]
+__all__ = ["CONV1D_LEAVES", "CONV1D_MODEL_TYPES", "AdapterCheckpoint", "FullModel"]
 
+# Conv1D-style (in, out) weights: GPT-2 family in transformers.
+CONV1D_MODEL_TYPES = {
+    "gpt2",
+    "openai-gpt",
+    "imagegpt",
+    "decision_transformer",
+    "gpt_bigcode_conv1d",
+}
 # GPT-2's Conv1D modules store (in, out) weights.
 CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
 

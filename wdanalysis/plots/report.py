@@ -17,9 +17,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from wdanalysis.plots.figures import plot_figure2, plot_trajectories
-from wdanalysis.stats.fits import drop_undefined, fit_lines, format_fit_table, validate_deltas
+from wdanalysis.stats.fit_table import format_fit_table
+from wdanalysis.stats.fits import drop_undefined, fit_lines
 from wdanalysis.storage.atomic_write import save_figure_atomic, write_csv_atomic
-from wdanalysis.table.schema import read_table
+from wdanalysis.table.schema import read_table, validate_deltas
 
 __all__ = ["ReportResult", "read_table", "save_figure_pair", "write_report"]
 

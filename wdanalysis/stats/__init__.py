@@ -3,6 +3,7 @@ resampling that respects layers × steps. May import the table schema and errors
 
 from __future__ import annotations
 
+from wdanalysis.stats.fit_table import format_fit_table
 from wdanalysis.stats.fits import (
     CONFIDENCE,
     FIT_COLUMNS,
@@ -12,7 +13,6 @@ from wdanalysis.stats.fits import (
     drop_undefined,
     fit_lines,
     fit_one,
-    format_fit_table,
     select_module,
     validate_deltas,
 )

@@ -30,7 +30,6 @@ __all__ = [
     "compare_correlations",
     "drop_undefined",
     "fit_lines",
-    "format_fit_table",
     "fit_one",
     "select_module",
     "validate_deltas",
@@ -313,78 +312,3 @@ def compare_correlations(
     result["z"] = float(z)
     result["p_value"] = float(2 * sps.norm.sf(abs(z)))
     return pd.Series(result, name="fisher_z_test")
-
-
-# --------------------------------------------------------------------------- terminal table
-
-
-def _fmt(value: float, spec: str) -> str:
-    if value is None or value is pd.NA or not np.isfinite(value):
-        return "—"
-    return format(value, spec).replace("-", "−")
-
-
-def _sign_consistency(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
-    """'4/5' = the slope has the pooled slope's sign at 4 of the 5 steps with a fit."""
-    steps = fits.loc[fits["scope"] == "step"]
-    for key in keys:
-        steps = steps.loc[steps[key].astype(str) == str(pooled[key])]
-    slopes = steps["slope"].to_numpy(dtype=float)
-    slopes = slopes[np.isfinite(slopes)]
-    if len(slopes) == 0 or not np.isfinite(pooled["slope"]):
-        return "—"
-    agree = int((np.sign(slopes) == np.sign(pooled["slope"])).sum())
-    return f"{agree}/{len(slopes)}"
-
-
-def format_fit_table(fits: pd.DataFrame) -> str:
-    """A compact, aligned text table of the pooled fits, for the terminal.
-
-    Columns: method, run, module, n, slope, r, ρ, r's 95% CI and, when per-step fits are
-    present, at how many steps the slope has the pooled sign; undefined values print as —
-    and the reason follows in a note.
-    """
-    validate_deltas_like = [c for c in ("scope", "n", "slope", "pearson_r") if c not in fits]
-    if validate_deltas_like:
-        raise WDAnalysisError(
-            f"not a fits table (missing {', '.join(validate_deltas_like)})",
-            hint="pass the output of wdanalysis.stats.fits.fit_lines",
-        )
-    pooled = fits.loc[fits["scope"] == "pooled"]
-    keys = [c for c in ("method", "run", "module") if c in fits.columns]
-    has_steps = bool((fits["scope"] == "step").any())
-    header = [*keys, "n", "slope", "r", "ρ", "95% CI of r"]
-    if has_steps:
-        header.append("sign held")
-    lines = []
-    for _, row in pooled.iterrows():
-        cells = [str(row[key]) for key in keys]
-        ci = f"[{_fmt(row['pearson_ci_low'], '.2f')}, {_fmt(row['pearson_ci_high'], '.2f')}]"
-        cells += [
-            str(int(row["n"])),
-            _fmt(row["slope"], "#.3g"),
-            _fmt(row["pearson_r"], "+.2f"),
-            _fmt(row.get("spearman_rho", math.nan), "+.2f"),
-            ci if np.isfinite(row["pearson_ci_low"]) else "—",
-        ]
-        if has_steps:
-            cells.append(_sign_consistency(fits, row, keys))
-        note = row.get("note")
-        if isinstance(note, str) and note:  # NaN when the fits were read back from CSV
-            cells.append(f"  ({note})")
-        lines.append(cells)
-    return _align([header, *lines], numeric_from=len(keys))
-
-
-def _align(rows: list[list[str]], numeric_from: int) -> str:
-    """Left-align text columns, right-align numeric ones; a trailing note is left as is."""
-    width = max(len(r) for r in rows[:1])
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(width)]
-    out = []
-    for row in rows:
-        cells = [
-            cell.ljust(widths[i]) if i < numeric_from else cell.rjust(widths[i])
-            for i, cell in enumerate(row[:width])
-        ]
-        out.append(("  ".join(cells) + "".join(row[width:])).rstrip())
-    return "\n".join(out)

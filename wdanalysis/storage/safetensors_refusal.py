@@ -1,9 +1,10 @@
 """Why the safetensors library refused a file, in one line a user can act on.
 
-The library decides validity (:func:`wdanalysis.storage.tensor_store.read_safetensors_header` accepts
-exactly what ``safe_open`` accepts); when it refuses, this names the tensor and the problem
-(bad dtype, shape, offsets, overlaps, a truncated file) where the header lets us, and
-falls back to the library's own reason.
+The library decides validity
+(:func:`wdanalysis.storage.tensor_store.read_safetensors_header` accepts exactly what
+``safe_open`` accepts); when it refuses, this names the tensor and the problem (bad dtype,
+shape, offsets, overlaps, a truncated file) where the header lets us, and falls back to the
+library's own reason.
 """
 
 from __future__ import annotations

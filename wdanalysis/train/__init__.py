@@ -1,4 +1,5 @@
-"""Training that produces wdanalysis' inputs: full fine-tuning, LoRA and DoRA.
+"""Training that produces wdanalysis' inputs: full fine-tuning, LoRA and DoRA, writing
+what the loaders read. Imports only :mod:`~wdanalysis.storage` and the errors.
 
 ``train(TrainConfig(...)) -> RunResult`` writes a Trainer-style run folder with
 ``checkpoint-N/`` sub-folders (full weights for ``ft``, PEFT-format adapters otherwise).

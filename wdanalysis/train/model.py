@@ -69,9 +69,9 @@ def load_pretrained(model_dir: str | Path, kind: str, num_labels: int | None = N
     """(model, tokenizer) from a local folder with ``transformers`` Auto classes.
 
     ``model_dir`` may be a hub id ``org/name[@revision]`` already in the local Hugging Face
-    cache (:mod:`wdanalysis.storage.hub_cache`; never downloaded). The caller seeds torch first: a newly
-    initialised classification head is drawn from the global RNG, and every method must
-    start from the same head.
+    cache (:mod:`wdanalysis.storage.hub_cache`; never downloaded). The caller seeds torch
+    first: a newly initialised classification head is drawn from the global RNG, and every
+    method must start from the same head.
     """
     model_dir = resolve_model_path(model_dir)
     if not (model_dir / "config.json").is_file():

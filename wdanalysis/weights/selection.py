@@ -20,16 +20,6 @@ FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "in_p
 _SHORT_NAMES = {"q", "v", "wq", "wv", "qkv"}
 _ATTENTION_HINT = re.compile(r"attn|attention", re.IGNORECASE)
 _CROSS_ATTENTION = re.compile(r"encoder_attn|EncDecAttention|crossattention|cross_attn", re.I)
-# Conv1D-style (in, out) weights: GPT-2 family in transformers.
-CONV1D_MODEL_TYPES = {
-    "gpt2",
-    "openai-gpt",
-    "imagegpt",
-    "decision_transformer",
-    "gpt_bigcode_conv1d",
-}
-
-
 @dataclass(frozen=True)
 class WeightName:
     """How one weight key appears in the table."""
