@@ -46,7 +46,7 @@ def reproduction() -> nbformat.NotebookNode:
             "from pathlib import Path\n\n"
             "import pandas as pd\n\n"
             "import wdanalysis\n"
-            "from wdanalysis.demo.reproduction import DemoSettings, run_demo\n"
+            "from wdanalysis.demo import DemoSettings, model_path, run_demo\n"
             "from wdanalysis.demo.summary import format_summary\n"
             "from wdanalysis.stats.resampling import layer_permutation_test\n"
             "from wdanalysis.plots.seed_correlations import plot_seed_correlations\n\n"
@@ -133,7 +133,7 @@ def reproduction() -> nbformat.NotebookNode:
         ),
         code(
             "runs = {label: Path(OUT) / label.lower() for label in ('FT', 'LoRA', 'DoRA')}\n"
-            "base = wdanalysis.demo.reproduction.model_path()\n"
+            "base = model_path()\n"
             "by_input = wdanalysis.compare(\n"
             "    base, runs, modules=['query'], axis='in', progress=False)\n"
             "fits_in = wdanalysis.fit_lines(by_input, per_step=False)\n"
@@ -165,12 +165,13 @@ def template() -> nbformat.NotebookNode:
         ),
         code(
             "from pathlib import Path\n\n"
-            "import wdanalysis\n\n"
+            "import wdanalysis\n"
+            "from wdanalysis.table.inspection import format_inspection\n\n"
             "%matplotlib inline\n"
-            "print(wdanalysis.table.inspection.format_inspection(wdanalysis.inspect(BASE)))\n"
+            "print(format_inspection(wdanalysis.inspect(BASE)))\n"
             "for label, path in RUNS.items():\n"
             "    print(f'\\n--- {label}')\n"
-            "    print(wdanalysis.table.inspection.format_inspection(wdanalysis.inspect(path)))"
+            "    print(format_inspection(wdanalysis.inspect(path)))"
         ),
         md("## ΔM and ΔD"),
         code("deltas = wdanalysis.compare(BASE, RUNS, modules=MODULES, axis=AXIS)\ndeltas.head()"),

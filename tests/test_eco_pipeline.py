@@ -19,6 +19,7 @@ from builders import check_table, reference_delta
 from sd_builders import tiny_clip, tiny_unet
 
 import wdanalysis
+import wdanalysis.loaders.runs
 from wdanalysis.errors import CheckpointFormatError
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")

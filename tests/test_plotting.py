@@ -23,7 +23,7 @@ from wdanalysis.plots.figures import (  # noqa: E402
     plot_figure2,
     plot_trajectories,
 )
-from wdanalysis.stats.fits import fit_lines  # noqa: E402
+from wdanalysis.stats import fit_lines  # noqa: E402
 from wdanalysis.storage.atomic_write import save_figure_atomic  # noqa: E402
 
 STEPS = (100, 200, 300)

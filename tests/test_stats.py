@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.stats.fits import (
+from wdanalysis.stats import (
     compare_correlations,
     fit_lines,
     fit_one,

@@ -31,18 +31,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chosen = _command_in(argv) if argv is not None else None
-    registered: set[str] = set()
+    chosen = COMMANDS.get(_command_in(argv)) if argv is not None else None
+    registered: set[str] = set()  # modules whose sub-commands are in; one may add several
     for name, (module, help_line) in COMMANDS.items():
-        if name in registered:
-            continue
-        if argv is None or name == chosen:
-            before = set(subparsers.choices)
-            import_module(module).register(subparsers)
-            registered |= set(subparsers.choices) - before
+        if argv is None or (chosen is not None and module == chosen[0]):
+            if module not in registered:
+                import_module(module).register(subparsers)
+                registered.add(module)
         else:
             subparsers.add_parser(name, help=help_line, add_help=False)
-            registered.add(name)
     return parser
 
 
