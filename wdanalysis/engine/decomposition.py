@@ -12,7 +12,8 @@ feature. For a checkpoint ``W_t`` against the base ``W_0``:
 with ``Δm = (2a·d + ‖d‖²)/(‖a‖ + ‖b‖)``. Every sum is accumulated in float64, in row
 chunks, so a true ΔD of 1e-8 comes out right and memory stays bounded. Two backends give
 the same float64 arithmetic: ``"torch"`` (chunked torch ops, any device; the reference) and
-``"fused"`` (:mod:`wdanalysis.engine.c_kernel`, one pass over the stored bf16/fp16/fp32 values, CPU).
+``"fused"`` (:mod:`wdanalysis.engine.c_kernel`, one pass over the stored bf16/fp16/fp32
+values, CPU).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Nothing is copied: :class:`LiveStore` hands the engine the model's own tensors (
 on the model's device).
 
 * Full fine-tuning: every selected weight of the model is compared, block by block, with
-  the base read from disk by the engine (:mod:`wdanalysis.storage.row_reader`), so the base never sits
-  in memory whole.
+  the base read from disk by the engine (:mod:`wdanalysis.storage.row_reader`), so the base
+  never sits in memory whole.
 * LoRA/DoRA (PEFT's ``LoraLayer`` or the bundled trainer's layers): the base is the frozen
   ``base_layer.weight`` inside the model, and the update is formed from the adapter's own
   ``lora_A``, ``lora_B``, scaling and magnitude, exactly as for a saved adapter.
@@ -26,6 +26,8 @@ from wdanalysis.errors import AdapterMismatchError
 from wdanalysis.loaders.key_alignment import strip_peft_prefix
 from wdanalysis.loaders.peft_adapter import Adapter, AdapterConfig, AdapterModule
 from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, Run, aligner_for
+from wdanalysis.storage.store_protocol import WeightStore
+from wdanalysis.storage.tensor_store import TensorInfo
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
 
 _FROZEN_WRAPPERS = (".base_layer.", ".original_module.")
@@ -33,15 +35,16 @@ _WRONG_BASE = "pass the pretrained model this model was loaded from"
 
 
 class LiveStore:
-    """The read side of a :class:`~wdanalysis.storage.tensor_store.TensorStore` over in-memory tensors.
+    """A :class:`~wdanalysis.storage.store_protocol.WeightStore` over in-memory tensors: what
+    the engine reads from a store, and nothing of a file's (no slices, nothing to close).
 
     ``infos`` is empty, so the engine never looks for these tensors in a file.
     """
 
     def __init__(self, path: Path, tensors: dict[str, torch.Tensor]):
-        self.path = Path(path)
+        self.path = Path(path)  # the base on disk, named in error messages
         self.format = "live"
-        self.infos: dict = {}
+        self.infos: dict[str, TensorInfo] = {}
         self._tensors = tensors
 
     def keys(self) -> list[str]:
@@ -180,7 +183,7 @@ def check_same_weights(live: LiveModel, disk: FullModel, key: str, where: Path) 
     Compared with the model's frozen weight (adapters) or its weight before the first step
     (FT), allowing for a lower-precision copy (bf16 rounds to 2⁻⁸ relative).
     """
-    store = live.base.store if live.base is not disk else live.bound.checkpoint.store
+    store: WeightStore = live.base.store if live.base is not disk else live.bound.checkpoint.store
     mine = store.get(key).to("cpu", torch.float64)
     theirs = disk.store.get(key).to(torch.float64)
     scale = float(theirs.abs().max()) or 1.0

@@ -18,6 +18,10 @@ whatever the model or matrix size), never a whole state dict, and never the base
 * Per vector the sums ``Σa², Σa·d, Σd²`` are accumulated in float64 by
   :func:`~wdanalysis.engine.decomposition.accumulate_sums` (one-pass fused kernel on CPU, torch
   elsewhere).
+
+Each (checkpoint, weight) comparison is a job (:mod:`wdanalysis.engine.jobs`). A checkpoint
+whose own data fails (unreadable, NaN/Inf) is skipped from then on and its error returned by
+:meth:`Engine.run`; a failure of the base stops the run.
 """
 
 from __future__ import annotations
@@ -36,11 +40,25 @@ from wdanalysis.engine.decomposition import (
     matrix_sums,
     vector_mode,
 )
+from wdanalysis.engine.jobs import (
+    AdapterJob,
+    DenseJob,
+    FileJob,
+    Job,
+    MergedJob,
+    UnchangedJob,
+    plan_job,
+)
 from wdanalysis.errors import NumericalError, WDAnalysisError
-from wdanalysis.loaders.layer_shapes import factor_matrices
-from wdanalysis.loaders.runs import AdapterCheckpoint
+from wdanalysis.loaders.checkpoint_kinds import FullModel
 from wdanalysis.storage.row_reader import Extent, Reader, extent_of, read_error, slice_request
-from wdanalysis.weights.bound_checkpoint import effective_weight, file_of, require_finite, source_of
+from wdanalysis.weights.bound_checkpoint import (
+    BoundCheckpoint,
+    effective_weight,
+    file_of,
+    require_finite,
+    source_of,
+)
 
 MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
 MAX_BLOCK = 32 << 20  # largest single read
@@ -48,22 +66,10 @@ MIN_BLOCK = 4 << 20
 ADAPTER_CHUNK_ELEMENTS = 1 << 20  # float64 update rows formed at a time (8 MB)
 
 
-# ------------------------------------------------------------------------------ sources
+# on_result(base key, checkpoint, its change or None: that checkpoint failed)
+OnResult = Callable[[str, BoundCheckpoint, DecompositionChange | None], None]
 
-
-@dataclass
-class _Job:
-    """One (checkpoint, weight) comparison: how to get its rows, where its sums go."""
-
-    index: int  # position in ``bound``
-    kind: str  # "file" | "dense" | "same" | "lora" | "dora" | "effective"
-    extent: Extent | None = None
-    dense: Callable[[], torch.Tensor] | None = None
-    module: object = None
-    sums: torch.Tensor | None = None
-    factors: tuple | None = None  # adapters: (A, s·B, m) float64 on the compute device
-    matrix: torch.Tensor | None = None  # "dense": the whole stored matrix
-    change: DecompositionChange | None = None
+# ------------------------------------------------------------------------------ blocks
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,20 @@ class Engine:
     """Computes ΔM/ΔD for every (weight, checkpoint) pair; see the module docstring."""
 
     def __init__(
-        self, base, bound, axis: str, transposed, device="cpu", workers: int = 1, budget=None
+        self,
+        base: FullModel,
+        bound: list[BoundCheckpoint],
+        axis: str,
+        transposed: Callable[[str], bool],  # base key -> stored (in, out)
+        device: str | torch.device = "cpu",
+        workers: int = 1,
+        budget: int | None = None,
     ):
         self.base, self.bound, self.axis, self.transposed = base, bound, axis, transposed
         self.budget = budget  # bytes of read buffers; None: MEMORY_BUDGET
+        # The failures of the run in progress (or the last one), by position in ``bound``;
+        # kept here, not written into the caller's checkpoints, and returned by ``run``.
+        self.failures: dict[int, WDAnalysisError] = {}
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise NumericalError(
@@ -105,56 +121,27 @@ class Engine:
 
     # -- planning -------------------------------------------------------------------
 
-    def _jobs(self, key: str) -> list[_Job]:
-        jobs = []
-        for index, item in enumerate(self.bound):
-            ckpt = item.checkpoint
-            if isinstance(ckpt, AdapterCheckpoint):
-                jobs.append(self._adapter_job(index, item, key))
-                continue
-            ckey = item.keys[key]
-            extent = extent_of(ckpt.store, ckey)
-            if extent is not None:
-                jobs.append(_Job(index, "file", extent=extent))
-            else:
-                jobs.append(_Job(index, "dense", dense=lambda s=ckpt.store, k=ckey: s.get(k)))
-        return jobs
-
-    def _adapter_job(self, index: int, item, key: str) -> _Job:
-        module = item.keys.get(key)
-        if module is None:
-            return _Job(index, "same")
-        if (
-            not (module.lora_b or module.magnitude)  # a whole saved weight (modules_to_save)
-            or getattr(module, "saved_base", None)  # VL-BART merges onto its own weight_v
-            or (module.magnitude and self.axis == "in" and self.transposed(key))
-            or (getattr(module, "embedding", False) and not self.transposed(key))
-            or getattr(module, "magnitude_axis", "out") != "out"  # LyCORIS wd_on_out=False
-        ):
-            # Rare layouts are merged whole by Adapter.effective_weight. (DoRA's per-output
-            # scale on the input axis needs whole stored columns of an (in, out) weight; an
-            # embedding is (in, out) whatever the caller's layout says.)
-            return _Job(index, "effective", module=module)
-        return _Job(index, "dora" if module.magnitude else "lora", module=module)
-
-    def _load_factors(self, job: _Job) -> None:
-        """``A``, ``s·B`` and ``m`` of one adapted module, float64 on the compute device."""
-        store, module = self.bound[job.index].checkpoint.adapter.store, job.module
-        dev, f64 = self.device, torch.float64
-        a = b = m = None
-        if module.lora_b:  # conv factors as (r, in·k…) and (out, r) matrices
-            a, b = factor_matrices(store.get(module.lora_a), store.get(module.lora_b))
-            a, b = a.to(dev, f64), b.to(dev, f64) * module.scaling
-        if module.magnitude:
-            m = store.get(module.magnitude).to(dev, f64).reshape(-1)
-        job.factors = (a, b, m)
+    def _jobs(self, key: str) -> list[Job]:
+        transposed = self.transposed(key)
+        return [
+            plan_job(index, item, key, self.axis, transposed)
+            for index, item in enumerate(self.bound)
+        ]
 
     # -- running --------------------------------------------------------------------
 
-    def run(self, keys: list[str], on_result) -> None:
+    def run(self, keys: list[str], on_result: OnResult) -> dict[int, WDAnalysisError]:
+        """Compare every checkpoint on every weight of ``keys``; returns the failures.
+
+        ``on_result(key, item, change)`` is called for each (weight, checkpoint) as soon as
+        it is done, with ``change`` None when that checkpoint has failed (so that progress
+        still advances). The returned dict maps a failed checkpoint's position in ``bound``
+        to its first error; the checkpoint was skipped from then on.
+        """
+        self.failures = {}
         keys = sorted(keys, key=self._position)
         plans = [(key, self._jobs(key)) for key in keys]
-        n_file = max([1] + [sum(j.kind == "file" for j in jobs) for _, jobs in plans])
+        n_file = max([1] + [sum(isinstance(j, FileJob) for j in jobs) for _, jobs in plans])
         block_bytes = self._block_bytes(n_file)
         blocks = [self._blocks(key, jobs, block_bytes) for key, jobs in plans]
         row_bytes = max([1] + [self._row_bytes(key) for key in keys])
@@ -173,6 +160,7 @@ class Engine:
             reader.close()
             if pool is not None:
                 pool.shutdown()
+        return self.failures
 
     def _position(self, key: str):
         extent = extent_of(self.base.store, key)
@@ -190,14 +178,14 @@ class Engine:
         per = budget // (n_file + 3) if self.workers > 1 else budget // 8
         return max(MIN_BLOCK, min(MAX_BLOCK, per))
 
-    def _blocks(self, key: str, jobs: list[_Job], block_bytes: int) -> int:
+    def _blocks(self, key: str, jobs: list[Job], block_bytes: int) -> int:
         """Rows of the stored matrix per block, so that no read exceeds ``block_bytes``."""
         shape = self.base.store.shape(key)
         rows = shape[0]
         cols = max(1, _numel(shape) // max(rows, 1))
         itemsize = max(
             [_itemsize(self.base.store.dtype(key))]
-            + [j.extent.dtype.itemsize for j in jobs if j.extent is not None]
+            + [j.extent.dtype.itemsize for j in jobs if isinstance(j, FileJob)]
         )
         return max(1, min(rows, block_bytes // (cols * itemsize)))
 
@@ -210,7 +198,7 @@ class Engine:
                 if base_extent is not None:
                     yield slice_request(base_extent, rows, start, n)
                 for job in jobs:
-                    if job.kind == "file":
+                    if isinstance(job, FileJob):
                         yield slice_request(job.extent, rows, start, n)
 
     def _run_key(self, key, jobs, per_block, reader: Reader, pool):
@@ -219,7 +207,7 @@ class Engine:
         mode = vector_mode(self.axis, transposed)
         rows, cols = _rows_cols(self.base.store.shape(key))
         n_vec = rows if mode == "rows" else cols
-        self._prepare_jobs(key, jobs, n_vec)
+        self._prepare_jobs(jobs, n_vec)
         base_sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
         base_extent = extent_of(self.base.store, key)
         base_dense = None if base_extent is not None else as_matrix(self.base.store.get(key))
@@ -233,22 +221,24 @@ class Engine:
         if not torch.isfinite(base_sums).all():
             self._check_base(key)
         for job in jobs:
-            job.matrix = None
-            if self.bound[job.index].error is None:
-                self._guard(job, key, self._finish_job, key, job, base_sums, mode)
-            job.factors = job.sums = None
-            yield job, (None if self.bound[job.index].error else job.change)
+            if isinstance(job, DenseJob):
+                job.matrix = None  # before finishing: a NaN report reads the weight again
+            if job.index not in self.failures:
+                self._guard(job, self._finish_job, key, job, base_sums, mode)
+            job.release()
+            yield job, (None if job.index in self.failures else job.change)
 
-    def _prepare_jobs(self, key: str, jobs: list[_Job], n_vec: int) -> None:
+    def _prepare_jobs(self, jobs: list[Job], n_vec: int) -> None:
         """Zero each job's sums; load what is read whole (.bin matrices, adapter factors)."""
         for job in jobs:
             job.sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
-            if self.bound[job.index].error is not None:
+            if job.index in self.failures:
                 continue
-            if job.kind == "dense":
-                self._guard(job, key, lambda j=job: setattr(j, "matrix", as_matrix(j.dense())))
-            elif job.kind in ("lora", "dora"):
-                self._guard(job, key, self._load_factors, job)
+            if isinstance(job, DenseJob):
+                self._guard(job, job.read)
+            elif isinstance(job, AdapterJob):
+                store = self.bound[job.index].checkpoint.adapter.store
+                self._guard(job, job.load_factors, store, self.device)
 
     def _base_block(self, reader: Reader, block: _Block, extent, dense):
         """The base rows of ``block`` (and the buffer holding them, to release later)."""
@@ -260,7 +250,7 @@ class Engine:
             raise read_error(block.key, extent, error)
         return buf, self._to_device(_as_matrix(buf, extent, block.n, block.cols))
 
-    def _compare_block(self, block: _Block, a, jobs: list[_Job], reader: Reader, pool) -> list:
+    def _compare_block(self, block: _Block, a, jobs: list[Job], reader: Reader, pool) -> list:
         """Accumulate every live job's sums for this block; returns buffers still to release.
 
         Every file job's buffer is taken from the reader, even for a failed checkpoint, so
@@ -269,31 +259,29 @@ class Engine:
         """
         tasks, held = [], []
         for job in jobs:
-            live = self.bound[job.index].error is None
-            if job.kind == "file":
+            live = job.index not in self.failures
+            if isinstance(job, FileJob):
                 buf, error = reader.get()
                 if live and error is not None:
-                    self.bound[job.index].error = read_error(block.key, job.extent, error)
+                    self.failures[job.index] = read_error(block.key, job.extent, error)
                     live = False
                 task = (job, _as_matrix(buf, job.extent, block.n, block.cols))
                 if live and pool is None:
-                    self._guard(job, block.key, self._compare, block, a, task)
+                    self._guard(job, self._compare, block, a, task)
                 if not live or pool is None:
                     reader.release(buf)
                 else:
                     held.append(buf)
                     tasks.append(task)
-            elif live and job.kind == "dense":
+            elif live and isinstance(job, DenseJob):
                 tasks.append((job, job.matrix[block.start : block.start + block.n]))
-            elif live and job.kind in ("lora", "dora"):
+            elif live and isinstance(job, AdapterJob):
                 tasks.append((job, None))
         if pool is not None and len(tasks) > 1:
-            list(
-                pool.map(lambda t: self._guard(t[0], block.key, self._compare, block, a, t), tasks)
-            )
+            list(pool.map(lambda t: self._guard(t[0], self._compare, block, a, t), tasks))
         else:
             for task in tasks:
-                self._guard(task[0], block.key, self._compare, block, a, task)
+                self._guard(task[0], self._compare, block, a, task)
         return held
 
     def _compare(self, block: _Block, a, task) -> None:
@@ -309,12 +297,12 @@ class Engine:
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.device.type == "cpu" else t.to(self.device)
 
-    def _guard(self, job: _Job, key: str, fn, *args) -> None:
+    def _guard(self, job: Job, fn: Callable[..., None], *args) -> None:
         """Run ``fn``; a checkpoint's own error marks that checkpoint failed, not the run."""
         try:
             fn(*args)
         except WDAnalysisError as error:
-            self.bound[job.index].error = error
+            self.failures[job.index] = error
 
     def _finish_job(self, key, job, base_sums, mode) -> None:
         job.change = self._finish(key, job, base_sums, mode)
@@ -323,7 +311,7 @@ class Engine:
         target = sums[:, start : start + n] if mode == "rows" else sums
         accumulate_sums(a, b, target, mode, diff, self.backend)
 
-    def _adapter_block(self, job: _Job, a, mode, start, n, transposed) -> None:
+    def _adapter_block(self, job: AdapterJob, a, mode, start, n, transposed) -> None:
         """Sums for the stored rows ``start:start+n`` of an adapted weight."""
         lora_a, lora_b, m = job.factors
         cols = a.shape[1]
@@ -337,7 +325,7 @@ class Engine:
                 d = lora_a[:, rows].T @ lora_b.T
             else:
                 d = lora_b[rows] @ lora_a
-            if job.kind == "dora" and self.axis == "in":
+            if job.dora and self.axis == "in":
                 # axis "in" with output rows stored as rows: W' − W0 = (c−1)·a + c·u,
                 # c = m/‖V‖ per row, (c−1) = (m − ‖V‖)/‖V‖ formed without cancellation.
                 x = a[s:e].to(torch.float64)
@@ -347,14 +335,14 @@ class Engine:
                 d = d * c[:, None] + x * ((m[rows] - norm_v) / safe)[:, None]
             self._accumulate(a[s:e], d.contiguous(), job.sums, mode, start + s, e - s, False)
 
-    def _finish(self, key, job, base_sums, mode) -> DecompositionChange:
-        if job.kind == "effective":
+    def _finish(self, key, job: Job, base_sums, mode) -> DecompositionChange:
+        if isinstance(job, MergedJob):
             return self._effective(key, job, mode)
         sums = job.sums
-        if job.kind == "same":
+        if isinstance(job, UnchangedJob):
             sums = base_sums.clone()
             sums[1:].zero_()
-        magnitude = job.factors[2] if job.kind == "dora" and job.factors else None
+        magnitude = job.magnitude if isinstance(job, AdapterJob) else None
         if not torch.isfinite(sums).all() or (
             magnitude is not None and not torch.isfinite(magnitude).all()
         ):
@@ -363,8 +351,8 @@ class Engine:
             return change_from_sums(sums[0], sums[1], sums[2], new_norm=magnitude)
         return change_from_sums(sums[0], sums[1], sums[2])
 
-    def _effective(self, key, job, mode) -> DecompositionChange:
-        """Whole-matrix fallback for the rare adapter layouts (see ``_adapter_job``)."""
+    def _effective(self, key, job: MergedJob, mode) -> DecompositionChange:
+        """Whole-matrix fallback for the rare adapter layouts (``AdapterModule.merged_whole``)."""
         item = self.bound[job.index]
         w0 = self.base.store.get(key)
         wt = effective_weight(item, key, w0, self.transposed)

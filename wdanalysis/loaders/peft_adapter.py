@@ -74,6 +74,23 @@ class AdapterModule:
     )
     token_indices: tuple[int, ...] = ()
 
+    def merged_whole(self, axis: str, transposed: bool) -> bool:
+        """Whether the engine must merge this module's whole weight with
+        :meth:`Adapter.effective_weight` instead of streaming its update block by block.
+
+        The streamed update ``s·B[rows]@A`` (and DoRA's per-row rescaling) covers the usual
+        layouts; the rare ones below are merged whole, one matrix, exactly as the adapter
+        merges them. ``transposed``: whether the base stores the weight (in, out).
+        """
+        return bool(
+            not (self.lora_b or self.magnitude)  # a whole saved weight (modules_to_save)
+            or self.saved_base  # VL-BART merges onto its own weight_v, not the base
+            # DoRA's per-output scale on the input axis needs whole stored columns
+            or (self.magnitude and axis == "in" and transposed)
+            # an embedding is (in, out) whatever the caller's layout says
+            or (self.embedding and not transposed)
+        )
+
 
 def group_adapter_keys(keys: list[str], where: Path) -> dict[str, AdapterModule]:
     """Group adapter tensor names by the module they adapt."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.storage.store_protocol import WeightStore
 from wdanalysis.storage.tensor_store import real_key
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -74,7 +75,7 @@ def safetensors_layout(file: Path) -> dict[str, Extent]:
     return extents
 
 
-def extent_of(store, key: str) -> Extent | None:
+def extent_of(store: WeightStore, key: str) -> Extent | None:
     """Byte range of ``key`` if it can be streamed with pread, else ``None``."""
     info = store.infos.get(key)
     if info is None or info.file.suffix != ".safetensors":

@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -68,8 +69,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 
     The safetensors library itself decides what is a valid file (``safe_open`` parses and
     validates the header: JSON types, dtypes, offsets covering the data exactly), so we
-    accept exactly what it accepts. When it refuses, :mod:`wdanalysis.storage.safetensors_refusal` names the
-    tensor and the problem in plain words where it can; the library's reason otherwise.
+    accept exactly what it accepts. When it refuses,
+    :mod:`wdanalysis.storage.safetensors_refusal` names the tensor and the problem in plain
+    words where it can; the library's reason otherwise.
     """
     size, header_len = _header_bounds(path)
     try:
@@ -118,7 +120,16 @@ def _header_bounds(path: Path) -> tuple[int, int]:
 
 @dataclass
 class TensorStore:
-    """Keys → tensors of one checkpoint (one file, or shards), read lazily one at a time."""
+    """Keys → tensors of one checkpoint (one file, or shards), read lazily one at a time.
+
+    Satisfies :class:`~wdanalysis.storage.store_protocol.WeightStore`, as do the subclasses
+    that present another store's tensors transformed (renamed, dequantized, split).
+    """
+
+    # Whether ``get`` returns each tensor exactly as its file stores it, so that a part of
+    # it can be read from the file alone (``get_slice``). Subclasses that transform on
+    # read set it to False.
+    reads_as_stored: ClassVar[bool] = True
 
     path: Path
     format: str
@@ -143,6 +154,24 @@ class TensorStore:
 
     def get(self, key: str) -> torch.Tensor:
         return self.read(key, self.infos[key])
+
+    def get_slice(self, key: str, index: int) -> torch.Tensor:
+        """``get(key)[index]``, reading only that part of the file where the format allows.
+
+        A safetensors slice reads one expert of a stacked ``(experts, out, in)`` weight
+        without the whole stack; ``.bin`` files and stores that transform on read
+        (``reads_as_stored`` False) read the whole tensor and index it.
+        """
+        info = self.infos[key]
+        if info.file.suffix != ".safetensors" or not self.reads_as_stored:
+            return self.get(key)[index]
+        try:
+            with safe_open(str(info.file), framework="pt", device="cpu") as handle:
+                return handle.get_slice(real_key(info, key))[index]
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise CheckpointFormatError(
+                f"cannot read tensor {key!r}: {first_line(error)}", info.file
+            ) from None
 
     def read(self, key: str, info: TensorInfo) -> torch.Tensor:
         """The tensor ``info`` locates (``key``: this store's name for it)."""

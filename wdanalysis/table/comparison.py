@@ -113,15 +113,17 @@ def compare(
     ]
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
-    rows = _compute(base_model, selected, bound, axis, transposed, progress, device, workers)
-    failed = [item for item in bound if item.error is not None]
+    rows, errors = _compute(
+        base_model, selected, bound, axis, transposed, progress, device, workers
+    )
+    failed = [(bound[index], errors[index]) for index in sorted(errors)]  # in bound order
     if not failed:
         return _table(rows, run_list)
     if len(failed) == len(bound):
-        raise failed[0].error
-    dropped = {(item.run.name, str(item.checkpoint.path)) for item in failed}
+        raise failed[0][1]
+    dropped = {(item.run.name, str(item.checkpoint.path)) for item, _ in failed}
     rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
-    failures = [(item.run.name, item.checkpoint.step, item.error) for item in failed]
+    failures = [(item.run.name, item.checkpoint.step, error) for item, error in failed]
     raise PartialResultError(_table(rows, run_list), failures, len(bound))
 
 
@@ -207,11 +209,12 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
 
 def _compute(
     base, selected, bound, axis, transposed, progress, device="cpu", workers=1
-) -> list[dict]:
+) -> tuple[list[dict], dict[int, WDAnalysisError]]:
     """Stream every selected weight through every checkpoint (:mod:`wdanalysis.engine.streaming`).
 
-    A checkpoint whose own data fails (unreadable, NaN/Inf) gets ``item.error`` and is
-    skipped from then on; a failure of the base stops the analysis.
+    Returns the rows and the failures by position in ``bound``: a checkpoint whose own data
+    fails (unreadable, NaN/Inf) is skipped from then on; a failure of the base stops the
+    analysis.
     """
     rows = []
     bar = tqdm(
@@ -230,8 +233,9 @@ def _compute(
         bar.update()
 
     with bar:
-        Engine(base, bound, axis, transposed, device, workers).run(list(selected), on_result)
-    return rows
+        engine = Engine(base, bound, axis, transposed, device, workers)
+        errors = engine.run(list(selected), on_result)
+    return rows, errors
 
 
 def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:

@@ -1,8 +1,8 @@
 """ΔM/ΔD of a model while it trains: rows appended to a table, no checkpoint needed.
 
 :class:`Tracker` is the framework-free core behind
-:class:`~wdanalysis.tracking.trainer_callback.WeightDecompositionCallback` (``transformers.Trainer``) and
-``wdanalysis train --track-every N``:
+:class:`~wdanalysis.tracking.trainer_callback.WeightDecompositionCallback`
+(``transformers.Trainer``) and ``wdanalysis train --track-every N``:
 
 * ``begin(model, step)`` opens the base, matches it to the model and refuses, with the
   one-line :class:`~wdanalysis.errors.WDAnalysisError`, a base that is missing or belongs to
@@ -110,17 +110,19 @@ class Tracker:
         """The rows of the model as it is now, labelled ``step``."""
         live = self.live
         live.bound.checkpoint.step = step
-        live.bound.error = None
         rows: list[dict] = []
-
-        def on_result(key, item, change):
-            if change is None:
-                raise item.error
-            rows.append(_row(live, key, step, self.axis, change))
-
         engine = Engine(
             live.base, [live.bound], self.axis, live.transposed, live.device, 1, TRACKING_BUDGET
         )
+
+        def on_result(key, item, change):
+            if change is None:
+                # The model's own weights failed (e.g. NaN/Inf): stop the run at once, with
+                # the failure the engine keeps for its one checkpoint, rather than read the
+                # base for every weight still to come.
+                raise engine.failures[0]
+            rows.append(_row(live, key, step, self.axis, change))
+
         with torch.no_grad():
             engine.run(list(self.selected), on_result)
         table = pd.DataFrame(rows, columns=COLUMNS)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from wdanalysis.errors import NumericalError, WDAnalysisError
+from wdanalysis.errors import NumericalError
 from wdanalysis.loaders.runs import AdapterCheckpoint, Checkpoint, FullModel, Run
+from wdanalysis.storage.store_protocol import WeightStore
 
 
 @dataclass
@@ -24,7 +25,6 @@ class BoundCheckpoint:
     checkpoint: Checkpoint
     method: str
     keys: dict  # base key → checkpoint key (full) or AdapterModule (adapter)
-    error: WDAnalysisError | None = None  # set when reading this checkpoint failed mid-way
 
 
 def effective_weight(bound: BoundCheckpoint, key: str, w0: torch.Tensor, transposed):
@@ -57,7 +57,7 @@ def require_finite(tensor: torch.Tensor, key: str, where: Path, hint: str | None
         )
 
 
-def file_of(store, key: str) -> Path:
+def file_of(store: WeightStore, key: str) -> Path:
     """The file that holds ``key`` (its shard), or the store's own path when none does."""
     info = store.infos.get(key)
     return info.file if info is not None else Path(store.path)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint
 from wdanalysis.loaders.formats import diffusers, kohya, mlx, moe, openclip, torchtune
+from wdanalysis.loaders.formats.foreign import ForeignAdapter
 from wdanalysis.loaders.key_alignment import KeyAligner
 from wdanalysis.storage.tensor_store import TensorStore, open_tensor_file
 
@@ -77,7 +79,9 @@ def prepare_base(base, runs: list) -> None:
         c.adapter
         for run in runs
         for c in run.checkpoints
-        if getattr(getattr(c, "adapter", None), "ecosystem", "") == "mlx-lm"
+        if isinstance(c, AdapterCheckpoint)
+        and isinstance(c.adapter, ForeignAdapter)
+        and c.adapter.ecosystem == "mlx-lm"
     ]
     if adapters:
         aligner = KeyAligner(base.store.keys())

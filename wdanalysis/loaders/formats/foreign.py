@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -36,6 +37,7 @@ class ViewStore(TensorStore):
     """A store whose keys are views of another store's tensors (renamed, reshaped,
     transposed, rows reordered); read lazily like the store beneath it."""
 
+    reads_as_stored: ClassVar[bool] = False  # every key is a transform of a stored tensor
     source: TensorStore | None = None
     views: dict[str, tuple[str, Transform]] = field(default_factory=dict)
 
@@ -79,6 +81,11 @@ class ForeignModule(AdapterModule):
     # module's name and the number of experts; 0 for an ordinary module.
     stacked: str = ""
     experts: int = 0
+
+    def merged_whole(self, axis: str, transposed: bool) -> bool:
+        """As for PEFT modules, and a magnitude per input channel (LyCORIS
+        ``wd_on_out=False``) too: its norm runs over whole stored columns."""
+        return super().merged_whole(axis, transposed) or self.magnitude_axis != "out"
 
 
 @dataclass
@@ -185,7 +192,8 @@ class ForeignAdapter(Adapter):
                 self.path,
                 "pass the base model this adapter was trained on",
             )
-        # An embedding (num_embeddings, dims) is an (in, out) weight (wdanalysis.loaders.layer_shapes).
+        # An embedding (num_embeddings, dims) is an (in, out) weight
+        # (wdanalysis.loaders.layer_shapes).
         out_features, in_features = (
             (shape[1], shape[0]) if module.embedding else (shape[0], _prod(shape[1:]))
         )

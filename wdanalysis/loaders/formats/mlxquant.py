@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -50,6 +51,7 @@ class Packing:
 class DequantizedStore(TensorStore):
     """A store whose packed mlx weights read as float64 matrices of their real shape."""
 
+    reads_as_stored: ClassVar[bool] = False  # packed integers on disk, floats on read
     packed: dict[str, Packing] = field(default_factory=dict)
     hidden: dict[str, TensorInfo] = field(default_factory=dict)  # scales and biases
 

@@ -16,13 +16,15 @@ which is not); full fine-tuned checkpoints that hold the same stack are split al
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint, FullModel
+from wdanalysis.loaders.formats.foreign import ForeignModule
 from wdanalysis.loaders.key_alignment import KeyAligner
-from wdanalysis.storage.tensor_store import TensorInfo, TensorStore, real_key
+from wdanalysis.storage.tensor_store import TensorInfo, TensorStore
 
 
 def expert_name(path: str, expert: int) -> str:
@@ -42,6 +44,7 @@ class ExpertStore(TensorStore):
     ``(out, in)`` key per expert; every other key is passed through unchanged. An expert
     is read alone (a safetensors slice), not the whole stack."""
 
+    reads_as_stored: ClassVar[bool] = False  # an expert is a part of a stored tensor
     source: TensorStore | None = None
     experts: dict[str, tuple[str, int]] = field(default_factory=dict)
 
@@ -69,31 +72,23 @@ class ExpertStore(TensorStore):
         if key not in self.experts:
             return self.source.get(key)
         real, e = self.experts[key]
-        file = self.infos[key].file
-        if file.suffix != ".safetensors" or type(self.source) is not TensorStore:
-            # .bin files, and stores that transform on read (dequantized mlx weights)
-            return self.source.get(real)[e]
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                return handle.get_slice(real_key(self.source.infos[real], real))[e]
-        except (SafetensorError, OSError, RuntimeError) as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise CheckpointFormatError(f"cannot read tensor {real!r}: {first}", file) from None
+        # a slice of the file, unless the source is .bin or transforms on read (mlx dequant)
+        return self.source.get_slice(real, e)
 
     def close(self) -> None:
         self.source.close()
 
 
-def split_experts(base, runs: list) -> None:
+def split_experts(base: FullModel, runs: list) -> None:
     """Present every stacked expert weight that a run's adapter adapts per expert, in the
-    base and in the runs' full checkpoints (``base`` is a ``FullModel``)."""
+    base and in the runs' full checkpoints."""
     modules = [
         (ckpt.adapter, module)
         for run in runs
         for ckpt in run.checkpoints
-        if hasattr(ckpt, "adapter")
+        if isinstance(ckpt, AdapterCheckpoint)
         for module in ckpt.adapter.modules.values()
-        if getattr(module, "experts", 0)
+        if isinstance(module, ForeignModule) and module.experts
     ]
     if not modules:
         return
@@ -115,7 +110,7 @@ def split_experts(base, runs: list) -> None:
         stacks.add(key)
     if not stacks:
         return
-    for ckpt in (c for run in runs for c in run.checkpoints if not hasattr(c, "adapter")):
+    for ckpt in (c for run in runs for c in run.checkpoints if isinstance(c, FullModel)):
         mapping = aligner.map_keys(ckpt.store.keys())  # base key → checkpoint key
         own = {
             mapping[k]

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from wdanalysis.loaders.checkpoint_kinds import FullModel
 from wdanalysis.storage.tensor_store import TensorInfo, TensorStore
 
 _FUSED = re.compile(
@@ -54,6 +56,7 @@ def clip_views(store: TensorStore) -> dict[str, View]:
 class ClipViewStore(TensorStore):
     """``source`` with its OpenCLIP projections presented under their CLIP names."""
 
+    reads_as_stored: ClassVar[bool] = False  # q/k/v are thirds of a fused stored weight
     source: TensorStore | None = None
     views: dict[str, View] = field(default_factory=dict)
 
@@ -81,14 +84,14 @@ class ClipViewStore(TensorStore):
         self.source.close()
 
 
-def present_as_clip(base, runs: list) -> bool:
+def present_as_clip(base: FullModel, runs: list) -> bool:
     """Present the base's OpenCLIP encoders (and those of full checkpoints beside it) under
     CLIP names. Returns whether the base had any."""
     views = clip_views(base.store)
     if not views:
         return False
     base.store = ClipViewStore.over(base.store, views)
-    for ckpt in (c for run in runs for c in run.checkpoints if not hasattr(c, "adapter")):
+    for ckpt in (c for run in runs for c in run.checkpoints if isinstance(c, FullModel)):
         own = clip_views(ckpt.store)
         if own:
             ckpt.store = ClipViewStore.over(ckpt.store, own)
