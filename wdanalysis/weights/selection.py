@@ -20,6 +20,8 @@ FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "in_p
 _SHORT_NAMES = {"q", "v", "wq", "wv", "qkv"}
 _ATTENTION_HINT = re.compile(r"attn|attention", re.IGNORECASE)
 _CROSS_ATTENTION = re.compile(r"encoder_attn|EncDecAttention|crossattention|cross_attn", re.I)
+
+
 @dataclass(frozen=True)
 class WeightName:
     """How one weight key appears in the table."""
