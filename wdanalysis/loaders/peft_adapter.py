@@ -69,9 +69,8 @@ class AdapterModule:
     rank: int | None = None
     scaling: float = 1.0
     embedding: bool = False  # an nn.Embedding: stored (in, out), update (B@A)ᵀ
-    token_rows: str | None = (
-        None  # PEFT trainable tokens (:mod:`wdanalysis.loaders.trainable_tokens`)
-    )
+    # PEFT trainable tokens (:mod:`wdanalysis.loaders.trainable_tokens`)
+    token_rows: str | None = None
     token_indices: tuple[int, ...] = ()
 
     def merged_whole(self, axis: str, transposed: bool) -> bool:
