@@ -1,7 +1,9 @@
 """A model being trained, seen as a checkpoint the streaming engine can compare.
 
 Nothing is copied: :class:`LiveStore` hands the engine the model's own tensors (detached,
-on the model's device).
+on the model's device). Quantized (bitsandbytes 4/8-bit) and sharded (FSDP2, ZeRO-3)
+parameters are handed over dequantized or gathered, one weight at a time
+(:mod:`wdanalysis.engine.live_tensors`).
 
 * Full fine-tuning: every selected weight of the model is compared, block by block, with
   the base read from disk by the engine (:mod:`wdanalysis.storage.row_reader`), so the base
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wdanalysis.engine.live_tensors import is_sharded, logical_shape, materialize, quantization
 from wdanalysis.errors import AdapterMismatchError
 from wdanalysis.loaders.key_alignment import strip_peft_prefix
 from wdanalysis.loaders.peft_adapter import Adapter, AdapterConfig, AdapterModule
@@ -38,14 +41,16 @@ class LiveStore:
     """A :class:`~wdanalysis.storage.store_protocol.WeightStore` over in-memory tensors: what
     the engine reads from a store, and nothing of a file's (no slices, nothing to close).
 
-    ``infos`` is empty, so the engine never looks for these tensors in a file.
+    ``infos`` is empty, so the engine never looks for these tensors in a file. ``owners``:
+    the module holding each tensor, where its dequantization needs it (8-bit row scales).
     """
 
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]):
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], owners: dict | None = None):
         self.path = Path(path)  # the base on disk, named in error messages
         self.format = "live"
         self.infos: dict[str, TensorInfo] = {}
         self._tensors = tensors
+        self._owners = owners or {}
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -54,13 +59,25 @@ class LiveStore:
         return key in self._tensors
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
+        return logical_shape(self._tensors[key])
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
+        tensor = self._tensors[key]
+        if not quantization(tensor):
+            return tensor.dtype
+        state = getattr(tensor, "quant_state", None)  # 4-bit: its original dtype
+        return state.dtype if state is not None else torch.float32
 
     def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key].detach()
+        return materialize(self._tensors[key], self._owners.get(key))
+
+    def quantized(self) -> str | None:
+        """The quantization of the first quantized tensor (``None``: none is)."""
+        return next(filter(None, map(quantization, self._tensors.values())), None)
+
+    def sharded(self) -> bool:
+        """Whether reading a tensor whole is a collective call (every rank must take part)."""
+        return any(map(is_sharded, self._tensors.values()))
 
 
 @dataclass
@@ -72,6 +89,19 @@ class LiveModel:
     transposed: object  # base key -> stored (in, out)
     method: str  # "FT", "LoRA" or "DoRA"
     device: torch.device
+
+    @property
+    def quantized(self) -> str | None:
+        """The base's quantization when the model trains over a quantized base (QLoRA)."""
+        store = self.base.store
+        return store.quantized() if isinstance(store, LiveStore) else None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's weights are sharded over ranks (FSDP2, ZeRO-3)."""
+        ckpt = self.bound.checkpoint
+        stores = [self.base.store, ckpt.adapter.store if hasattr(ckpt, "adapter") else ckpt.store]
+        return any(s.sharded() for s in stores if isinstance(s, LiveStore))
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -115,7 +145,14 @@ def bind_model(
     mapping = aligner.map_keys(params)
     _require_all(selected, mapping, base_path)
     for key in selected:
-        _require_shape(key, params[mapping[key]].shape, base.store.shape(key), base_path)
+        _require_shape(key, logical_shape(params[mapping[key]]), base.store.shape(key), base_path)
+        if quantization(params[mapping[key]]):
+            raise AdapterMismatchError(
+                f"weight {key!r} is {quantization(params[mapping[key]])} quantized and the model "
+                "has no LoRA/DoRA adapter: a quantized weight is not trained in full",
+                base_path,
+                "track a PEFT LoRA/DoRA model over the quantized base (QLoRA)",
+            )
     store = LiveStore(base_path, {key: params[mapping[key]] for key in selected})
     ckpt = FullModel(Path(run.path), store)
     bound = BoundCheckpoint(run, ckpt, "FT", {key: key for key in selected})
@@ -136,6 +173,8 @@ def _bind_adapters(
     mapping = aligner.map_keys(frozen)
     _require_all(selected, mapping, base_path)
     weights = {key: frozen[mapping[key]] for key in selected}
+    owner_of = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    owners = {key: owner_of.get(id(weights[key])) for key in selected}
     tensors, modules, flips = {}, {}, {}
     for path, layer in layers.items():
         key = aligner.find(strip_peft_prefix(path) + ".weight")
@@ -157,7 +196,7 @@ def _bind_adapters(
         modules[key] = module
         flips[key] = bool(getattr(layer, "fan_in_fan_out", False))
     for key in selected:
-        _require_shape(key, weights[key].shape, base.store.shape(key), base_path)
+        _require_shape(key, logical_shape(weights[key]), base.store.shape(key), base_path)
         if key not in modules and weights[key].requires_grad:
             raise AdapterMismatchError(
                 f"weight {key!r} is trained in full beside the adapter; tracking it needs the "
@@ -169,7 +208,7 @@ def _bind_adapters(
     config = AdapterConfig(format="peft", r=None, lora_alpha=None, use_dora=method == "DoRA")
     adapter = Adapter(Path(run.path), LiveStore(base_path, tensors), config, {})
     ckpt = AdapterCheckpoint(Path(run.path), adapter)
-    inner = FullModel(base.path, LiveStore(base_path, weights), base.model_type)
+    inner = FullModel(base.path, LiveStore(base_path, weights, owners), base.model_type)
 
     def transposed(key: str) -> bool:
         return flips[key] if key in flips else layout(key)
@@ -181,13 +220,19 @@ def check_same_weights(live: LiveModel, disk: FullModel, key: str, where: Path) 
     """Refuse a base whose weight ``key`` is not the model's (another model, same shapes).
 
     Compared with the model's frozen weight (adapters) or its weight before the first step
-    (FT), allowing for a lower-precision copy (bf16 rounds to 2⁻⁸ relative).
+    (FT), allowing for a lower-precision copy (bf16 rounds to 2⁻⁸ relative). A quantized
+    base is compared as a whole: nf4/fp4 move single values by up to a sixth of their
+    block's absmax, but the relative Frobenius error stays near 0.1 (int8: 0.01), against
+    √2 for two unrelated weights of the same scale.
     """
     store: WeightStore = live.base.store if live.base is not disk else live.bound.checkpoint.store
     mine = store.get(key).to("cpu", torch.float64)
     theirs = disk.store.get(key).to(torch.float64)
-    scale = float(theirs.abs().max()) or 1.0
-    if float((mine - theirs).abs().max()) > 1e-2 * scale:
+    if live.quantized:
+        far = float((mine - theirs).norm()) > 0.3 * (float(theirs.norm()) or 1.0)
+    else:
+        far = float((mine - theirs).abs().max()) > 1e-2 * (float(theirs.abs().max()) or 1.0)
+    if far:
         raise AdapterMismatchError(
             f"weight {key!r} of the base differs from the model's own: base and model come "
             "from different models",

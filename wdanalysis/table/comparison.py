@@ -21,6 +21,7 @@ from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisEr
 from wdanalysis.loaders.auto_base import base_named_by, is_auto
 from wdanalysis.loaders.formats import prepare_base
 from wdanalysis.loaders.key_alignment import KeyAligner
+from wdanalysis.loaders.quantized_training import quantized_base
 from wdanalysis.loaders.runs import (
     AdapterCheckpoint,
     FullModel,
@@ -96,6 +97,7 @@ def compare(
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
     run_list = _open_runs(runs, labels)
+    _note_quantized_training(run_list)
     if is_auto(base):
         base = base_named_by(run_list)
     base_model = open_base(base)
@@ -142,6 +144,20 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
     for run, label in zip(opened, labels or [None] * len(opened), strict=True):
         run.label = label
     return opened
+
+
+def _note_quantized_training(runs: list[Run]) -> None:
+    """One line per QLoRA run: W0 here is the full-precision base, not the one it trained on."""
+    for run in runs:
+        scheme = next(filter(None, (quantized_base(c.path) for c in run.checkpoints)), None)
+        if scheme:
+            warnings.warn(
+                f"note: {run.name}: its adapter was trained against a {scheme} quantization of "
+                "the base; W0 here is the base as given (full precision), so ΔM/ΔD measure the "
+                "adapter's update applied to those weights, not the change of the quantized "
+                "model it trained (the live callback's rows measure that)",
+                stacklevel=3,
+            )
 
 
 def _unique_names(runs: list[Run]) -> None:

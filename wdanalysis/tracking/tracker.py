@@ -7,7 +7,10 @@
 * ``begin(model, step)`` opens the base, matches it to the model and refuses, with the
   one-line :class:`~wdanalysis.errors.WDAnalysisError`, a base that is missing or belongs to
   another model. It reads the steps already in the table, so a resumed run adds no
-  duplicates.
+  duplicates. Its two halves, ``bind`` (local) and ``check`` (reads a weight whole), let
+  the ranks of a sharded run agree in between (:mod:`wdanalysis.tracking.ranks`).
+* Over a bitsandbytes-quantized base (QLoRA) W0 is the dequantized base the model computes
+  with, said once in a note.
 * ``track(model, step)`` computes the rows of one step through the streaming engine (on the
   model's device, float64 sums: the numbers ``compare`` gives for a checkpoint saved at
   that step) and writes them. A failure here is reported once as a warning and stops the
@@ -63,11 +66,19 @@ class Tracker:
         self.done: set[int] = set()
         self.active = False
         self.failure: BaseException | None = None
+        self.writes = True  # False on the other ranks of a sharded run: they compute only
+        self.bound: tuple | None = None
+        self.last_rows: pd.DataFrame | None = None  # the rows of the last tracked step
 
     # -- begin ----------------------------------------------------------------------
 
     def begin(self, model: nn.Module, step: int = 0) -> None:
         """Bind ``model`` to the base and read the table's steps; refuses a wrong base."""
+        self.bind(model, step)
+        self.check(step)
+
+    def bind(self, model: nn.Module, step: int = 0) -> None:
+        """Match ``model`` to the base on disk (no collective call, even when sharded)."""
         base = open_base(self.base_path)
         refuse_quantized(base.store, "base model")
         shapes = {k: base.store.shape(k) for k in base.store.keys()}
@@ -76,9 +87,26 @@ class Tracker:
         run = Run(self.out.parent, name, [])
         layout = stored_transposed(base, [], None, aligner_for(base))  # the rule compare applies
         live = bind_model(model, self.base_path, selected, base, run, layout)
+        self.bound = (live, selected, base)
+        if live.quantized and self.writes:
+            warnings.warn(
+                f"note: W0 is the quantized base ({live.quantized}), dequantized as "
+                "bitsandbytes does: ΔM/ΔD measure the adapter's change of the weights the "
+                "model computes with (compare against the full-precision base measures "
+                "something else)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def check(self, step: int = 0, done: set[int] | None = None) -> None:
+        """Refuse a base that is not the model's; read (or take) the steps already written.
+
+        Reads one weight of the model whole: under sharding, a collective call.
+        """
+        live, selected, base = self.bound
         if live.method != "FT" or step == 0:  # FT weights have moved once training began
             check_same_weights(live, base, selected[0], self.base_path)
-        self.done = read_steps(self.out)
+        self.done = read_steps(self.out) if done is None else set(done)
         if step == 0 and self.done:
             raise WDAnalysisError(
                 f"the table already holds steps up to {max(self.done)} of an earlier run, "
@@ -99,11 +127,13 @@ class Tracker:
             return self.active
         try:
             rows = self.compute(step)
-            append_rows(self.out, rows)
+            if self.writes:
+                append_rows(self.out, rows)
         except Exception as error:  # noqa: BLE001 - the training must go on
             self.stop(error)
             return False
         self.done.add(step)
+        self.last_rows = rows
         return True
 
     def compute(self, step: int) -> pd.DataFrame:
@@ -145,13 +175,18 @@ class Tracker:
 
     def stop(self, error: BaseException) -> None:
         """Report a failure once and stop tracking; rows already written stay as they are."""
+        began = self.live is not None
         self.active, self.failure = False, error
-        warnings.warn(
-            f"weight tracking stopped, training goes on ({self.out}): "
-            f"{' '.join(str(error).split()) or type(error).__name__}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        text = " ".join(str(error).split()) or type(error).__name__
+        what = "stopped" if began else "could not begin"
+        self.warn_once(f"weight tracking {what}, training goes on ({self.out}): {text}")
+
+    def warn_once(self, message: str) -> None:
+        """A ``RuntimeWarning``, given once per tracker for each message."""
+        said = self.__dict__.setdefault("_said", set())
+        if message not in said:
+            said.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _row(live: LiveModel, key: str, step: int, axis: str, change) -> dict:

@@ -1,0 +1,183 @@
+"""Live ΔM/ΔD on the dashboards a ``Trainer`` reports to (``TrainingArguments.report_to``).
+
+At each tracked step, per module (``q_proj``, ...; ``<stack>_<module>`` for encoder-decoder
+models, whose stacks are never pooled): the layer means of ΔM and ΔD and the Pearson r of
+ΔM on ΔD across the layers at that step, as computed by
+:func:`wdanalysis.stats.fits.fit_lines` (NaN, i.e. left out, where undefined)::
+
+    wdanalysis/<module>/delta_m    wdanalysis/<module>/delta_d    wdanalysis/<module>/pearson_r
+
+At the end of training, Figure 2 of the whole tracked table
+(:func:`wdanalysis.plots.figures.plot_figure2`), one image per module, tagged
+``wdanalysis/<module>/figure2``.
+
+* **TensorBoard**: scalars and images in their own event files, in
+  ``$TENSORBOARD_LOGGING_DIR/wdanalysis`` or else ``<output_dir>/runs/wdanalysis``: a run
+  named ``wdanalysis`` beside the Trainer's own under ``tensorboard --logdir <output_dir>/runs``.
+* **Weights & Biases**: logged to the run the Trainer's ``WandbCallback`` started, against
+  its step axis ``train/global_step``; the figures as ``wandb.Image``.
+* **MLflow**: metrics of the run the Trainer's ``MLflowCallback`` started (by its id, so the
+  figures still reach it after that callback ended the run), figures as artifacts
+  ``wdanalysis/figure2_<module>.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["BACKENDS", "Dashboards", "step_scalars"]
+
+BACKENDS = ("tensorboard", "wandb", "mlflow")
+
+
+def wanted(report_to) -> list[str]:
+    """The backends among ``report_to`` that wdanalysis logs to (``"all"``: every one)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [str(n).lower() for n in names]
+    if "all" in names:
+        return list(BACKENDS)
+    return [n for n in BACKENDS if n in names]
+
+
+def _label(stack, module) -> str:
+    return f"{stack}_{module}" if isinstance(stack, str) and stack else str(module)
+
+
+def _labelled(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with ``module`` naming the stack too, where there is one."""
+    labels = [_label(s, m) for s, m in zip(table["stack"], table["module"], strict=True)]
+    return table.assign(module=labels)
+
+
+def step_scalars(rows: pd.DataFrame) -> dict[str, float]:
+    """The scalars of one tracked step: per module, layer-mean ΔM, ΔD and Pearson r."""
+    from wdanalysis.stats.fits import fit_lines
+
+    rows = _labelled(rows)
+    fits = fit_lines(rows, by=("method", "run", "module"), per_step=False)
+    r_of = dict(zip(fits["module"], fits["pearson_r"], strict=True))
+    scalars: dict[str, float] = {}
+    for module, group in rows.groupby("module", sort=False):
+        scalars[f"wdanalysis/{module}/delta_m"] = float(group["delta_m"].mean())
+        scalars[f"wdanalysis/{module}/delta_d"] = float(group["delta_d"].mean())
+        scalars[f"wdanalysis/{module}/pearson_r"] = float(r_of.get(module, math.nan))
+    return scalars
+
+
+def _png(figure) -> tuple[bytes, np.ndarray]:
+    """The figure as PNG bytes and as an (H, W, 3) uint8 array."""
+    from matplotlib.image import imread
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    data = buffer.getvalue()
+    pixels = imread(io.BytesIO(data), format="png")
+    return data, (np.asarray(pixels)[..., :3] * 255).round().astype(np.uint8)
+
+
+class _TensorBoard:
+    def __init__(self, args):
+        from torch.utils.tensorboard import SummaryWriter
+
+        root = os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(args.output_dir) / "runs"
+        self.writer = SummaryWriter(log_dir=str(Path(root) / "wdanalysis"))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def image(self, tag: str, figure, pixels: np.ndarray, step: int) -> None:
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, args):
+        import wandb
+
+        if wandb.run is None:
+            raise RuntimeError("report_to names wandb, but no W&B run is active")
+        self.wandb, self.run = wandb, wandb.run
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log({**values, "train/global_step": step})
+
+    def image(self, tag: str, figure, pixels: np.ndarray, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(pixels), "train/global_step": step})
+
+    def close(self) -> None:
+        pass  # the run is the Trainer's: it ends it
+
+
+class _Mlflow:
+    def __init__(self, args):
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            raise RuntimeError("report_to names mlflow, but no MLflow run is active")
+        self.client, self.run_id = mlflow.MlflowClient(), run.info.run_id
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            if math.isfinite(value):  # MLflow stores no NaN gaps; an undefined r is left out
+                self.client.log_metric(self.run_id, tag, value, step=step)
+
+    def image(self, tag: str, figure, pixels: np.ndarray, step: int) -> None:
+        name = tag.split("/")[1]
+        self.client.log_figure(self.run_id, figure, f"wdanalysis/figure2_{name}.png")
+
+    def close(self) -> None:
+        pass
+
+
+_SINKS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow}
+
+
+class Dashboards:
+    """The dashboards one training reports to; see the module docstring."""
+
+    def __init__(self, sinks: dict):
+        self.sinks = sinks
+
+    @classmethod
+    def open(cls, args, tracker) -> Dashboards | None:
+        """The sinks ``args.report_to`` names; one that cannot open is reported and skipped."""
+        sinks = {}
+        for name in wanted(getattr(args, "report_to", None)):
+            try:
+                sinks[name] = _SINKS[name](args)
+            except Exception as error:  # noqa: BLE001 - the rows and the training go on
+                tracker.warn_once(f"wdanalysis does not log to {name}: {error}")
+        return cls(sinks) if sinks else None
+
+    def log(self, rows: pd.DataFrame, step: int) -> None:
+        values = step_scalars(rows)
+        for sink in self.sinks.values():
+            sink.scalars(values, step)
+
+    def finish(self, table_path: Path) -> None:
+        """Figure 2 of the whole tracked table, one image per module; then close."""
+        from wdanalysis.plots.figures import plot_figure2
+        from wdanalysis.table.schema import read_table
+
+        try:
+            table = _labelled(read_table(table_path))
+            step = int(table["step"].max())
+            for module in dict.fromkeys(table["module"]):
+                figure = plot_figure2(table, module=module, dpi=80)
+                _, pixels = _png(figure)
+                for sink in self.sinks.values():
+                    sink.image(f"wdanalysis/{module}/figure2", figure, pixels, step)
+        finally:
+            for sink in self.sinks.values():
+                sink.close()
