@@ -3,7 +3,8 @@
 The proof: the callback's rows at step s equal :func:`wdanalysis.compare` on the checkpoint
 the same Trainer saved at step s, for FT, PEFT LoRA and PEFT DoRA, on a tiny BERT whose
 selected weights include a non-square one (``intermediate.dense``, 48x32). Then resume,
-crash safety, a wrong base, and a failure inside the callback.
+crash safety, a wrong base (reported, the training goes on), and a failure inside the
+callback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ peft = pytest.importorskip("peft")
 
 from wdanalysis import (  # noqa: E402
     COLUMNS,
-    WDAnalysisError,
     WeightDecompositionCallback,
     compare,
     tracking,  # noqa: E402
@@ -166,7 +166,16 @@ def test_resumed_run_continues_the_table_without_duplicate_steps(base_dir, tmp_p
     pd.testing.assert_frame_equal(table[table["step"] <= 4], first)
 
 
-def test_wrong_base_is_refused_when_training_begins(base_dir, tmp_path):
+def _train_warned(*args, **kwargs) -> tuple[object, list[str]]:
+    """Train, recording the tracking warnings (the training must reach its last step)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer = _train(*args, **kwargs)
+    said = [str(w.message) for w in seen if "weight tracking" in str(w.message)]
+    return trainer, said
+
+
+def test_wrong_base_is_reported_when_training_begins_and_training_goes_on(base_dir, tmp_path):
     other = tmp_path / "other"
     torch.manual_seed(5)  # same architecture, other weights
     transformers.BertForSequenceClassification(
@@ -184,10 +193,13 @@ def test_wrong_base_is_refused_when_training_begins(base_dir, tmp_path):
     for method in ("ft", "lora"):
         for wrong, words in cases.items():
             out = tmp_path / f"{method}.csv"
-            with pytest.raises(WDAnalysisError) as caught:
-                _train(base_dir, tmp_path / "run", method, _callback(wrong, out), max_steps=2)
-            message = str(caught.value)
-            assert "\n" not in message and words in message, message
+            trainer, said = _train_warned(
+                base_dir, tmp_path / "run", method, _callback(wrong, out), max_steps=2
+            )
+            assert trainer.state.global_step == 2  # the training was not ended
+            assert len(said) == 1, said
+            assert "could not begin, training goes on" in said[0] and words in said[0]
+            assert "\n" not in said[0]
             assert not out.exists()
 
 
@@ -264,16 +276,23 @@ def test_importing_wdanalysis_does_not_import_transformers():
 def test_tracker_refuses_a_table_of_other_columns(base_dir, tmp_path):
     out = tmp_path / "tracking.csv"
     out.write_text("a,b\n1,2\n")
-    with pytest.raises(WDAnalysisError, match="not a wdanalysis table"):
-        _train(base_dir, tmp_path / "run", "ft", _callback(base_dir, out), max_steps=2)
+    trainer, said = _train_warned(
+        base_dir, tmp_path / "run", "ft", _callback(base_dir, out), max_steps=2
+    )
+    assert trainer.state.global_step == 2
+    assert len(said) == 1 and "not a wdanalysis table" in said[0]
+    assert out.read_text() == "a,b\n1,2\n"
 
 
 def test_a_fresh_run_refuses_a_table_of_an_earlier_run(base_dir, tmp_path):
     out = tmp_path / "tracking.csv"
     _train(base_dir, tmp_path / "a", "ft", _callback(base_dir, out), max_steps=2)
     before = out.read_bytes()
-    with pytest.raises(WDAnalysisError, match="earlier run"):
-        _train(base_dir, tmp_path / "b", "ft", _callback(base_dir, out), max_steps=2)
+    trainer, said = _train_warned(
+        base_dir, tmp_path / "b", "ft", _callback(base_dir, out), max_steps=2
+    )
+    assert trainer.state.global_step == 2
+    assert len(said) == 1 and "earlier run" in said[0]
     assert out.read_bytes() == before
 
 
