@@ -14,24 +14,22 @@ on CPU the test shards the model itself), then trains 4 steps on its own batches
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import peft
-import torch
-import torch.distributed as dist
-import transformers
-from torch.distributed.fsdp import fully_shard
-
-from wdanalysis import WeightDecompositionCallback
-
 MODULES = ["q_proj", "k_proj"]
 
 
 def _sharded_model(base: Path, method: str):
+    import peft
+    import torch
+    import transformers
+    from torch.distributed.fsdp import fully_shard
+
     model = transformers.LlamaForCausalLM.from_pretrained(base)
     if method != "ft":
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MODULES, use_dora=True)
@@ -47,7 +45,7 @@ def _sharded_model(base: Path, method: str):
     return model
 
 
-def _full_trainables(model) -> dict[str, torch.Tensor]:
+def _full_trainables(model) -> dict:
     return {
         name: param.detach().full_tensor()  # collective: every rank
         for name, param in model.named_parameters()
@@ -56,6 +54,10 @@ def _full_trainables(model) -> dict[str, torch.Tensor]:
 
 
 def _run(rank: int, base: Path, out: Path, name: str, method: str) -> None:
+    import torch
+
+    from wdanalysis import WeightDecompositionCallback
+
     torch.manual_seed(0)
     model = _sharded_model(base, method)
     wrong = name == "rank1_fails" and rank == 1
@@ -86,6 +88,8 @@ def _run(rank: int, base: Path, out: Path, name: str, method: str) -> None:
 
 
 def main(rank: int, base: str, out: str, port: str) -> None:
+    import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -96,4 +100,11 @@ def main(rank: int, base: str, out: str, port: str) -> None:
 
 
 if __name__ == "__main__":
-    torch.multiprocessing.spawn(main, args=tuple(sys.argv[1:4]), nprocs=2)
+    # stdlib spawn, heavy imports inside the ranks: this launcher imports no torch at all
+    spawn = multiprocessing.get_context("spawn")
+    ranks = [spawn.Process(target=main, args=(r, *sys.argv[1:4])) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join()
+    sys.exit(max(abs(p.exitcode or 0) for p in ranks))
