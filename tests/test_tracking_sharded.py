@@ -103,3 +103,18 @@ def test_a_failure_on_one_rank_stops_tracking_on_all_and_training_goes_on(sharde
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is left half-written
         assert not any(out.glob("*.tmp*"))
+
+
+def test_fsdp1_is_told_apart_not_read_as_another_model(tmp_path):
+    """FSDP1's flat parameters are refused by name (the callback reports it, training goes on)."""
+    from wdanalysis.errors import WDAnalysisError
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_llama_config()).save_pretrained(base)
+    FullyShardedDataParallel = type("FullyShardedDataParallel", (torch.nn.Module,), {})
+    model = transformers.LlamaForCausalLM.from_pretrained(base)
+    model.model.layers[0] = torch.nn.Sequential(FullyShardedDataParallel())  # as FSDP1 wraps
+    with pytest.raises(WDAnalysisError, match="FSDP1") as caught:
+        Tracker(base, tmp_path / "t.csv", every=1, modules=MODULES).begin(model, 0)
+    assert "--fsdp_version 2" in str(caught.value) and "\n" not in str(caught.value)

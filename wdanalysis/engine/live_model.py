@@ -135,6 +135,12 @@ def bind_model(
     ``layout(key)``: whether the base stores ``key`` as (in, out), as ``compare`` decides it
     (default: the base's own rule); an adapted layer's ``fan_in_fan_out`` overrides it.
     """
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise AdapterMismatchError(  # FSDP1 flat parameters: no weight has its own shape
+            "the model is wrapped by FSDP1 (flat parameters), which live tracking does not read",
+            base_path,
+            "train with FSDP2 (accelerate launch --fsdp_version 2), or compare saved checkpoints",
+        )
     device = next(iter(model.parameters())).device
     layout = layout or base.transposed
     layers = adapter_layers(model)
