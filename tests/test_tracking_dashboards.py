@@ -188,3 +188,41 @@ def test_wandb_offline_run_holds_the_scalars_and_the_figures(dashboard_run):
                 images.add(key)
     _check(got, table)
     assert images == {f"wdanalysis/{m}/figure2" for m in MODULES}
+
+
+def test_a_dashboard_that_fails_is_reported_once_and_the_rows_go_on(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    real = SummaryWriter.add_scalar
+
+    def broken(self, *args, **kwargs):  # ours only: the Trainer's own writer works
+        if Path(self.log_dir).name == "wdanalysis":
+            raise OSError("disk full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", broken)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=MODULES))
+    out = tmp_path / "tracking.csv"
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    callback = WeightDecompositionCallback(tmp_path / "base", every=2, out=out, modules=MODULES)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_Data(), callbacks=[callback]
+    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in seen if "dashboards failed" in str(w.message)]
+    assert len(said) == 1 and "disk full" in said[0]
+    assert trainer.state.global_step == 4
+    assert sorted(pd.read_csv(out)["step"].unique()) == STEPS
