@@ -1,5 +1,7 @@
-"""Live tracking: ΔM/ΔD of a model while it trains (:class:`Tracker`) and the
-``transformers.Trainer`` callback over it. May import the table, engine and below."""
+"""Live tracking: ΔM/ΔD of a model while it trains (:class:`Tracker`), the
+``transformers.Trainer`` callback over it, what the ranks of a sharded run agree on
+(``ranks``) and the dashboards ``report_to`` names (``dashboards``). May import the plots,
+stats, table, engine and below."""
 
 from __future__ import annotations
 
