@@ -181,6 +181,14 @@ def _bind_adapters(
     weights = {key: frozen[mapping[key]] for key in selected}
     owner_of = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
     owners = {key: owner_of.get(id(weights[key])) for key in selected}
+    for key in selected:
+        if is_sharded(weights[key]) and type(owners[key]).__module__.startswith("bitsandbytes"):
+            raise AdapterMismatchError(  # its shards hold packed data, its quant_state no shape
+                f"weight {key!r} is bitsandbytes-quantized and sharded (FSDP-QLoRA), which live "
+                "tracking does not read",
+                base_path,
+                "track the QLoRA run unsharded, or compare saved checkpoints with the base",
+            )
     tensors, modules, flips = {}, {}, {}
     for path, layer in layers.items():
         key = aligner.find(strip_peft_prefix(path) + ".weight")
