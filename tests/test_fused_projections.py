@@ -123,11 +123,16 @@ def forward_split(model, key: str) -> dict[str, torch.Tensor]:
     layer = next(int(p) for p in key.split(".") if p.isdigit())
     seen = {}
     hook = module.register_forward_hook(lambda m, i, out: seen.setdefault("y", out.detach()))
+    cross = getattr(model.config, "add_cross_attention", False)
+    encoder = dict(encoder_hidden_states=torch.ones(1, 1, 32)) if cross else {}
     try:
         with torch.no_grad():
-            cache = model(torch.tensor([[5]]), use_cache=True).past_key_values
+            cache = model(torch.tensor([[5]]), use_cache=True, **encoder).past_key_values
     finally:
         hook.remove()
+    if cross:  # an encoder-decoder cache: the cross-attention's own k/v apart
+        crossed = ".crossattention." in key
+        cache = cache.cross_attention_cache if crossed else cache.self_attention_cache
     y = seen["y"].reshape(-1)
     found = {}
     for name, cached in (
@@ -192,6 +197,36 @@ def test_fine_tuned_q_and_v_rows_equal_the_forward_slices(tmp_path, name):
     default = compare(base, {"ft": ft}, progress=False)  # the paper's query/value default
     assert sorted(default["module"].unique()) == ["q_proj", "v_proj"]
     assert default[["delta_m", "delta_d"]].equals(table[["delta_m", "delta_d"]])
+
+
+def test_gpt2_cross_attention_k_v_and_its_query(tmp_path):
+    """GPT-2 with cross-attention: ``crossattention.c_attn`` holds k | v, ``q_attn`` the
+    query (named ``q_proj`` too)."""
+    import transformers as tf
+
+    config = tf.GPT2Config(
+        n_embd=32, n_head=4, n_layer=1, n_positions=16, add_cross_attention=True, **COMMON
+    )
+    _built["gpt2-cross"] = (tf.GPT2LMHeadModel(config).eval(), "c_attn")
+    model, _ = build("gpt2-cross")
+    base_state = model.state_dict()
+    ft_state = finetuned(base_state, seed=7)
+    base, ft = save(model, tmp_path / "base"), save(model, tmp_path / "ft", ft_state)
+    table = compare(base, {"ft": ft}, progress=False)
+    expected = {}
+    for key, part in (
+        ("transformer.h.0.attn.c_attn.weight", "q_proj"),
+        ("transformer.h.0.attn.c_attn.weight", "v_proj"),
+        ("transformer.h.0.crossattention.q_attn.weight", "q_proj"),
+        ("transformer.h.0.crossattention.c_attn.weight", "v_proj"),
+    ):
+        index = forward_split(model, key)[part]
+        w0, wt = base_state[key][:, index], ft_state[key][:, index]
+        expected[("ft", part, key)] = reference_delta(w0, wt, transposed=True)
+    assert check(table, expected) == 4
+    assert (
+        forward_split(model, "transformer.h.0.crossattention.c_attn.weight")["q_proj"].numel() == 0
+    )
 
 
 def test_phi3_gate_up_split_and_all_parts(tmp_path):
@@ -316,3 +351,31 @@ def test_mamba_in_proj_is_not_attention(tmp_path):
         compare(tmp_path / "base", tmp_path / "ft", progress=False)
     whole = compare(tmp_path / "base", tmp_path / "ft", modules=["in_proj"], progress=False)
     assert list(whole["module"]) == ["in_proj", "in_proj"]  # asked for by name: whole
+
+
+def test_live_tracking_gives_the_rows_compare_gives(tmp_path):
+    """The training callback's engine splits the live model's fused weight alike."""
+    from wdanalysis.tracking.tracker import Tracker
+
+    model, _ = build("phi3")
+    base = save(model, tmp_path / "base")
+    live = copy.deepcopy(model)
+    tracker = Tracker(base, tmp_path / "tracking.csv", every=1)
+    tracker.begin(live, 0)
+    live.load_state_dict(finetuned(model.state_dict(), seed=6))
+    tracked = tracker.compute(1).reset_index(drop=True)
+    saved = compare(base, save(live, tmp_path / "ft"), progress=False)
+    assert list(tracked["module"]) == list(saved["module"]) == ["q_proj", "v_proj"]
+    for column in ("delta_m", "delta_d", "n_vectors"):
+        assert tracked[column].to_list() == pytest.approx(saved[column].to_list(), rel=1e-12)
+
+
+def test_parts_of_a_module_the_adapter_leaves_alone_are_unchanged(tmp_path):
+    model, _ = build("neox")
+    make_peft_adapter(model, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["dense"])
+    base = save(model, tmp_path / "base")
+    for axis in ("out", "in"):
+        table = compare(base, tmp_path / "adapter", axis=axis, progress=False)
+        assert list(table["module"]) == ["q_proj", "v_proj"]
+        assert (table["delta_m"] == 0).all() and (table["delta_d"] == 0).all()
+        assert (table["n_vectors"] == 32).all()  # 4 heads of 8 (out) or 32 inputs (in)
