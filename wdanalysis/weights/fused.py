@@ -101,8 +101,10 @@ def fused_layouts(path: Path, shapes: dict, transposed: Callable[[str], bool]) -
         except _Missing as missing:
             if renamed:
                 continue
+            into = "gate_proj/up_proj" if leaf == "gate_up_proj" else "q/k/v"
+            where = file if config is not None else file.parent
             refused[key] = WDAnalysisError(
-                f"cannot split the fused projection {key!r} into q/k/v: {missing}", file, _FIX
+                f"cannot split the fused projection {key!r} into {into}: {missing}", where, _FIX
             )
     return FusedLayouts(parts, refused)
 

@@ -122,8 +122,9 @@ def select_targets(
     if chosen:
         return chosen, parts
     refused = [k for k in candidates if k in fused.refused]
-    if refused and (modules or any(_leaf_matches(k, FUSED_QKV_NAMES) for k in refused)):
-        raise fused.refused[refused[0]]
+    attention = [k for k in refused if _leaf_matches(k, FUSED_QKV_NAMES)]
+    if attention or (modules and refused):  # the attention one says most
+        raise fused.refused[(attention or refused)[0]]
     if not modules:
         chosen = [k for k in candidates if _leaf_matches(k, FUSED_QKV_NAMES)]
         if chosen:
