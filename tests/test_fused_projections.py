@@ -229,6 +229,28 @@ def test_gpt2_cross_attention_k_v_and_its_query(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "remote"),
+    [
+        ("falcon-new", dict(model_type="RefinedWeb", n_head=6, n_head_kv=2)),
+        ("falcon-mqa", dict(model_type="RefinedWebModel", n_head=4, multi_query=True)),
+    ],
+)
+def test_falcon_remote_code_configs(tmp_path, name, remote):
+    """Falcon's configs from before transformers (``RefinedWeb``/``RefinedWebModel``, its
+    remote ``modelling_RW.py`` splitting as the new / old layouts) give the same rows."""
+    model, leaf = build(name)
+    ft_state = finetuned(model.state_dict(), seed=8)
+    base, ft = save(model, tmp_path / "base"), save(model, tmp_path / "ft", ft_state)
+    native = compare(base, {"ft": ft}, progress=False)
+    config = json.loads((base / "config.json").read_text())
+    for field in ("num_attention_heads", "num_kv_heads", "new_decoder_architecture"):
+        config.pop(field)
+    (base / "config.json").write_text(json.dumps({**config, **remote}))
+    table = compare(base, {"ft": ft}, progress=False)
+    assert table[["module", "delta_m", "delta_d"]].equals(native[["module", "delta_m", "delta_d"]])
+
+
 def test_phi3_gate_up_split_and_all_parts(tmp_path):
     model, _ = build("phi3")
     key = "model.layers.0.mlp.gate_up_proj.weight"
@@ -253,6 +275,8 @@ def test_phi3_gate_up_split_and_all_parts(tmp_path):
         check_table(table[table["module"] == part], {(None, None, k): value})
     whole = compare(base, ft, modules=["qkv_proj"], progress=False)  # the stored name: all
     assert sorted(whole["module"]) == ["k_proj", "q_proj", "v_proj"]
+    by_regex = compare(base, ft, modules=[r"layers\.0\.self_attn\.[kv]_proj"], progress=False)
+    assert sorted(by_regex["module"]) == ["k_proj", "v_proj"]  # as the unfused keys would
 
 
 # ------------------------------------------------------------------------ PEFT adapters

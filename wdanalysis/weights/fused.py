@@ -230,6 +230,13 @@ def _falcon(config: dict, key: str):
     return heads, _qkv(head_dim, head_dim)
 
 
+def _refined_web(config: dict, key: str):
+    """Falcon's remote code before transformers: ``RefinedWeb`` (40B) splits as the new
+    decoder architecture (``n_head_kv`` groups), ``RefinedWebModel`` (7B) as the old one."""
+    new = config.get("model_type") == "RefinedWeb"
+    return _falcon({**config, "new_decoder_architecture": new}, key)
+
+
 def _mpt(config: dict, key: str):
     """MPT ``Wqkv(x).chunk(3, dim=2)``; llm-foundry's other ``attn_type``s are not read."""
     attn = config.get("attn_config") or {}
@@ -259,6 +266,8 @@ _RULES: dict[tuple[str | None, str], Callable] = {
     ("gpt_neox", "query_key_value"): _per_head("num_attention_heads"),
     ("bloom", "query_key_value"): _per_head("n_head", "num_attention_heads"),
     ("falcon", "query_key_value"): _falcon,
+    ("RefinedWeb", "query_key_value"): _refined_web,
+    ("RefinedWebModel", "query_key_value"): _refined_web,
     ("mpt", "Wqkv"): _mpt,
     ("dbrx", "Wqkv"): _dbrx,
 }
