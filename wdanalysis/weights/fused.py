@@ -95,9 +95,17 @@ def fused_layouts(path: Path, shapes: dict, transposed: Callable[[str], bool]) -
             continue
         if leaf == "qkv" and "attn" not in key.lower() and "attention" not in key.lower():
             continue
-        out = shape[1] if transposed(key) else shape[0]
         try:
+            if config is None:
+                raise _Missing(
+                    "its config.json cannot be read"
+                    if file.exists()
+                    else "no config.json beside the base, so its head counts are unknown"
+                )
+            out = shape[1] if transposed(key) else shape[0]  # the layout rule may refuse
             parts[key] = _split(config, key, leaf, out)
+        except WDAnalysisError as error:
+            refused[key] = error
         except _Missing as missing:
             if renamed:
                 continue
@@ -114,9 +122,7 @@ def _leaf(key: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-def _split(config: dict | None, key: str, leaf: str, out: int) -> tuple[Part, ...]:
-    if config is None:
-        raise _Missing("no config.json beside the base, so its head counts are unknown")
+def _split(config: dict, key: str, leaf: str, out: int) -> tuple[Part, ...]:
     model_type = config.get("model_type")
     rule = _RULES.get((model_type, leaf))
     if rule is None:
