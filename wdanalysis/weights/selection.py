@@ -18,7 +18,7 @@ from wdanalysis.weights.fused import FusedLayouts, Part
 
 QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "to_q")
 VALUE_NAMES = ("v_proj", "value", "v", "v_lin", "wv", "value_proj", "to_v")
-# Fused q/k/v leaves: the default falls back to them when nothing else is found. Mamba's
+# Fused q/k/v leaves (split by weights.fused; refused when they cannot be). Mamba's
 # ``in_proj`` (x | z) is not attention and is not among them.
 FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "W_pack")
 # Leaf names that only mean "attention projection" inside an attention block.
@@ -79,13 +79,6 @@ def _leaf_matches(key: str, names: Iterable[str]) -> bool:
     return leaf not in _SHORT_NAMES or bool(_ATTENTION_HINT.search(path))
 
 
-def select_weights(
-    shapes: dict[str, Sequence[int]], modules: Sequence[str] | None, source: str
-) -> list[str]:
-    """Base-model keys of the matrices to analyse, in file order (fused weights whole)."""
-    return select_targets(shapes, modules, source, FusedLayouts({}, {}))[0]
-
-
 def select_targets(
     shapes: dict[str, Sequence[int]],
     modules: Sequence[str] | None,
@@ -97,9 +90,9 @@ def select_targets(
     ``modules`` are leaf names (``q_proj``) or full module paths / regular expressions
     matched against the whole key; a fused weight's part matches as its unfused key would
     (:func:`part_key`), and naming the fused weight itself takes all its parts. ``None``
-    selects query and value projections (of fused weights too), falling back to the fused
-    QKV projections of architectures whose layout is not known (refused, see below).
-    A fused weight that would be selected but cannot be split raises its one-line error.
+    selects query and value projections, the parts of fused weights too. A fused weight
+    that cannot be split (:class:`~wdanalysis.weights.fused.FusedLayouts` ``refused``)
+    raises its one-line error when it is asked for by name, or when nothing else was found.
     """
     candidates = [k for k, shape in shapes.items() if _is_candidate(k, shape)]
     if modules:
@@ -125,10 +118,6 @@ def select_targets(
     attention = [k for k in refused if _leaf_matches(k, FUSED_QKV_NAMES)]
     if attention or (modules and refused):  # the attention one says most
         raise fused.refused[(attention or refused)[0]]
-    if not modules:
-        chosen = [k for k in candidates if _leaf_matches(k, FUSED_QKV_NAMES)]
-        if chosen:
-            return chosen, parts
     names = ", ".join(_leaf_examples(candidates, fused))
     if modules:
         raise WDAnalysisError(
