@@ -75,6 +75,13 @@ def _configs():
                          **COMMON),
             "Wqkv",
         ),
+        "dbrx": (
+            tf.DbrxConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=16,
+                          attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=1e3),
+                          ffn_config=dict(ffn_hidden_size=16, moe_num_experts=2, moe_top_k=1),
+                          **COMMON),
+            "Wqkv",
+        ),
         "bigcode-mqa": (
             tf.GPTBigCodeConfig(n_embd=32, n_head=4, n_layer=1, n_positions=16,
                                 multi_query=True, **COMMON),

@@ -3,11 +3,11 @@
 Some architectures store several projections in one weight: GPT-2 ``c_attn`` (``Conv1D``,
 q | k | v), Phi-3 ``qkv_proj`` (q | k | v, grouped-query sizes) and ``gate_up_proj``
 (gate | up), GPT-NeoX/Pythia and Bloom ``query_key_value`` (per head: q, k, v), Falcon
-``query_key_value`` (three layouts), MPT and DBRX ``Wqkv`` (q | k | v), GPT-BigCode
-``c_attn`` (an ``nn.Linear``; multi-query: q | one k head | one v head). Each layout below
-was read from the model's forward in transformers (``modeling_<type>.py``, the line that
-splits the fused output) and is checked in ``tests/test_fused_projections.py`` against the
-q/k/v the tiny model itself computes.
+``query_key_value`` (three layouts), MPT and DBRX ``Wqkv`` (q | k | v; DBRX with fewer kv
+heads), GPT-BigCode ``c_attn`` (an ``nn.Linear``; multi-query: q | one k head | one v head).
+Each layout below was read from the model's forward in transformers (``modeling_<type>.py``,
+the line that splits the fused output) and is checked in ``tests/test_fused_projections.py``
+against the k and v the tiny model itself caches.
 
 ΔM and ΔD are per output feature, so a part is a set of output features (index ranges, one
 per head where heads are interleaved) of the stored weight: the streaming engine reads the
