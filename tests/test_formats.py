@@ -271,6 +271,28 @@ PEFT_CASES = {
 }
 
 
+def _parts(table, key: str) -> list[str]:
+    return sorted(table.loc[table["parameter"] == key, "module"])
+
+
+def _part(w0, wt, key: str, part: str, transposed: bool):
+    """The part's slices of both weights: GPT-2's fused ``c_attn`` holds q | k | v, thirds of
+    its output features (tests/test_fused_projections.py checks that against the model)."""
+    if not key.endswith(".c_attn.weight"):
+        return w0, wt
+    third = (w0.shape[1] if transposed else w0.shape[0]) // 3
+    rows = slice("qkv".index(part[0]) * third, ("qkv".index(part[0]) + 1) * third)
+    return (w0[:, rows], wt[:, rows]) if transposed else (w0[rows], wt[rows])
+
+
+def check_parts(table, expected) -> int:
+    """``expected[(module, parameter)]``: each row of the table checked once."""
+    return sum(
+        check_table(table[table["module"] == part], {(None, None, key): value})
+        for (part, key), value in expected.items()
+    )
+
+
 def _bare(model):
     """The inner model without task head or prefix: LlamaModel of a CausalLM, BertModel."""
     return model.model if hasattr(model, "lm_head") else model.bert
@@ -328,7 +350,7 @@ def test_peft_adapter_matches_peft_merge(tmp_path, name):
         assert any(".classifier." in k for k in tensors)
     model_state = trained.state_dict()
     expected = {}
-    for key in table["parameter"]:
+    for key in table["parameter"].unique():
         merged_key = _unique_suffix_key(merged, key)
         w0 = base_state[key]
         assert torch.equal(w0, model_state[merged_key])  # same W0 under both names
@@ -342,19 +364,22 @@ def test_peft_adapter_matches_peft_merge(tmp_path, name):
             w0, pieces["A"], pieces["B"], case.scale(module), pieces.get("m"), case.transposed
         )
         np.testing.assert_allclose(wt.numpy(), independent, rtol=1e-11, atol=1e-13)
-        expected[(None, None, key)] = reference_delta(w0, wt, transposed=case.transposed)
-        assert expected[(None, None, key)][1] > 1e-6  # the adapter really changed it
-    assert check_table(table, expected, rtol=1e-9) == len(table) > 0
+        for part in _parts(table, key):
+            expected[(part, key)] = reference_delta(
+                *_part(w0, wt, key, part, case.transposed), transposed=case.transposed
+            )
+            assert expected[(part, key)][1] > 1e-6  # the adapter really changed it
+    assert check_parts(table, expected) == len(table) > 0
 
     # the other axis: one vector per input feature, same effective weights
     by_input = run_compare(tmp_path / "base", adapter, axis="in")
-    expected_in = {
-        (None, None, key): reference_delta(
-            base_state[key], merged[_unique_suffix_key(merged, key)], "in", case.transposed
-        )
-        for key in by_input["parameter"]
-    }
-    assert check_table(by_input, expected_in, rtol=1e-9) == len(table)
+    expected_in = {}
+    for key in by_input["parameter"].unique():
+        wt = merged[_unique_suffix_key(merged, key)]
+        for part in _parts(by_input, key):
+            w0_wt = _part(base_state[key], wt, key, part, case.transposed)
+            expected_in[(part, key)] = reference_delta(*w0_wt, "in", case.transposed)
+    assert check_parts(by_input, expected_in) == len(table)
 
     # (b) the effective weights themselves, element by element, against PEFT's merge
     base = open_base(tmp_path / "base")
@@ -363,7 +388,7 @@ def test_peft_adapter_matches_peft_merge(tmp_path, name):
     shapes = {k: base.store.shape(k) for k in base.store.keys()}
     bound = ckpt.adapter.bind(aligner_for(base), shapes, transposed)
     adapted = {k: m for k, m in bound.items() if m.lora_b or m.magnitude}
-    assert len(adapted) == len(table)
+    assert len(adapted) == table["parameter"].nunique()
     for key, module in adapted.items():
         ours = ckpt.adapter.effective_weight(module, base.store.get(key), transposed(key))
         peft_merged = merged[_unique_suffix_key(merged, key)]
@@ -638,16 +663,16 @@ def test_gpt2_full_checkpoint_uses_conv1d_layout(tmp_path, gpt2):
     save_model(ft_state, tmp_path / "ft", config=gpt2.model.config)
     table = run_compare(gpt2.folder, tmp_path / "ft")
 
-    assert sorted(table["module"].unique()) == ["c_attn"]
-    assert (table["n_vectors"] == 96).all()  # c_attn is stored (32, 96): 96 output features
+    assert sorted(table["module"].unique()) == ["q_proj", "v_proj"]  # parts of c_attn
+    assert (table["n_vectors"] == 32).all()  # c_attn is stored (32, 96): 96 output features
     expected = {}
-    for key in table["parameter"]:
-        expected[(None, None, key)] = reference_delta(
-            gpt2.state[key], ft_state[key], transposed=True
-        )
-        wrong = reference_delta(gpt2.state[key], ft_state[key], transposed=False)
-        assert abs(wrong[1] - expected[(None, None, key)][1]) > 1e-3 * wrong[1]
-    assert check_table(table, expected) == 2
+    for key in table["parameter"].unique():
+        for part in ("q_proj", "v_proj"):
+            w0, wt = _part(gpt2.state[key], ft_state[key], key, part, True)
+            expected[(part, key)] = reference_delta(w0, wt, transposed=True)
+            wrong = reference_delta(w0, wt, transposed=False)
+            assert abs(wrong[1] - expected[(part, key)][1]) > 1e-3 * wrong[1]
+    assert check_parts(table, expected) == 4
 
 
 # ======================================================================= 7. tiny updates

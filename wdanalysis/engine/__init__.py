@@ -1,2 +1,3 @@
-"""The engine: decomposition maths (Eqs. 2-4), the C kernel, block-wise streaming and the
-live model view. May import weights, loaders, storage and errors; nothing above."""
+"""The engine: decomposition maths (Eqs. 2-4), the C kernel, block-wise streaming (per part
+of a fused weight) and the live model view. May import weights, loaders, storage and
+errors; nothing above."""

@@ -34,6 +34,7 @@ class DecompositionChange:
     delta_d: float  # NaN only when every vector had zero norm (counted below)
     n_vectors: int
     zero_norm_vectors: int
+    part: str | None = None  # the part of a fused weight (``q_proj``), None: the whole
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ class Job:
     index: int  # position of the checkpoint in the engine's ``bound``
     # Per vector Σa², Σa·d, Σd² (3, n_vectors), float64 on the compute device.
     sums: torch.Tensor | None = field(default=None, init=False)
-    change: DecompositionChange | None = field(default=None, init=False)
+    # one change, or one per part of a fused weight (engine.part_sums)
+    changes: list[DecompositionChange] = field(default_factory=list, init=False)
 
     def release(self) -> None:
         """Drop the tensors this job holds once its change is computed."""

@@ -26,18 +26,17 @@ whose own data fails (unreadable, NaN/Inf) is skipped from then on and its error
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from wdanalysis.engine import part_sums
 from wdanalysis.engine.decomposition import (
     DecompositionChange,
     accumulate_sums,
     as_matrix,
-    change_from_sums,
-    matrix_sums,
     vector_mode,
 )
 from wdanalysis.engine.jobs import (
@@ -59,6 +58,7 @@ from wdanalysis.weights.bound_checkpoint import (
     require_finite,
     source_of,
 )
+from wdanalysis.weights.fused import Part
 
 MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
 MAX_BLOCK = 32 << 20  # largest single read
@@ -105,8 +105,11 @@ class Engine:
         device: str | torch.device = "cpu",
         workers: int = 1,
         budget: int | None = None,
+        parts: Mapping[str, Sequence[Part]] | None = None,  # fused key -> its parts to report
     ):
         self.base, self.bound, self.axis, self.transposed = base, bound, axis, transposed
+        self.parts = dict(parts or {})
+        self._key_parts: Sequence[Part] | None = None  # those of the weight being streamed
         self.budget = budget  # bytes of read buffers; None: MEMORY_BUDGET
         # The failures of the run in progress (or the last one), by position in ``bound``;
         # kept here, not written into the caller's checkpoints, and returned by ``run``.
@@ -135,8 +138,8 @@ class Engine:
 
         ``on_result(key, item, change)`` is called for each (weight, checkpoint) as soon as
         it is done, with ``change`` None when that checkpoint has failed (so that progress
-        still advances). The returned dict maps a failed checkpoint's position in ``bound``
-        to its first error; the checkpoint was skipped from then on.
+        still advances); a fused weight gets one per part (``change.part``). The returned
+        dict maps a failed checkpoint's position in ``bound`` to its first error.
         """
         self.failures = {}
         keys = sorted(keys, key=self._position)
@@ -207,8 +210,9 @@ class Engine:
         mode = vector_mode(self.axis, transposed)
         rows, cols = _rows_cols(self.base.store.shape(key))
         n_vec = rows if mode == "rows" else cols
+        self._key_parts = self.parts.get(key)
         self._prepare_jobs(jobs, n_vec)
-        base_sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
+        base_sums = part_sums.new_sums(self._key_parts, self.axis, n_vec, self.device)
         base_extent = extent_of(self.base.store, key)
         base_dense = None if base_extent is not None else as_matrix(self.base.store.get(key))
         for start in range(0, rows, per_block):
@@ -226,12 +230,13 @@ class Engine:
             if job.index not in self.failures:
                 self._guard(job, self._finish_job, key, job, base_sums, mode)
             job.release()
-            yield job, (None if job.index in self.failures else job.change)
+            failed = [None] * len(self._key_parts or [None])
+            yield from ((job, c) for c in (failed if job.index in self.failures else job.changes))
 
     def _prepare_jobs(self, jobs: list[Job], n_vec: int) -> None:
         """Zero each job's sums; load what is read whole (.bin matrices, adapter factors)."""
         for job in jobs:
-            job.sums = torch.zeros(3, n_vec, dtype=torch.float64, device=self.device)
+            job.sums = part_sums.new_sums(self._key_parts, self.axis, n_vec, self.device)
             if job.index in self.failures:
                 continue
             if isinstance(job, DenseJob):
@@ -305,9 +310,12 @@ class Engine:
             self.failures[job.index] = error
 
     def _finish_job(self, key, job, base_sums, mode) -> None:
-        job.change = self._finish(key, job, base_sums, mode)
+        job.changes = self._finish(key, job, base_sums, mode)
 
     def _accumulate(self, a, b, sums, mode, start, n, diff) -> None:
+        if sums.dim() == 3:  # the parts of a fused weight, input axis (engine.part_sums)
+            args = (self._key_parts, mode, start, n, diff, self.backend)
+            return part_sums.accumulate_parts(a, b, sums, *args)
         target = sums[:, start : start + n] if mode == "rows" else sums
         accumulate_sums(a, b, target, mode, diff, self.backend)
 
@@ -335,31 +343,31 @@ class Engine:
                 d = d * c[:, None] + x * ((m[rows] - norm_v) / safe)[:, None]
             self._accumulate(a[s:e], d.contiguous(), job.sums, mode, start + s, e - s, False)
 
-    def _finish(self, key, job: Job, base_sums, mode) -> DecompositionChange:
+    def _finish(self, key, job: Job, base_sums, mode) -> list[DecompositionChange]:
         if isinstance(job, MergedJob):
             return self._effective(key, job, mode)
         sums = job.sums
         if isinstance(job, UnchangedJob):
             sums = base_sums.clone()
-            sums[1:].zero_()
+            sums[..., 1:, :].zero_()
         magnitude = job.magnitude if isinstance(job, AdapterJob) else None
         if not torch.isfinite(sums).all() or (
             magnitude is not None and not torch.isfinite(magnitude).all()
         ):
             self._report_non_finite(key, self.bound[job.index])
-        if magnitude is not None and self.axis == "out":
-            return change_from_sums(sums[0], sums[1], sums[2], new_norm=magnitude)
-        return change_from_sums(sums[0], sums[1], sums[2])
+        new_norm = magnitude if self.axis == "out" else None
+        return part_sums.changes(sums, self._key_parts, new_norm)
 
-    def _effective(self, key, job: MergedJob, mode) -> DecompositionChange:
+    def _effective(self, key, job: MergedJob, mode) -> list[DecompositionChange]:
         """Whole-matrix fallback for the rare adapter layouts (``AdapterModule.merged_whole``)."""
         item = self.bound[job.index]
         w0 = self.base.store.get(key)
         wt = effective_weight(item, key, w0, self.transposed)
-        sums = matrix_sums(w0.to(self.device), wt.to(self.device), mode, self.backend)
+        w0, wt, parts = w0.to(self.device), wt.to(self.device), self._key_parts
+        sums = part_sums.whole_sums(w0, wt, mode, parts, self.axis, self.backend)
         if not torch.isfinite(sums).all():
             self._report_non_finite(key, item)
-        return change_from_sums(sums[0], sums[1], sums[2])
+        return part_sums.changes(sums, parts)
 
     def _check_base(self, key) -> None:
         w0 = self.base.store.get(key)

@@ -315,8 +315,9 @@ def _known_steps(data: pd.DataFrame) -> pd.DataFrame:
 def _trajectory_lines(
     ax_m: Axes, ax_d: Axes, frame: pd.DataFrame, colours, styles: dict[str, str]
 ) -> None:
-    """One line per weight matrix (parameter key), coloured by its layer."""
-    key = "parameter" if "parameter" in frame.columns else "layer"
+    """One line per weight matrix (parameter key, and module: the parts of a fused weight
+    share its key), coloured by its layer."""
+    key = ["parameter", "module"] if "parameter" in frame.columns else ["layer", "module"]
     for _, weight in frame.sort_values("step").groupby(key, sort=False, dropna=False):
         layer = pd.to_numeric(weight["layer"], errors="coerce").iloc[0]
         colour = "C0" if colours is None or pd.isna(layer) else colours[0](colours[1](layer))

@@ -34,8 +34,9 @@ from wdanalysis.loaders.runs import (
 )
 from wdanalysis.table.schema import COLUMNS, deltas_row
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
+from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.layout import stored_transposed
-from wdanalysis.weights.selection import describe_weight, select_weights
+from wdanalysis.weights.selection import describe_weight, select_targets
 
 RunsArg = str | Path | Sequence[str | Path] | Mapping[str, str | Path]
 
@@ -80,7 +81,9 @@ def compare(
         ``checkpoint-N`` sub-folders or a single checkpoint (full model or adapter), or a
         cached hub id.
     modules: leaf module names (``q_proj``) or paths/regexes; default: attention query
-        and value projections.
+        and value projections. Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, …)
+        are split by the base's ``config.json`` into ``q_proj``/``k_proj``/``v_proj``
+        (``gate_proj``/``up_proj``) rows (:mod:`wdanalysis.weights.fused`).
     labels: display names replacing the inferred method (``FT``/``LoRA``/``DoRA``).
     axis: ``"out"`` (default): one magnitude per output feature, as DoRA implementations
         store it; ``"in"``: one per input feature.
@@ -104,10 +107,11 @@ def compare(
     refuse_quantized(base_model.store, "base model")
     prepare_base(base_model, run_list)  # experts split, mlx-lm embeddings told apart
     shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
-    selected = select_weights(shapes, modules, str(base))
-    _check_base_dtypes(base_model, selected)
     aligner = aligner_for(base_model)
     transposed = stored_transposed(base_model, run_list, fan_in_fan_out, aligner)
+    fused = fused_layouts(base_model.path, shapes, transposed)
+    selected, parts = select_targets(shapes, modules, str(base), fused)
+    _check_base_dtypes(base_model, selected)
     bound = [
         _bind(run, ckpt, shapes, selected, aligner, transposed)
         for run in run_list
@@ -116,7 +120,7 @@ def compare(
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     rows, errors = _compute(
-        base_model, selected, bound, axis, transposed, progress, device, workers
+        base_model, selected, bound, axis, transposed, progress, device, workers, parts
     )
     failed = [(bound[index], errors[index]) for index in sorted(errors)]  # in bound order
     if not failed:
@@ -224,7 +228,7 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
 
 
 def _compute(
-    base, selected, bound, axis, transposed, progress, device="cpu", workers=1
+    base, selected, bound, axis, transposed, progress, device="cpu", workers=1, parts=None
 ) -> tuple[list[dict], dict[int, WDAnalysisError]]:
     """Stream every selected weight through every checkpoint (:mod:`wdanalysis.engine.streaming`).
 
@@ -233,8 +237,9 @@ def _compute(
     analysis.
     """
     rows = []
+    parts = parts or {}
     bar = tqdm(
-        total=len(selected) * len(bound),
+        total=sum(len(parts.get(key, [key])) for key in selected) * len(bound),
         desc="ΔM/ΔD",
         unit="matrix",
         disable=not progress,
@@ -244,12 +249,13 @@ def _compute(
 
     def on_result(key, item, change):
         if change is not None:
-            name = names.get(key) or names.setdefault(key, describe_weight(key))
+            at = (key, change.part)
+            name = names.get(at) or names.setdefault(at, describe_weight(key, change.part))
             rows.append(_row(item, name, axis, change))
         bar.update()
 
     with bar:
-        engine = Engine(base, bound, axis, transposed, device, workers)
+        engine = Engine(base, bound, axis, transposed, device, workers, parts=parts)
         errors = engine.run(list(selected), on_result)
     return rows, errors
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.formats import openclip
 from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, open_run
-from wdanalysis.weights.selection import module_path, select_weights
+from wdanalysis.weights.fused import fused_layouts
+from wdanalysis.weights.selection import module_path, select_targets
 
 
 def inspect(path: str | Path) -> dict:
@@ -33,10 +34,13 @@ def _describe_full(ckpt: FullModel) -> dict:
     fused = openclip.present_as_clip(ckpt, [])  # what compare reads: q/k/v apart
     store = ckpt.store
     shapes = {k: store.shape(k) for k in store.keys()}
+    layouts = fused_layouts(ckpt.path, shapes, ckpt.transposed)
     try:
-        selected = select_weights(shapes, None, str(ckpt.path))
+        selected, parts = select_targets(shapes, None, str(ckpt.path), layouts)
     except WDAnalysisError:
-        selected = []
+        selected, parts = [], {}
+    names = {p.name for ps in parts.values() for p in ps}
+    names |= {module_path(k).rsplit(".", 1)[-1] for k in selected if k not in parts}
     return {
         "format": store.format,
         "dtypes": sorted(store.dtypes()),
@@ -44,9 +48,10 @@ def _describe_full(ckpt: FullModel) -> dict:
         "parameters": sum(math.prod(s) for s in shapes.values()),
         "model_type": ckpt.model_type,
         "layout": "Conv1D (in, out)" if ckpt.conv1d_layout() else "Linear (out, in)",
-        "default_modules": sorted({module_path(k).rsplit(".", 1)[-1] for k in selected}),
-        "default_weights": len(selected),
+        "default_modules": sorted(names),
+        "default_weights": sum(len(parts.get(k, [k])) for k in selected),
         **({"notes": [_OPENCLIP_NOTE]} if fused else {}),
+        **({"fused_projections": _fused_note(layouts)} if layouts.parts or layouts.refused else {}),
     }
 
 
@@ -110,3 +115,11 @@ def format_inspection(info: dict) -> str:
             value = ", ".join(str(v) for v in value) if value else "—"
         lines.append(f"{key.replace('_', ' '):<{width}}  {value}")
     return "\n".join(lines)
+
+
+def _fused_note(layouts) -> str:
+    """How many fused weights are split into q/k/v (or gate/up), and why others are not."""
+    if layouts.refused:
+        return f"{len(layouts.refused)} cannot be split: {next(iter(layouts.refused.values()))}"
+    names = sorted({p.name for parts in layouts.parts.values() for p in parts})
+    return f"{len(layouts.parts)} split by config.json into {', '.join(names)}"

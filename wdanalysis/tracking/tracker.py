@@ -38,8 +38,9 @@ from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.runs import Run, aligner_for, open_base, refuse_quantized
 from wdanalysis.storage.atomic_write import atomic_path
 from wdanalysis.table.schema import COLUMNS, deltas_row
+from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.layout import stored_transposed
-from wdanalysis.weights.selection import describe_weight, select_weights
+from wdanalysis.weights.selection import describe_weight, select_targets
 
 TRACKING_BUDGET = 32 << 20  # bytes of base blocks in flight (FT): small beside a model
 
@@ -63,6 +64,7 @@ class Tracker:
         self.base_path, self.out, self.every = Path(base), Path(out), int(every)
         self.modules, self.axis, self.run_name = modules, axis, run
         self.live: LiveModel | None = None
+        self.parts: dict = {}  # fused base key -> the parts selected of it
         self.done: set[int] = set()
         self.active = False
         self.failure: BaseException | None = None
@@ -82,10 +84,11 @@ class Tracker:
         base = open_base(self.base_path)
         refuse_quantized(base.store, "base model")
         shapes = {k: base.store.shape(k) for k in base.store.keys()}
-        selected = select_weights(shapes, self.modules, str(self.base_path))
+        layout = stored_transposed(base, [], None, aligner_for(base))  # the rule compare applies
+        fused = fused_layouts(base.path, shapes, layout)  # q/k/v of fused weights apart
+        selected, self.parts = select_targets(shapes, self.modules, str(self.base_path), fused)
         name = self.run_name or self.out.parent.name or "run"
         run = Run(self.out.parent, name, [])
-        layout = stored_transposed(base, [], None, aligner_for(base))  # the rule compare applies
         live = bind_model(model, self.base_path, selected, base, run, layout)
         self.bound = (live, selected, base)
         if live.quantized and self.writes:
@@ -141,9 +144,8 @@ class Tracker:
         live = self.live
         live.bound.checkpoint.step = step
         rows: list[dict] = []
-        engine = Engine(
-            live.base, [live.bound], self.axis, live.transposed, live.device, 1, TRACKING_BUDGET
-        )
+        live_args = (live.base, [live.bound], self.axis, live.transposed, live.device, 1)
+        engine = Engine(*live_args, TRACKING_BUDGET, self.parts)
 
         def on_result(key, item, change):
             if change is None:
@@ -191,7 +193,8 @@ class Tracker:
 
 def _row(live: LiveModel, key: str, step: int, axis: str, change) -> dict:
     # live: no checkpoint file behind the row
-    return deltas_row(live.method, live.bound.run.name, step, describe_weight(key), axis, change)
+    name = describe_weight(key, change.part)
+    return deltas_row(live.method, live.bound.run.name, step, name, axis, change)
 
 
 def read_steps(path: Path) -> set[int]:

@@ -1,8 +1,10 @@
 """Which weight matrices to analyse, and how to name them in the table.
 
 Architectures name their attention projections differently (LLaMA ``q_proj``, BERT
-``query``, T5 ``q``, DistilBERT ``q_lin``, GPT-2's fused ``c_attn``). The defaults pick the
-query and value projections of the paper; any list of leaf module names can be asked for.
+``query``, T5 ``q``, DistilBERT ``q_lin``). The defaults pick the query and value projections
+of the paper; any list of leaf module names can be asked for. Fused projections (GPT-2's
+``c_attn``, Phi-3's ``qkv_proj``, …) are split into parts named ``q_proj``/``k_proj``/
+``v_proj`` (:mod:`wdanalysis.weights.fused`), so ``q_proj`` means the query everywhere.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.weights.fused import FusedLayouts, Part
 
 QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "to_q")
 VALUE_NAMES = ("v_proj", "value", "v", "v_lin", "wv", "value_proj", "to_v")
-FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "in_proj")
+# Fused q/k/v leaves (split by weights.fused; refused when they cannot be). Mamba's
+# ``in_proj`` (x | z) is not attention and is not among them.
+FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "W_pack")
 # Leaf names that only mean "attention projection" inside an attention block.
 _SHORT_NAMES = {"q", "v", "wq", "wv", "qkv"}
 _ATTENTION_HINT = re.compile(r"attn|attention", re.IGNORECASE)
@@ -37,11 +42,18 @@ def module_path(key: str) -> str:
     return key[: -len(".weight")] if key.endswith(".weight") else key
 
 
-def describe_weight(key: str) -> WeightName:
+def describe_weight(key: str, part: str | None = None) -> WeightName:
+    """The table's name of ``key``, or of its ``part`` (``q_proj``) when it is fused."""
     path = module_path(key)
     parts = path.split(".")
     layer = next((int(p) for p in parts if p.isdigit()), None)
-    return WeightName(key, parts[-1], layer, _stack(path))
+    return WeightName(key, part or parts[-1], layer, _stack(path))
+
+
+def part_key(key: str, part: Part) -> str:
+    """The key the part would have unfused: ``a.attn.c_attn.weight`` → ``a.attn.q_proj.weight``."""
+    head = module_path(key).rpartition(".")[0]
+    return f"{head}.{part.name}.weight" if head else f"{part.name}.weight"
 
 
 def _stack(path: str) -> str:
@@ -67,36 +79,57 @@ def _leaf_matches(key: str, names: Iterable[str]) -> bool:
     return leaf not in _SHORT_NAMES or bool(_ATTENTION_HINT.search(path))
 
 
-def select_weights(
-    shapes: dict[str, Sequence[int]], modules: Sequence[str] | None, source: str
-) -> list[str]:
-    """Base-model keys of the matrices to analyse, in file order.
+def select_targets(
+    shapes: dict[str, Sequence[int]],
+    modules: Sequence[str] | None,
+    source: str,
+    fused: FusedLayouts,
+) -> tuple[list[str], dict[str, tuple[Part, ...]]]:
+    """Base keys to analyse, in file order, and the parts chosen of the fused ones.
 
     ``modules`` are leaf names (``q_proj``) or full module paths / regular expressions
-    matched against the whole key. ``None`` selects query and value projections, falling
-    back to fused QKV projections for architectures that have no separate ones.
+    matched against the whole key; a fused weight's part matches as its unfused key would
+    (:func:`part_key`), and naming the fused weight itself takes all its parts. ``None``
+    selects query and value projections, the parts of fused weights too. A fused weight
+    that cannot be split (:class:`~wdanalysis.weights.fused.FusedLayouts` ``refused``)
+    raises its one-line error when it is asked for by name, or when nothing else was found.
     """
     candidates = [k for k, shape in shapes.items() if _is_candidate(k, shape)]
     if modules:
-        chosen = [k for k in candidates if _requested(k, modules)]
-        if not chosen:
-            raise WDAnalysisError(
-                f"--modules {' '.join(modules)} selects no weight matrix",
-                source,
-                f"leaf names here include: {', '.join(_leaf_examples(candidates))}",
-            )
-        return chosen
-    chosen = [k for k in candidates if _leaf_matches(k, QUERY_NAMES + VALUE_NAMES)]
-    if not chosen:
-        chosen = [k for k in candidates if _leaf_matches(k, FUSED_QKV_NAMES)]
-    if not chosen:
+        wanted = lambda key: _requested(key, modules)  # noqa: E731
+    else:
+        wanted = lambda key: _leaf_matches(key, QUERY_NAMES + VALUE_NAMES)  # noqa: E731
+    chosen, parts = [], {}
+    for key in candidates:
+        if key in fused.parts:
+            whole = bool(modules) and _requested(key, modules)
+            picked = tuple(p for p in fused.parts[key] if whole or wanted(part_key(key, p)))
+            if picked:
+                chosen.append(key)
+                parts[key] = picked
+        elif key in fused.refused:
+            if modules and _requested(key, modules):
+                raise fused.refused[key]
+        elif wanted(key):
+            chosen.append(key)
+    if chosen:
+        return chosen, parts
+    refused = [k for k in candidates if k in fused.refused]
+    attention = [k for k in refused if _leaf_matches(k, FUSED_QKV_NAMES)]
+    if attention or (modules and refused):  # the attention one says most
+        raise fused.refused[(attention or refused)[0]]
+    names = ", ".join(_leaf_examples(candidates, fused))
+    if modules:
         raise WDAnalysisError(
-            "found no attention query/value weights",
+            f"--modules {' '.join(modules)} selects no weight matrix",
             source,
-            f"name them with --modules; leaf names here include: "
-            f"{', '.join(_leaf_examples(candidates))}",
+            f"leaf names here include: {names}",
         )
-    return chosen
+    raise WDAnalysisError(
+        "found no attention query/value weights",
+        source,
+        f"name them with --modules; leaf names here include: {names}",
+    )
 
 
 def _requested(key: str, modules: Sequence[str]) -> bool:
@@ -110,9 +143,12 @@ def _requested(key: str, modules: Sequence[str]) -> bool:
     return False
 
 
-def _leaf_examples(keys: Iterable[str], limit: int = 12) -> list[str]:
+def _leaf_examples(keys: Iterable[str], fused: FusedLayouts, limit: int = 12) -> list[str]:
     seen: dict[str, None] = {}
     for key in keys:
-        seen.setdefault(module_path(key).rsplit(".", 1)[-1], None)
+        for name in [module_path(key).rsplit(".", 1)[-1]] + [
+            p.name for p in fused.parts.get(key, ())
+        ]:
+            seen.setdefault(name, None)
     names = list(seen)
     return names[:limit] + (["…"] if len(names) > limit else [])
