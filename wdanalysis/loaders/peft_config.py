@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.loaders import tuner_kinds
 
 SUPPORTED_PEFT_TYPES = {"LORA", "DORA"}
 
@@ -79,10 +80,15 @@ def read_adapter_config(path: Path) -> AdapterConfig:
         )
     peft_type = str(raw.get("peft_type", "LORA")).upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise CheckpointFormatError(
-            f"unsupported peft_type {raw.get('peft_type')!r}",
-            path,
-            "wdanalysis reads LoRA and DoRA adapters (PEFT 'LORA', DoRA authors' 'DORA')",
+        # PEFT's other tuners: merged by PEFT itself (wdanalysis.loaders.peft_tuners), or
+        # refused here in one line saying why
+        tuner_kinds.check_readable(raw, path)
+        return AdapterConfig(
+            format="peft-tuner",
+            r=None,
+            lora_alpha=None,
+            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+            raw=raw,
         )
     r, alpha = raw.get("r"), raw.get("lora_alpha")
     if not _is_rank(r):
