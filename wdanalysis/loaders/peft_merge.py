@@ -112,24 +112,25 @@ def merge_module(config, name: str, layer: nn.Module, saved: dict, where: Path) 
     and the shared ones under their names in the adapter file (``base_model.model.…``)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.save_and_load import set_peft_model_state_dict
+    from peft.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
 
     root = _tree_with(name, layer)
     tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+    config = _for_module(config, name)
     try:
-        with _quiet():
-            tuner = tuner_cls(root, copy.deepcopy(config), adapter_name=ADAPTER)
+        tuner = _wrap(tuner_cls, root, config, layer)
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
         raise AdapterMismatchError(
             f"{name}: PEFT cannot wrap this module: {_first_line(error)}",
             where,
             "pass the base model this adapter was trained on",
         ) from None
-    holder = nn.Module()  # a PeftModel's layout: keys ``base_model.model.<path>``
-    holder.base_model = tuner
-    holder.peft_config = tuner.peft_config
+    holder = _Holder(tuner)
     holder.double()  # the adapter's own tensors in float64 too
     saved = _fit_shared(holder, saved)
+    with _quiet():  # what PEFT itself saves for this module
+        wanted = get_peft_model_state_dict(holder, adapter_name=ADAPTER)
+    _refuse_integer(wanted, saved, where)
     try:
         with _quiet():
             result = set_peft_model_state_dict(holder, dict(saved), adapter_name=ADAPTER)
@@ -139,7 +140,7 @@ def merge_module(config, name: str, layer: nn.Module, saved: dict, where: Path) 
             where,
             "pass the base model this adapter was trained on",
         ) from None
-    _refuse_unloaded(holder, result, saved, name, where)
+    _refuse_unloaded(wanted, result, saved, name, where)
     layers = [m for m in root.modules() if isinstance(m, BaseTunerLayer)]
     if len(layers) != 1:
         raise CheckpointFormatError(
@@ -157,6 +158,59 @@ def merge_module(config, name: str, layer: nn.Module, saved: dict, where: Path) 
                 where,
             ) from None
     return layers[0].get_base_layer().weight.detach().to(torch.float64)
+
+
+def _wrap(tuner_cls, root: nn.Module, config, layer: nn.Module):
+    """The tuner model around ``root``. A tuner whose init derives state from W0 in float32
+    only (PSOFT's SVD) is built on the float32 weight, as PEFT builds it on an fp32 model;
+    everything is then cast to float64 and W0 itself put back exactly."""
+    w0 = layer.weight.detach().clone()
+    with _quiet():
+        try:
+            return tuner_cls(root, copy.deepcopy(config), adapter_name=ADAPTER)
+        except TypeError as error:
+            if "float32" not in str(error):
+                raise
+            root.float()
+            tuner = tuner_cls(root, copy.deepcopy(config), adapter_name=ADAPTER)
+    tuner.double()
+    with torch.no_grad():
+        tuner_layer = root.get_submodule(_path_of(root, layer))
+        tuner_layer.weight.copy_(w0)
+    return tuner
+
+
+def _path_of(root: nn.Module, layer: nn.Module) -> str:
+    return next(name for name, module in root.named_modules() if module is layer)
+
+
+class _Holder(nn.Module):
+    """A PeftModel's layout (keys ``base_model.model.<path>``), its attributes looked up
+    on the tuner as PeftModel does (AdaLoRA's load calls the tuner's methods on it)."""
+
+    def __init__(self, tuner: nn.Module):
+        super().__init__()
+        self.base_model = tuner
+        self.peft_config = tuner.peft_config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_model"], name)
+
+
+def _for_module(config, name: str):
+    """AdaLoRA's saved ``rank_pattern`` (module tensor → kept ranks, a list of booleans)
+    names every adapted module of the model; the one-module tree takes its own entries."""
+    pattern = getattr(config, "rank_pattern", None)
+    if not pattern or not all(isinstance(v, list) for v in pattern.values()):
+        return config  # the other tuners' rank_pattern: regex → rank, matched by PEFT
+    config = copy.deepcopy(config)
+    config.rank_pattern = {
+        k: v for k, v in pattern.items() if k.rsplit(".", 1)[0] == name or k.startswith(name + ".")
+    }
+    return config
 
 
 def _tree_with(name: str, layer: nn.Module) -> nn.Module:
@@ -200,13 +254,25 @@ def _fit_shared(holder: nn.Module, saved: dict) -> dict:
     return taken
 
 
-def _refuse_unloaded(holder: nn.Module, result, saved: dict, name: str, where: Path) -> None:
+def _refuse_integer(wanted: dict, saved: dict, where: Path) -> None:
+    """Integer tensors are index buffers (SHiRA's, FourierFT's …) or quantized weights:
+    only the former, that PEFT itself saves as integers, are taken."""
+    for key, value in saved.items():
+        target = wanted.get(key)
+        if not value.is_floating_point() and (target is None or target.is_floating_point()):
+            raise AdapterMismatchError(
+                f"adapter tensor {key!r} has dtype {str(value.dtype).replace('torch.', '')}; "
+                "quantized or integer adapter weights are not supported",
+                where,
+                "save the adapter in fp32/fp16/bf16",
+            )
+
+
+def _refuse_unloaded(wanted: dict, result, saved: dict, name: str, where: Path) -> None:
     """Unknown means refuse: a saved tensor PEFT's layer does not take, or a tensor PEFT
     itself saves for this module (``get_peft_model_state_dict``) that the file does not
     hold: it would keep its random init. (What PEFT does not save, such as AdaLoRA's
     ``ranknum``, comes from the config.)"""
-    from peft.utils.save_and_load import get_peft_model_state_dict
-
     unexpected = [k for k in result.unexpected_keys if k]
     if unexpected:
         raise CheckpointFormatError(
@@ -214,8 +280,6 @@ def _refuse_unloaded(holder: nn.Module, result, saved: dict, name: str, where: P
             where,
             "the adapter config does not match its tensors; re-save the adapter with PEFT",
         )
-    with _quiet():
-        wanted = get_peft_model_state_dict(holder, adapter_name=ADAPTER)
     missing = sorted(set(wanted) - set(saved))
     if missing:
         raise CheckpointFormatError(

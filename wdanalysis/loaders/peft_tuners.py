@@ -28,7 +28,6 @@ from wdanalysis.loaders.peft_adapter import (
     AdapterConfig,
     AdapterModule,
     explain_unmatched,
-    refuse_non_float,
 )
 from wdanalysis.storage.tensor_store import TensorStore
 
@@ -136,6 +135,15 @@ def open_tuner(path: Path, store: TensorStore, config: AdapterConfig, step) -> A
 
     prefix = PEFT_TYPE_TO_PREFIX_MAPPING[PeftType(peft_type)]
     peft_config = peft_merge.peft_config(config.raw, path)
+    if getattr(peft_config, "save_projection", True) is False:
+        # PEFT regenerates the projections from a seed, sized by the largest adapted
+        # module of the whole model: a one-module merge would draw other matrices
+        raise CheckpointFormatError(
+            f"the {name} adapter was saved with save_projection=False: its shared random "
+            "projections are not in the file",
+            path,
+            "re-save the adapter with save_projection=True (the default)",
+        )
     saved_whole = set(getattr(peft_config, "modules_to_save", None) or ())
     modules: dict[str, TunerModule] = {}
     shared = []
@@ -163,7 +171,6 @@ def open_tuner(path: Path, store: TensorStore, config: AdapterConfig, step) -> A
         found.tensors = (*found.tensors, key)
     if not modules:
         raise CheckpointFormatError(f"the {name} adapter holds no adapted module", path)
-    refuse_non_float(store, [*store.keys()], path)
     adapter = TunerAdapter(
         path, store, config, modules, peft_type, tuple(shared), peft_config=peft_config
     )
