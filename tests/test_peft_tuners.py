@@ -210,3 +210,32 @@ def test_missing_peft_names_the_extra(base, tmp_path, monkeypatch):
     message = _refusal(folder)
     assert "IA³ adapters are merged by PEFT itself" in message
     assert "pip install 'wdanalysis[peft]'" in message
+
+
+def test_gpt2_conv1d_weights(tmp_path):
+    """GPT-2's Conv1D stores (in, out): PEFT's layer gets a Conv1D, as in the model."""
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=8)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    ia3 = peft.IA3Config(
+        target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"], fan_in_fan_out=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = get_peft_model(copy.deepcopy(model), ia3)
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    tuned.save_pretrained(tmp_path / "ia3")
+    merged = PeftModel.from_pretrained(copy.deepcopy(model).double(), tmp_path / "ia3")
+    after = merged.double().merge_and_unload().state_dict()
+    before = {k: v.double() for k, v in model.state_dict().items()}
+    expected = {  # c_attn (32, 96) and c_fc (32, 128), one vector per output column
+        (None, None, k): reference_delta(before[k].numpy(), after[k].numpy(), transposed=True)
+        for k in before
+        if k.endswith(("c_attn.weight", "c_fc.weight"))
+    }
+    table = wdanalysis.compare(tmp_path / "base", tmp_path / "ia3", modules=["c_attn", "c_fc"])
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 2

@@ -57,8 +57,14 @@ def peft_config(raw: dict, where: Path):
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils.peft_types import PeftType
 
-    peft_type = PeftType(str(raw["peft_type"]).upper())
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    try:
+        cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(str(raw["peft_type"]).upper())]
+    except (ValueError, KeyError):  # a tuner newer than the installed PEFT
+        raise CheckpointFormatError(
+            f"the installed PEFT {_version()} does not know peft_type {raw['peft_type']!r}",
+            where,
+            "upgrade PEFT: pip install -U peft",
+        ) from None
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known - _META_FIELDS)
     if unknown:
