@@ -38,6 +38,10 @@ class AdapterConfig:
     def rank_and_scaling(self, module: str, actual_rank: int, where: Path) -> tuple[int, float]:
         if self.format == "dora-vlbart":  # the VL-BART code applies B@A unscaled
             return actual_rank, 1.0
+        if self.format == "peft-tuner":  # merged by PEFT itself (loaders/peft_tuners.py)
+            raise CheckpointFormatError(
+                f"a {self.raw.get('peft_type')} adapter has no LoRA rank and scaling", where
+            )
         rank = int(self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r))
         alpha = float(
             self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)

@@ -78,7 +78,7 @@ def peft_config(raw: dict, where: Path):
     try:
         with _quiet():
             return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - any failure of PEFT on the user's JSON
         raise CheckpointFormatError(
             f"PEFT {_version()} rejects this {cls.__name__}: {_first_line(error)}",
             where,
@@ -125,7 +125,7 @@ def merge_module(config, name: str, layer: nn.Module, saved: dict, where: Path) 
     config = _for_module(config, name)
     try:
         tuner = _wrap(tuner_cls, root, config, layer)
-    except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
+    except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as error:
         raise AdapterMismatchError(
             f"{name}: PEFT cannot wrap this module: {_first_line(error)}",
             where,

@@ -134,14 +134,15 @@ def open_tuner(path: Path, store: TensorStore, config: AdapterConfig, step) -> A
     from peft.utils.peft_types import PeftType
 
     prefix = PEFT_TYPE_TO_PREFIX_MAPPING[PeftType(peft_type)]
-    peft_config = peft_merge.peft_config(config.raw, path)
+    config_file = (path if path.is_dir() else path.parent) / "adapter_config.json"
+    peft_config = peft_merge.peft_config(config.raw, config_file)
     if getattr(peft_config, "save_projection", True) is False:
         # PEFT regenerates the projections from a seed, sized by the largest adapted
         # module of the whole model: a one-module merge would draw other matrices
         raise CheckpointFormatError(
             f"the {name} adapter was saved with save_projection=False: its shared random "
             "projections are not in the file",
-            path,
+            config_file,
             "re-save the adapter with save_projection=True (the default)",
         )
     saved_whole = set(getattr(peft_config, "modules_to_save", None) or ())
