@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.loaders.layer_shapes import is_embedding_name
 
 ADAPTER = "default"
 PEFT_EXTRA = "pip install 'wdanalysis[peft]'"
@@ -90,8 +91,7 @@ def standalone_layer(name: str, w0: torch.Tensor, transposed: bool) -> nn.Module
     """A layer of the base's kind holding ``w0`` in float64 (no bias: only the weight is
     analysed, and no tuner's weight merge reads the bias)."""
     w = w0.detach().to(torch.float64).clone()
-    leaf = name.rsplit(".", 1)[-1]
-    if w.dim() == 2 and _is_embedding(leaf):
+    if is_embedding_name(name + ".weight", w.shape):  # named as the package names them
         layer = nn.Embedding(w.shape[0], w.shape[1], dtype=torch.float64)
     elif w.dim() == 2 and transposed:  # GPT-2's Conv1D stores (in, out)
         from transformers.pytorch_utils import Conv1D
@@ -107,10 +107,6 @@ def standalone_layer(name: str, w0: torch.Tensor, transposed: bool) -> nn.Module
     with torch.no_grad():
         layer.weight.copy_(w)
     return layer
-
-
-def _is_embedding(leaf: str) -> bool:
-    return "embed" in leaf or leaf in ("wte", "wpe", "shared")
 
 
 def merge_module(config, name: str, layer: nn.Module, saved: dict, where: Path) -> torch.Tensor:
