@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import check_table, reference_delta
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import wdanalysis
 from wdanalysis.errors import CheckpointFormatError
@@ -98,8 +98,6 @@ def test_lycoris_network_equals_lycoris_merge(tmp_path, kind):
 
 
 def test_inspect_and_unknown_tensor(tmp_path):
-    from safetensors.torch import load_file
-
     path, _ = _network(tmp_path, NETWORKS["LoKr"])
     info = wdanalysis.inspect(path)
     assert info["format"].startswith("kohya-ss/LyCORIS LoKr network")
@@ -109,3 +107,48 @@ def test_inspect_and_unknown_tensor(tmp_path):
     save_file({**tensors, f"{name}.lokr_w9": tensors[f"{name}.lokr_w1"].clone()}, str(path))
     with pytest.raises(CheckpointFormatError, match=r"unsupported tensor .*lokr_w9"):
         wdanalysis.inspect(path)
+
+
+def test_kohya_loha_on_a_unet(tmp_path):
+    """sd-scripts' names (``lora_unet_…``) on a diffusers UNet, LoHa on its attention and
+    ResNet convs, against LyCORIS' kohya network merge."""
+    pytest.importorskip("diffusers", reason="diffusers is not installed")
+    from lycoris.kohya import create_network
+    from sd_builders import tiny_clip, tiny_unet
+
+    unet, te = tiny_unet(0).double().eval(), tiny_clip(0).double().eval()
+    base = {k: v.float() for k, v in unet.state_dict().items()}
+    (tmp_path / "unet").mkdir()
+    save_file(base, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    preset = tmp_path / "preset.toml"
+    preset.write_text(
+        'enable_conv = true\nunet_target_module = ["Transformer2DModel", "ResnetBlock2D"]\n'
+        'unet_target_name = []\ntext_encoder_target_module = ["CLIPAttention"]\n'
+    )
+    network = create_network(
+        1.0, 4, 2.0, None, te, unet, algo="loha", conv_dim=3, conv_alpha=1.5, preset=str(preset)
+    )
+    network.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
+    network.double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _name, p in network.named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+            p.copy_(p.float().double())
+    path = tmp_path / "loha.safetensors"
+    network.save_weights(str(path), torch.float32, None)
+    network.merge_to(None, None, load_file(str(path)), None, None)
+    merged = unet.state_dict()
+    changed = [
+        k for k in base if k.endswith(".weight") and not torch.equal(base[k].double(), merged[k])
+    ]
+    expected = {
+        (None, None, k): reference_delta(
+            base[k].double().flatten(1).numpy(), merged[k].flatten(1).numpy()
+        )
+        for k in changed
+    }
+    assert any(base[k].dim() == 4 for k in changed)  # the ResNet convs are in
+    table = wdanalysis.compare(tmp_path / "unet", path, modules=[".*"])
+    assert set(table["method"]) == {"LoHa"}
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(expected) > 20
