@@ -229,7 +229,9 @@ def test_gpt2_conv1d_weights(tmp_path):
             if parameter.requires_grad:
                 parameter.add_(0.05 * torch.randn_like(parameter))
     tuned.save_pretrained(tmp_path / "ia3")
-    merged = PeftModel.from_pretrained(copy.deepcopy(model).double(), tmp_path / "ia3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(copy.deepcopy(model).double(), tmp_path / "ia3")
     after = merged.double().merge_and_unload().state_dict()
     before = {k: v.double() for k, v in model.state_dict().items()}
     expected = {  # c_attn (32, 96) and c_fc (32, 128), one vector per output column
@@ -239,3 +241,14 @@ def test_gpt2_conv1d_weights(tmp_path):
     }
     table = wdanalysis.compare(tmp_path / "base", tmp_path / "ia3", modules=["c_attn", "c_fc"])
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 2
+
+
+def test_modules_to_save_beside_a_tuner(base, tmp_path):
+    """A LoHa with ``modules_to_save=["lm_head"]``: the saved head is the new weight."""
+    model, base_folder = base
+    folder = tmp_path / "loha"
+    _trained(model, "LOHA", folder, seed=3, modules_to_save=["lm_head"]).save_pretrained(folder)
+    expected = _reference(model, folder, "LOHA")
+    assert "lm_head.weight" in {k[2] for k in expected}
+    table = wdanalysis.compare(base_folder, folder, modules=[*TARGETS, "lm_head"])
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 7
