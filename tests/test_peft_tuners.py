@@ -20,7 +20,7 @@ import torch
 from builders import check_table, reference_delta
 
 import wdanalysis
-from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
 from wdanalysis.loaders import tuner_kinds
 
 peft = pytest.importorskip("peft", reason="peft is not installed")
@@ -252,3 +252,20 @@ def test_modules_to_save_beside_a_tuner(base, tmp_path):
     assert "lm_head.weight" in {k[2] for k in expected}
     table = wdanalysis.compare(base_folder, folder, modules=[*TARGETS, "lm_head"])
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 7
+
+
+def test_adapter_of_another_size_is_refused(base, tmp_path):
+    model, _ = base
+    bigger = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    transformers.LlamaForCausalLM(bigger).save_pretrained(tmp_path / "bigger")
+    _trained(model, "OFT", tmp_path).save_pretrained(tmp_path / "oft")
+    with pytest.raises(AdapterMismatchError, match=r"'oft_R.weight' has shape .*another size"):
+        wdanalysis.compare(tmp_path / "bigger", tmp_path / "oft", modules=TARGETS)

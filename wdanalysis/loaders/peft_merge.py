@@ -131,7 +131,7 @@ def merge_module(config, name: str, layer: nn.Module, saved: dict, where: Path) 
     saved = _fit_shared(holder, saved)
     with _quiet():  # what PEFT itself saves for this module
         wanted = get_peft_model_state_dict(holder, adapter_name=ADAPTER)
-    _refuse_integer(wanted, saved, where)
+    _check_saved(wanted, saved, name, layer, where)
     try:
         with _quiet():
             result = set_peft_model_state_dict(holder, dict(saved), adapter_name=ADAPTER)
@@ -255,11 +255,21 @@ def _fit_shared(holder: nn.Module, saved: dict) -> dict:
     return taken
 
 
-def _refuse_integer(wanted: dict, saved: dict, where: Path) -> None:
-    """Integer tensors are index buffers (SHiRA's, FourierFT's …) or quantized weights:
-    only the former, that PEFT itself saves as integers, are taken."""
+def _check_saved(wanted: dict, saved: dict, name: str, layer: nn.Module, where: Path) -> None:
+    """Each saved tensor has the shape PEFT's layer for this base weight holds (else the
+    adapter was trained on a model of another size); integer tensors are index buffers
+    (SHiRA's, FourierFT's …) or quantized weights: only the former, that PEFT itself
+    saves as integers, are taken."""
     for key, value in saved.items():
         target = wanted.get(key)
+        if target is not None and tuple(target.shape) != tuple(value.shape):
+            raise AdapterMismatchError(
+                f"{name}: adapter tensor {key.split(name + '.', 1)[-1]!r} has shape "
+                f"{list(value.shape)}, but on the base weight {list(layer.weight.shape)} "
+                f"PEFT's layer holds {list(target.shape)}",
+                where,
+                "this adapter was trained on a model of another size; pass its base model",
+            )
         if not value.is_floating_point() and (target is None or target.is_floating_point()):
             raise AdapterMismatchError(
                 f"adapter tensor {key!r} has dtype {str(value.dtype).replace('torch.', '')}; "
