@@ -152,3 +152,12 @@ def test_kohya_loha_on_a_unet(tmp_path):
     table = wdanalysis.compare(tmp_path / "unet", path, modules=[".*"])
     assert set(table["method"]) == {"LoHa"}
     assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(expected) > 20
+
+
+def test_missing_lycoris_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    path, _ = _network(tmp_path, NETWORKS["LoHa"])
+    monkeypatch.setitem(sys.modules, "lycoris.modules", None)  # import → ImportError
+    with pytest.raises(CheckpointFormatError, match=r"merged by LyCORIS itself.*lycoris-lora"):
+        wdanalysis.inspect(path)
