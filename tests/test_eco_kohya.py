@@ -261,12 +261,9 @@ def test_kohya_numbered_saves_are_steps_and_names_may_carry_more_wrappers(tmp_pa
 
 @pytest.mark.parametrize(
     "algo, options, what",
-    [
-        ("loha", {}, "LoHa"),
-        ("lokr", {}, "LoKr"),
-        ("full", {}, "full-weight difference"),
+    [  # LoHa, LoKr, full and Tucker LoCon are read: tests/test_lycoris_merge.py
         ("glora", {}, "GLoRA"),
-        ("lora", {"use_tucker": True}, "Tucker"),
+        ("diag-oft", {}, "OFT"),
     ],
 )
 def test_other_lycoris_networks_are_refused_by_name(capsys, tmp_path, algo, options, what):

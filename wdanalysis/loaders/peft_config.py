@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.loaders import tuner_kinds
 
 SUPPORTED_PEFT_TYPES = {"LORA", "DORA"}
 
@@ -37,6 +38,10 @@ class AdapterConfig:
     def rank_and_scaling(self, module: str, actual_rank: int, where: Path) -> tuple[int, float]:
         if self.format == "dora-vlbart":  # the VL-BART code applies B@A unscaled
             return actual_rank, 1.0
+        if self.format == "peft-tuner":  # merged by PEFT itself (loaders/peft_tuners.py)
+            raise CheckpointFormatError(
+                f"a {self.raw.get('peft_type')} adapter has no LoRA rank and scaling", where
+            )
         rank = int(self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r))
         alpha = float(
             self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)
@@ -79,10 +84,15 @@ def read_adapter_config(path: Path) -> AdapterConfig:
         )
     peft_type = str(raw.get("peft_type", "LORA")).upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise CheckpointFormatError(
-            f"unsupported peft_type {raw.get('peft_type')!r}",
-            path,
-            "wdanalysis reads LoRA and DoRA adapters (PEFT 'LORA', DoRA authors' 'DORA')",
+        # PEFT's other tuners: merged by PEFT itself (wdanalysis.loaders.peft_tuners), or
+        # refused here in one line saying why
+        tuner_kinds.check_readable(raw, path)
+        return AdapterConfig(
+            format="peft-tuner",
+            r=None,
+            lora_alpha=None,
+            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+            raw=raw,
         )
     r, alpha = raw.get("r"), raw.get("lora_alpha")
     if not _is_rank(r):

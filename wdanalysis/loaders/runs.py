@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from wdanalysis.errors import CheckpointFormatError, NumericalError
-from wdanalysis.loaders import formats
+from wdanalysis.loaders import formats, peft_tuners
 from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint, FullModel
 from wdanalysis.loaders.formats import mlxquant, pipeline
 from wdanalysis.loaders.key_alignment import KeyAligner
@@ -129,6 +129,9 @@ def _open_file(path: Path, step: int | None) -> Checkpoint:
         return found
     if any(k.endswith(_VLBART_MARKERS) for k in store.keys()):
         return _adapter(path, store, VLBART_CONFIG, step)
+    beside = path.parent / "adapter_config.json"
+    if path.name in ADAPTER_WEIGHT_FILES and beside.is_file():  # e.g. a LoHa's tensors
+        return _adapter(path, store, read_adapter_config(beside), step)
     if any(".lora_A." in k or ".lora_B." in k for k in store.keys()):
         config_file = path.parent / "adapter_config.json"
         if config_file.is_file():
@@ -158,6 +161,8 @@ def _open_adapter_folder(folder: Path, step: int | None) -> AdapterCheckpoint:
 
 
 def _adapter(path: Path, store: TensorStore, config: AdapterConfig, step) -> AdapterCheckpoint:
+    if config.format == "peft-tuner":  # LoHa, VeRA, OFT, …: merged by PEFT itself
+        return peft_tuners.open_tuner(path, store, config, step)
     modules = group_adapter_keys(store.keys(), path)
     return AdapterCheckpoint(path, Adapter(path, store, config, modules), step)
 

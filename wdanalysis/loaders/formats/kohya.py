@@ -1,4 +1,5 @@
 """kohya-ss and LyCORIS LoRA/LoCon/DoRA files: one ``.safetensors`` of flattened names.
+(LoHa, LoKr, full and Tucker LoCon networks: :mod:`wdanalysis.loaders.formats.lycoris`.)
 
 Keys are ``<prefix>_<module path with . → _>.<role>``: prefixes ``lora_unet`` (the
 diffusion model), ``lora_te``/``lora_te1``/``lora_te2``/``lora_te3`` (text encoders),
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
-from wdanalysis.loaders.formats import sdlayout
+from wdanalysis.loaders.formats import lycoris, sdlayout
 from wdanalysis.loaders.formats.foreign import (
     ForeignAdapter,
     ForeignModule,
@@ -51,7 +52,10 @@ _ROLES = {
     "alpha": "alpha",
     "dora_scale": "dora",
 }
-_UNSUPPORTED = {  # LyCORIS' other networks, by the prefix of their tensors' roles
+# LyCORIS' other networks, by the prefix of their tensors' roles: they mark a file as
+# kohya/LyCORIS; LoHa, LoKr, full and Tucker LoCon are then read by LyCORIS' own merge
+# (wdanalysis.loaders.formats.lycoris), the others refused by name.
+_UNSUPPORTED = {
     "lora_mid": "LoCon with Tucker decomposition (lora_mid)",
     "hada_": "LoHa",
     "lokr_": "LoKr",
@@ -101,6 +105,10 @@ def _role(key: str) -> tuple[str, str | None]:
 def open_kohya(path: Path, source: TensorStore, step: int | None):
     from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint
 
+    if lycoris.is_lycoris_network(source.keys()):  # LoHa, LoKr, full, Tucker LoCon
+        network = lycoris.open_network(path, source, PREFIXES)
+        network.resolver = _Resolver(network.add_note).find
+        return AdapterCheckpoint(path, network, step)
     parts: dict[str, dict[str, str]] = defaultdict(dict)
     for key in source.keys():
         name, role = _role(key)
@@ -110,7 +118,8 @@ def open_kohya(path: Path, source: TensorStore, step: int | None):
                 f"unsupported tensor {key!r} in a kohya/LyCORIS file"
                 + (f": {what} is not a LoRA/DoRA update" if what else ""),
                 path,
-                "wdanalysis reads LoRA, LoCon and DoRA (dora_wd) networks",
+                "wdanalysis reads LoRA, LoCon (Tucker too), LoHa, LoKr, full and DoRA "
+                "(dora_wd) networks",
             )
         parts[name][role] = key
     store = ViewStore.over(source, source.format)
