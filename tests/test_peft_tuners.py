@@ -234,13 +234,25 @@ def test_gpt2_conv1d_weights(tmp_path):
         merged = PeftModel.from_pretrained(copy.deepcopy(model).double(), tmp_path / "ia3")
     after = merged.double().merge_and_unload().state_dict()
     before = {k: v.double() for k, v in model.state_dict().items()}
-    expected = {  # c_attn (32, 96) and c_fc (32, 128), one vector per output column
-        (None, None, k): reference_delta(before[k].numpy(), after[k].numpy(), transposed=True)
-        for k in before
-        if k.endswith(("c_attn.weight", "c_fc.weight"))
+    # c_fc (32, 128), one vector per output column; c_attn (32, 96) holds q | k | v along
+    # its output columns, which compare splits into q_proj, k_proj and v_proj rows.
+    key = "transformer.h.0.mlp.c_fc.weight"
+    expected = {
+        (None, None, key): reference_delta(before[key].numpy(), after[key].numpy(), transposed=True)
     }
     table = wdanalysis.compare(tmp_path / "base", tmp_path / "ia3", modules=["c_attn", "c_fc"])
-    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == len(table) == 2
+    assert check_table(table, expected, rtol=1e-9, atol=1e-15) == 1
+    key = "transformer.h.0.attn.c_attn.weight"
+    for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        columns = slice(32 * part, 32 * (part + 1))
+        delta_m, delta_d = reference_delta(
+            before[key][:, columns].numpy(), after[key][:, columns].numpy(), transposed=True
+        )
+        row = table[(table["parameter"] == key) & (table["module"] == name)]
+        assert len(row) == 1
+        assert row["delta_m"].iloc[0] == pytest.approx(delta_m, rel=1e-9, abs=1e-15)
+        assert row["delta_d"].iloc[0] == pytest.approx(delta_d, rel=1e-9, abs=1e-15)
+    assert len(table) == 4
 
 
 def test_modules_to_save_beside_a_tuner(base, tmp_path):
