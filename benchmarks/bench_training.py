@@ -135,6 +135,26 @@ def profile(variant: str, args, device, world) -> None:
 
 
 def run(args) -> dict:
+    """Every rank of ``--ranks`` in turn; one record each."""
+    runs = []
+    for rank in args.ranks:
+        args.rank = rank
+        runs.append(run_rank(args))
+    return {
+        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
+        "torch": torch.__version__,
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "note": (
+            "interleaved rounds (order rotates), median over rounds of each round's mean step "
+            "time; CPU shared with other jobs, threads pinned to keep the comparison fair"
+        ),
+        "model": "all-MiniLM-L6-v2, sequence classification, adapters on query+value",
+        "runs": runs,
+    }
+
+
+def run_rank(args) -> dict:
     device = torch.device(args.device)
     world = World(device=device)
     data = batches(args)
@@ -159,15 +179,6 @@ def run(args) -> dict:
         }
     med = {v: results[v]["median_step_s"] for v in VARIANTS}
     return {
-        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
-        "torch": torch.__version__,
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "note": (
-            "interleaved rounds (order rotates), median over rounds of each round's mean step "
-            "time; CPU shared with other jobs, threads pinned to keep the comparison fair"
-        ),
-        "model": "all-MiniLM-L6-v2, sequence classification, adapters on query+value",
         "settings": {
             "rank": args.rank,
             "alpha": args.rank,
@@ -190,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64], help="LoRA ranks")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="steps per round and variant")
@@ -207,8 +218,9 @@ def main() -> None:
     record = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({"variants": {v: r["median_step_s"] for v, r in record["variants"].items()}}))
-    print(json.dumps(record["ratios"]))
+    for one in record["runs"]:
+        medians = {v: r["median_step_s"] for v, r in one["variants"].items()}
+        print(json.dumps({"rank": one["settings"]["rank"], **medians, **one["ratios"]}))
 
 
 if __name__ == "__main__":
