@@ -104,7 +104,11 @@ class LoRALinear(nn.Module):
         self.lora_alpha = alpha
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        # Over a meta base (FSDP2 from meta, train/sharded_load.py) the factors are still
+        # drawn for real on the CPU: the same random stream, so the same init, as one process.
+        device = base_layer.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        factory = {"device": device, "dtype": base_layer.weight.dtype}
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
         self.reset_lora_parameters()
@@ -166,9 +170,12 @@ class DoRALinear(LoRALinear):
             nn.init.zeros_(self.lora_A.weight)
             self.lora_A.weight.requires_grad_(False)
             self.lora_B.weight.requires_grad_(False)
-        with torch.no_grad():
-            magnitude = self.weight_norm().detach().to(base_layer.weight.dtype)
-        self.lora_magnitude_vector = nn.Parameter(magnitude)
+        if base_layer.weight.device.type == "meta":  # filled from the real base rows later
+            magnitude = torch.empty(self.lora_B.weight.shape[0], device="meta")
+        else:
+            with torch.no_grad():
+                magnitude = self.weight_norm().detach()
+        self.lora_magnitude_vector = nn.Parameter(magnitude.to(base_layer.weight.dtype))
 
     def weight_norm(self) -> torch.Tensor:
         """C = ||W0 + s·B·A||_c, in float32 even under autocast."""

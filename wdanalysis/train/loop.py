@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.storage.atomic_write import write_text_atomic
 from wdanalysis.train import checkpoint as ckpt
-from wdanalysis.train import distributed
+from wdanalysis.train import distributed, sharded_load
 from wdanalysis.train.config import TrainConfig
 from wdanalysis.train.data import (
     CLASSIFICATION,
@@ -90,13 +90,15 @@ def train(
     data = load_dataset(config.data, config.eval_data)
     task = config.task or data.kind
     torch.manual_seed(config.seed)  # the same fresh head for every method
-    if model is None:
-        model, tokenizer = load_pretrained(
-            config.model_dir, task, config.num_labels or data.num_labels
-        )
+    from_files = model is None
+    if from_files:  # under --fsdp the stored weights stay on meta until sharded
+        labels = config.num_labels or data.num_labels
+        model, tokenizer = load_pretrained(config.model_dir, task, labels, empty=world.fsdp)
     torch.manual_seed(config.seed + 1)  # the same adapter init whatever happened before
     spec = prepare_parameters(model, config, task)
-    model = distributed.wrap(model, world)  # DDP, or FSDP2 shards: DoRA's m is already set
+    model = distributed.wrap(model, world)  # DDP, or FSDP2 shards
+    if from_files and world.fsdp:  # each rank reads its rows; DoRA's m from the real rows
+        sharded_load.materialise(model, config.model_dir, world.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=0.0
