@@ -36,7 +36,7 @@ from wdanalysis.train.data import (
 from wdanalysis.train.distributed import World
 from wdanalysis.train.inject import AdapterSpec, inject_adapters, select_full_finetune
 from wdanalysis.train.model import head_modules, load_pretrained
-from wdanalysis.train.peft_format import adapter_updates, save_adapter
+from wdanalysis.train.peft_format import ADAPTER_SUFFIXES, adapter_updates, save_adapter
 
 RUN_CONFIG = "train_config.json"
 # Settings a resumed run may change; everything else must match the original run.
@@ -112,8 +112,13 @@ def train(
     if last is not None:
         start, history = restore(model, optimizer, scheduler, config, last, world)
 
+    def adapter_part(name: str, param: nn.Parameter) -> bool:  # what an adapter file holds
+        return param.requires_grad or name.endswith(ADAPTER_SUFFIXES)
+
+    only = None if spec is None else adapter_part  # FT checkpoints hold every weight
+
     def save(step: int) -> None:
-        state = distributed.gather_state(model, optimizer, world)  # every rank takes part
+        state = distributed.gather_state(model, optimizer, world, only)  # every rank
         args = (distributed.unwrap(model), spec, config, task, state, scheduler, step, history)
         distributed.on_main(world, lambda: write_checkpoint(run_dir, *args))  # rank 0 writes
 
