@@ -138,7 +138,13 @@ def _has_output_embeddings(model: nn.Module) -> bool:
 def _empty_model(auto, model_dir: Path, extra: dict) -> nn.Module | None:
     """The model with meta parameters and real buffers; ``None`` when weights are tied
     (FSDP would see one tensor twice) so that the caller loads it in full."""
-    from accelerate import init_empty_weights
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise WDAnalysisError(
+            "--fsdp builds the model on the meta device with accelerate, not installed",
+            hint="pip install accelerate",
+        ) from None
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, **extra)
