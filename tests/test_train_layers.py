@@ -200,3 +200,24 @@ def test_detach_saves_memory_for_backward():
     with_detach = saved_tensor_bytes(detach_norm=True, layers=2, width=64, tokens=8)
     without = saved_tensor_bytes(detach_norm=False, layers=2, width=64, tokens=8)
     assert with_detach < without
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fused_and_general_dora_paths_agree(conv1d):
+    """The float64 fast path ((m/C)(W0 x + s B A x) + b) and PEFT's rescaled form (taken
+    under bf16 or dropout) give the same output and gradients on the same layer."""
+    _, _, layer = _random_adapter_pair("dora", conv1d, rslora=False, seed=3)
+    x = torch.randn(4, 6, IN, dtype=torch.float64)
+    outputs, grads = [], []
+    for force_general in (False, True):
+        layer.zero_grad()
+        if force_general:  # an identity "dropout" module sends the forward down PEFT's path
+            layer.lora_dropout = nn.Dropout(0.0)
+        y = layer(x)
+        (y * torch.linspace(-1, 2, y.shape[-1], dtype=y.dtype)).sum().backward()
+        outputs.append(y.detach())
+        grads.append([p.grad.clone() for p in (layer.lora_A.weight, layer.lora_B.weight)])
+        grads[-1].append(layer.lora_magnitude_vector.grad.clone())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for fused, general in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, general, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,11 +95,14 @@ def run_compare(args: argparse.Namespace) -> int:
     figures are not made and the exit status is 2.
     """
     from wdanalysis.table.comparison import PartialResultError, compare
+    from wdanalysis.table.distributed import compare_distributed, join_compare_job
 
     fan = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
     _check_out_folder(args.out)
+    job = join_compare_job()  # under torchrun: each rank a share, rank 0 writes (README)
+    compute = compare if job is None else partial(compare_distributed, job)
     try:
-        deltas = compare(
+        deltas = compute(
             args.base,
             list(args.runs),
             modules=args.modules,
@@ -109,11 +113,15 @@ def run_compare(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.quiet,
         )
-    except PartialResultError as partial:
-        return _write_partial(partial, args.out)
+    except PartialResultError as partial_result:
+        return _write_partial(partial_result, args.out)
     except WDAnalysisError as error:
+        if job is not None and not job.is_main:
+            return 2  # rank 0 prints the job's one error line
         hint = f"{error.hint}; nothing was written" if error.hint else "nothing was written"
         raise WDAnalysisError(error.problem, error.path, hint) from None
+    if deltas is None:  # another rank than 0 under torchrun: rank 0 writes everything
+        return 0
     path = write_csv_atomic(deltas, args.out / "deltas.csv")
     print(summarize(deltas))
     print(f"\nwrote {path}")

@@ -172,3 +172,24 @@ def read_error(key: str, extent: Extent, error: OSError) -> CheckpointFormatErro
 def slice_request(extent: Extent, rows: int, start: int, n: int) -> tuple[Path, int, int]:
     row_bytes = extent.nbytes // max(rows, 1)
     return extent.file, extent.offset + start * row_bytes, n * row_bytes
+
+
+def read_rows(extent: Extent, start: int, n: int) -> torch.Tensor:
+    """Rows ``start .. start + n`` of a tensor (dimension 0), in one ``pread`` into a fresh
+    tensor: nothing else of the file is read or mapped (FSDP shards, row-range loading)."""
+    rows = extent.shape[0] if extent.shape else 1
+    path, offset, nbytes = slice_request(extent, rows, start, n)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    view, done = memoryview(out.numpy()), 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while done < nbytes:  # one pread returns at most ~2 GiB on Linux
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                break
+            done += got
+    finally:
+        os.close(fd)
+    if done != nbytes:
+        raise CheckpointFormatError(f"file is truncated: {done} of {nbytes} bytes read", path)
+    return out.view(extent.dtype).reshape(n, *extent.shape[1:])

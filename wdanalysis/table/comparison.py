@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -97,6 +98,30 @@ def compare(
 
     Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight).
     """
+    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out)
+    rows, errors = compute_rows(plan, plan.selected, progress, device, workers)
+    return assemble_table(plan, rows, errors)
+
+
+@dataclass
+class ComparisonPlan:
+    """What ``compare`` reads, decided before any matrix is: the opened base and runs, the
+    selected base keys in reading order, and every checkpoint bound to its keys."""
+
+    base_model: FullModel
+    run_list: list[Run]
+    selected: list[str]
+    bound: list[BoundCheckpoint]
+    axis: str
+    transposed: Callable[[str], bool]
+    shapes: dict[str, tuple[int, ...]]
+    parts: dict = field(default_factory=dict)  # fused key -> its selected parts
+
+
+def plan_comparison(
+    base, runs: RunsArg, modules=None, labels=None, axis="out", fan_in_fan_out=None
+) -> ComparisonPlan:
+    """Open and check every input (headers and configs only); see :func:`compare`."""
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
     run_list = _open_runs(runs, labels)
@@ -117,20 +142,46 @@ def compare(
         for run in run_list
         for ckpt in run.checkpoints
     ]
+    return ComparisonPlan(
+        base_model, run_list, list(selected), bound, axis, transposed, shapes, parts
+    )
+
+
+def compute_rows(
+    plan: ComparisonPlan, keys: Sequence[str], progress=True, device="cpu", workers=None
+) -> tuple[list[dict], dict[int, WDAnalysisError]]:
+    """The rows of the base weights ``keys`` (all or a share of ``plan.selected``) for
+    every checkpoint, and the failures by position in ``plan.bound``."""
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
-    rows, errors = _compute(
-        base_model, selected, bound, axis, transposed, progress, device, workers, parts
+    return _compute(
+        plan.base_model,
+        keys,
+        plan.bound,
+        plan.axis,
+        plan.transposed,
+        progress,
+        device,
+        workers,
+        plan.parts,
     )
+
+
+def assemble_table(
+    plan: ComparisonPlan, rows: list[dict], errors: Mapping[int, WDAnalysisError]
+) -> pd.DataFrame:
+    """The sorted table; raises the error when every checkpoint failed, and
+    :class:`PartialResultError` (holding the table of the others) when some did."""
+    bound = plan.bound
     failed = [(bound[index], errors[index]) for index in sorted(errors)]  # in bound order
     if not failed:
-        return _table(rows, run_list)
+        return _table(rows, plan.run_list)
     if len(failed) == len(bound):
         raise failed[0][1]
     dropped = {(item.run.name, str(item.checkpoint.path)) for item, _ in failed}
     rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
     failures = [(item.run.name, item.checkpoint.step, error) for item, error in failed]
-    raise PartialResultError(_table(rows, run_list), failures, len(bound))
+    raise PartialResultError(_table(rows, plan.run_list), failures, len(bound))
 
 
 def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:

@@ -156,9 +156,10 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 def wrap(model: nn.Module, world: World) -> nn.Module:
     """Move to this rank's device; DDP over several ranks, or FSDP2 shards with ``fsdp``.
 
-    Called after the adapters are injected into the loaded model, so DoRA's magnitude was
-    computed from the real base weights before anything is sharded (the meta-device
-    pitfall torchtune documents cannot happen here).
+    Called after the adapters are injected. Under FSDP a model built on ``meta`` is sharded
+    as it is and filled afterwards, each rank reading its rows, DoRA's magnitude from the
+    real base rows (:func:`wdanalysis.train.sharded_load.materialise`): the torchtune
+    meta-device pitfall (m from meta or zero weights) is avoided there.
     """
     if world.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
@@ -187,10 +188,20 @@ def _options(**extra):
     return StateDictOptions(full_state_dict=True, **extra)
 
 
-def model_state(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
-    """The full state dict (every rank takes part under FSDP; only rank 0 gets it)."""
+def model_state(
+    model: nn.Module, world: World, only: Callable[[str, nn.Parameter], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """The full state dict (every rank takes part under FSDP; only rank 0 gets it).
+
+    ``only(name, parameter)``: under FSDP gather just those parameters (an adapter run's
+    factors, magnitudes and head: megabytes), not the base model rank 0 would otherwise
+    have to hold whole at every checkpoint.
+    """
     if not world.fsdp:
         return unwrap(model).state_dict()
+    if only is not None:
+        chosen = [(name, p) for name, p in model.named_parameters() if only(name, p)]
+        return {name: _full_tensor(p).detach().cpu() for name, p in chosen}  # all ranks
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_options(cpu_offload=True))
@@ -253,10 +264,15 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict, world: World)
     set_optimizer_state_dict(model, optimizer, by_name, options=_options())
 
 
-def gather_state(model: nn.Module, optimizer, world: World) -> dict:
-    """What a checkpoint needs from every rank: full weights, optimizer state, RNG states."""
+def _full_tensor(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+def gather_state(model: nn.Module, optimizer, world: World, only=None) -> dict:
+    """What a checkpoint needs from every rank: full weights (or ``only`` those, see
+    :func:`model_state`), optimizer state, RNG states."""
     return {
-        "weights": model_state(model, world),
+        "weights": model_state(model, world, only),
         "optimizer": optimizer_state(model, optimizer, world),
         "rng": gather_objects(ckpt.rng_state(), world),
     }

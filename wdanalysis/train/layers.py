@@ -61,6 +61,22 @@ def dora_weight(
     return (magnitude / norm).unsqueeze(1) * direction
 
 
+def full_precision(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a linear layer on ``x`` computes in float32/float64 (no autocast, no bf16)."""
+    wide = (torch.float32, torch.float64)
+    return x.dtype in wide and weight.dtype in wide and not torch.is_autocast_enabled(x.device.type)
+
+
+def add_lora(result: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor, s: float):
+    """result + s * hidden @ B^T in one ``addmm``: the B product, the scaling and the sum
+    in a single pass, where ``result + lora_B(hidden) * s`` makes two more over
+    (tokens, out). Falls back to that form when dtypes differ (autocast casts per op)."""
+    if not (result.dtype == hidden.dtype == b.dtype) or torch.is_autocast_enabled(b.device.type):
+        return result + F.linear(hidden, b) * s
+    flat = torch.addmm(result.reshape(-1, b.shape[0]), hidden.reshape(-1, b.shape[1]), b.T, alpha=s)
+    return flat.view(result.shape)
+
+
 class LoRALinear(nn.Module):
     """y = W0 x + b + s * B A dropout(x)   (paper Eq. 1 with LoRA's ΔW = s·B·A).
 
@@ -88,7 +104,11 @@ class LoRALinear(nn.Module):
         self.lora_alpha = alpha
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        # Over a meta base (FSDP2 from meta, train/sharded_load.py) the factors are still
+        # drawn for real on the CPU: the same random stream, so the same init, as one process.
+        device = base_layer.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        factory = {"device": device, "dtype": base_layer.weight.dtype}
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
         self.reset_lora_parameters()
@@ -104,8 +124,9 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def direction_weight(self) -> torch.Tensor:
-        """V' = W0 + ΔV as (out, in)."""
-        return base_weight(self.base_layer) + self.delta_weight()
+        """V' = W0 + ΔV as (out, in), in one fused ``addmm`` (no (out, in) temporaries)."""
+        w0 = base_weight(self.base_layer)
+        return torch.addmm(w0, self.lora_B.weight, self.lora_A.weight, alpha=self.scaling)
 
     def merged_weight(self) -> torch.Tensor:
         """The effective weight as (out, in); never written back into the base layer."""
@@ -113,7 +134,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return add_lora(result, self.lora_A(self.lora_dropout(x)), self.lora_B.weight, self.scaling)
 
 
 class DoRALinear(LoRALinear):
@@ -121,7 +142,9 @@ class DoRALinear(LoRALinear):
 
     The forward never builds W' for the input path; it rescales the base and LoRA outputs,
     y = W0 x + b + (m/C - 1) W0 x' + (m/C) s B A x'  with x' = dropout(x),
-    which is PEFT's formulation and reduces to W' x + b without dropout. C is recomputed
+    which is PEFT's formulation and reduces to W' x + b without dropout (in float32/64
+    without dropout it is computed as (m/C)(W0 x + s B A x) + b, fewer passes over the
+    activations: ``benchmarks/bench_training.py``). C is recomputed
     from the current A and B every step; ``detach_norm`` (paper Sec. 4.3, default on)
     treats it as a constant for backward, which saves the (out, in) tensors its gradient
     would need.
@@ -147,9 +170,12 @@ class DoRALinear(LoRALinear):
             nn.init.zeros_(self.lora_A.weight)
             self.lora_A.weight.requires_grad_(False)
             self.lora_B.weight.requires_grad_(False)
-        with torch.no_grad():
-            magnitude = self.weight_norm().detach().to(base_layer.weight.dtype)
-        self.lora_magnitude_vector = nn.Parameter(magnitude)
+        if base_layer.weight.device.type == "meta":  # filled from the real base rows later
+            magnitude = torch.empty(self.lora_B.weight.shape[0], device="meta")
+        else:
+            with torch.no_grad():
+                magnitude = self.weight_norm().detach()
+        self.lora_magnitude_vector = nn.Parameter(magnitude.to(base_layer.weight.dtype))
 
     def weight_norm(self) -> torch.Tensor:
         """C = ||W0 + s·B·A||_c, in float32 even under autocast."""
@@ -163,7 +189,6 @@ class DoRALinear(LoRALinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.detach_norm:
             with torch.no_grad():
                 norm = self.weight_norm()
@@ -171,14 +196,33 @@ class DoRALinear(LoRALinear):
             norm = self.weight_norm()
         scale = self.lora_magnitude_vector / norm
         dropped = self.lora_dropout(x)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
+        w0 = base_weight(self.base_layer)
+        if no_dropout and not self.magnitude_only and full_precision(x, w0):
+            return self._fused_forward(x, w0, scale)
+        result = self.base_layer(x)
+        if no_dropout:
             bias = self.base_layer.bias
             base_out = result if bias is None else result - bias
         else:
-            base_out = F.linear(dropped, base_weight(self.base_layer))
+            base_out = F.linear(dropped, w0)
         # (m/C - 1) is tiny near initialisation: form it in float32 before any bf16 cast.
         update = (scale - 1).to(result.dtype) * base_out
         scale = scale.to(result.dtype)
         if not self.magnitude_only:
             update = update + scale * (self.lora_B(self.lora_A(dropped)) * self.scaling)
         return result + update
+
+    def _fused_forward(self, x: torch.Tensor, w0: torch.Tensor, scale: torch.Tensor):
+        """y = (m/C) * (W0 x + s B A x) + b: the same Eq. 5 output without dropout, with one
+        elementwise pass over (tokens, out) (the ``addcmul``; the LoRA sum rides in an
+        ``addmm``) instead of six: PEFT's form subtracts the bias back out of the base
+        result, then rescales base and LoRA outputs separately.
+
+        Only in float32/float64: under bf16 the general path keeps PEFT's arithmetic, its
+        rounding included ((m/C - 1) is formed in float32 before the cast there).
+        """
+        direction = add_lora(F.linear(x, w0), self.lora_A(x), self.lora_B.weight, self.scaling)
+        scale = scale.to(direction.dtype)
+        bias = self.base_layer.bias
+        return direction * scale if bias is None else torch.addcmul(bias, direction, scale)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.storage.atomic_write import write_text_atomic
 from wdanalysis.train import checkpoint as ckpt
-from wdanalysis.train import distributed
+from wdanalysis.train import distributed, sharded_load
 from wdanalysis.train.config import TrainConfig
 from wdanalysis.train.data import (
     CLASSIFICATION,
@@ -36,7 +36,7 @@ from wdanalysis.train.data import (
 from wdanalysis.train.distributed import World
 from wdanalysis.train.inject import AdapterSpec, inject_adapters, select_full_finetune
 from wdanalysis.train.model import head_modules, load_pretrained
-from wdanalysis.train.peft_format import adapter_updates, save_adapter
+from wdanalysis.train.peft_format import ADAPTER_SUFFIXES, adapter_updates, save_adapter
 
 RUN_CONFIG = "train_config.json"
 # Settings a resumed run may change; everything else must match the original run.
@@ -90,13 +90,15 @@ def train(
     data = load_dataset(config.data, config.eval_data)
     task = config.task or data.kind
     torch.manual_seed(config.seed)  # the same fresh head for every method
-    if model is None:
-        model, tokenizer = load_pretrained(
-            config.model_dir, task, config.num_labels or data.num_labels
-        )
+    from_files = model is None
+    if from_files:  # under --fsdp the stored weights stay on meta until sharded
+        labels = config.num_labels or data.num_labels
+        model, tokenizer = load_pretrained(config.model_dir, task, labels, empty=world.fsdp)
     torch.manual_seed(config.seed + 1)  # the same adapter init whatever happened before
     spec = prepare_parameters(model, config, task)
-    model = distributed.wrap(model, world)  # DDP, or FSDP2 shards: DoRA's m is already set
+    model = distributed.wrap(model, world)  # DDP, or FSDP2 shards
+    if from_files and world.fsdp:  # each rank reads its rows; DoRA's m from the real rows
+        sharded_load.materialise(model, config.model_dir, world.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=0.0
@@ -110,8 +112,13 @@ def train(
     if last is not None:
         start, history = restore(model, optimizer, scheduler, config, last, world)
 
+    def adapter_part(name: str, param: nn.Parameter) -> bool:  # what an adapter file holds
+        return param.requires_grad or name.endswith(ADAPTER_SUFFIXES)
+
+    only = None if spec is None else adapter_part  # FT checkpoints hold every weight
+
     def save(step: int) -> None:
-        state = distributed.gather_state(model, optimizer, world)  # every rank takes part
+        state = distributed.gather_state(model, optimizer, world, only)  # every rank
         args = (distributed.unwrap(model), spec, config, task, state, scheduler, step, history)
         distributed.on_main(world, lambda: write_checkpoint(run_dir, *args))  # rank 0 writes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from wdanalysis.errors import CheckpointFormatError, WDAnalysisError
 from wdanalysis.storage.hub_cache import resolve_model_path
+from wdanalysis.storage.tensor_store import read_safetensors_header
 from wdanalysis.train.data import CAUSAL_LM, CLASSIFICATION
 
 HEAD_NAMES = ("classifier", "score")  # what PEFT's SEQ_CLS task saves in full
@@ -65,13 +67,19 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
-def load_pretrained(model_dir: str | Path, kind: str, num_labels: int | None = None):
+def load_pretrained(
+    model_dir: str | Path, kind: str, num_labels: int | None = None, empty: bool = False
+):
     """(model, tokenizer) from a local folder with ``transformers`` Auto classes.
 
     ``model_dir`` may be a hub id ``org/name[@revision]`` already in the local Hugging Face
     cache (:mod:`wdanalysis.storage.hub_cache`; never downloaded). The caller seeds torch
     first: a newly initialised classification head is drawn from the global RNG, and every
     method must start from the same head.
+
+    ``empty``: the stored weights stay on the ``meta`` device (buffers and a new head are
+    real, drawn as ``from_pretrained`` draws them) for :mod:`wdanalysis.train.sharded_load`
+    to fill shard by shard. A model with tied weights is loaded in full instead.
     """
     model_dir = resolve_model_path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -83,16 +91,15 @@ def load_pretrained(model_dir: str | Path, kind: str, num_labels: int | None = N
         AutoTokenizer,
     )
 
+    autos = {CLASSIFICATION: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
+    if kind not in autos:
+        raise WDAnalysisError(f"unknown task {kind!r}")
+    extra = {"num_labels": num_labels or 2} if kind == CLASSIFICATION else {}
     options = {"local_files_only": True, "use_safetensors": True, "dtype": torch.float32}
     with _quiet_transformers():
-        if kind == CLASSIFICATION:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=num_labels or 2, **options
-            )
-        elif kind == CAUSAL_LM:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, **options)
-        else:
-            raise WDAnalysisError(f"unknown task {kind!r}")
+        model = _empty_model(autos[kind], model_dir, extra) if empty else None
+        if model is None:
+            model = autos[kind].from_pretrained(model_dir, **extra, **options)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError) as error:
@@ -104,6 +111,64 @@ def load_pretrained(model_dir: str | Path, kind: str, num_labels: int | None = N
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def stored_keys(model_dir: Path) -> dict[str, Path]:
+    """Every tensor name in the model's safetensors files (headers only) -> its file."""
+    return {
+        key: path for path in safetensors_files(model_dir) for key in read_safetensors_header(path)
+    }
+
+
+def stored_key(model: nn.Module, key: str, stored: Mapping[str, object]) -> str | None:
+    """The file's name for the model's ``key``: as is, or without the base-model prefix
+    (``bert.``) that a checkpoint of the bare model lacks, as ``from_pretrained`` maps it."""
+    if key in stored:
+        return key
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    bare = key[len(prefix) :] if key.startswith(prefix) else None
+    return bare if bare in stored else None
+
+
+def _has_output_embeddings(model: nn.Module) -> bool:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter is not None and getter() is not None
+
+
+def _empty_model(auto, model_dir: Path, extra: dict) -> nn.Module | None:
+    """The model with meta parameters and real buffers; ``None`` when weights are tied
+    (FSDP would see one tensor twice) so that the caller loads it in full."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise WDAnalysisError(
+            "--fsdp builds the model on the meta device with accelerate, not installed",
+            hint="pip install accelerate",
+        ) from None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, **extra)
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=torch.float32)
+    all_names = list(model.named_parameters(remove_duplicate=False))
+    ties_head = getattr(config, "tie_word_embeddings", False) and _has_output_embeddings(model)
+    if ties_head or len(all_names) != len(list(model.named_parameters())):
+        return None
+    stored = stored_keys(model_dir)
+    missing = [n for n, _ in model.named_parameters() if stored_key(model, n, stored) is None]
+    heads = set(head_modules(model))
+    unknown = [name for name in missing if name.split(".")[0] not in heads]
+    if unknown:
+        raise CheckpointFormatError(
+            f"--fsdp loads each shard from the files, but {unknown[0]!r} is not in them",
+            path=model_dir,
+            hint="re-save the model with save_pretrained(..., safe_serialization=True)",
+        )
+    for head in sorted({name.split(".")[0] for name in missing}):
+        module = model.get_submodule(head)  # a new head: drawn here, as from_pretrained does
+        module.to_empty(device="cpu")
+        module.apply(model._init_weights)
+    return model
 
 
 def head_modules(model: nn.Module) -> list[str]:
