@@ -40,6 +40,7 @@ HANDLED = frozenset(
         "kasa_config",  # lora_diag and the truncated base: loaders.lora_inits
         "alora_invocation_tokens",  # s·B@A, active only after the invocation: a note
         "target_parameters",  # ``….weight`` parameters merge as their module would
+        "use_bdlora",  # block-diagonal factors expanded: loaders.bdlora
         # the DoRA authors' fork of PEFT: magnitude-only modules; dora_simple changes only
         # the training graph (‖V‖ detached), not the merge
         "Wdecompose_target_modules",
@@ -92,10 +93,6 @@ REFUSED: dict[str, tuple[str, str]] = {
         "adapted model has more layers than the base",
         "analyse full models instead: the merged adapter (merge_and_unload().save_pretrained) "
         "against the same LoraConfig merged untrained, which has the same replicated layers",
-    ),
-    "use_bdlora": (
-        "BD-LoRA saves block-diagonal lora_A/lora_B blocks (use_bdlora), not full factors",
-        _MERGE_FIRST,
     ),
     "enable_lora": (
         "enable_lora (PEFT ≤ 0.2 MergedLinear) adapts only some parts of a fused projection",

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
-from wdanalysis.loaders import lora_fields, lora_inits
+from wdanalysis.loaders import bdlora, lora_fields, lora_inits
 from wdanalysis.loaders import trainable_tokens as tokens
 from wdanalysis.loaders.key_alignment import KeyAligner, strip_peft_prefix
 from wdanalysis.loaders.layer_shapes import check_factors, factor_matrices, out_in
@@ -78,6 +78,7 @@ class AdapterModule:
     diag: str | None = None  # KaSA's lora_diag
     # the init changed the base: "pissa", "olora", "kasa" (wdanalysis.loaders.lora_inits)
     base_init: str | None = None
+    blocks: bdlora.Blocks | None = None  # BD-LoRA: which factor is saved block-diagonal
 
     def merged_whole(self, axis: str, transposed: bool) -> bool:
         """Whether the engine must merge this module's whole weight with
@@ -91,6 +92,7 @@ class AdapterModule:
             not (self.lora_b or self.magnitude)  # a whole saved weight (modules_to_save)
             or self.saved_base  # VL-BART merges onto its own weight_v, not the base
             or self.base_init  # PiSSA/OLoRA/KaSA: the base part is recomputed from W0
+            or self.blocks  # BD-LoRA: a factor expanded from its diagonal blocks
             # DoRA's per-output scale on the input axis needs whole stored columns
             or (self.magnitude and axis == "in" and transposed)
             # an embedding is (in, out) whatever the caller's layout says
@@ -212,6 +214,8 @@ class Adapter:
                 module.token_indices = tokens.indices_for(name, self.config.raw, self.path)
                 rows = self.store.shape(module.token_rows)
                 tokens.check_rows(name, module.token_indices, rows, shapes[base_key], self.path)
+            if module.lora_b:
+                module.blocks = bdlora.blocks_for(name, self.config.raw, self.path)
             self._check_module(module, shapes[base_key], transposed(base_key) or module.embedding)
             lora_inits.bind_init(
                 module, self.config.base_init, shapes[base_key], self.store, self.path
@@ -241,7 +245,9 @@ class Adapter:
                     self.path,
                     "the adapter file is incomplete; re-save it",
                 )
-            a_shape, b_shape = self.store.shape(module.lora_a), self.store.shape(module.lora_b)
+            a_shape, b_shape = bdlora.full_shapes(
+                module.blocks, self.store.shape(module.lora_a), self.store.shape(module.lora_b)
+            )
             rank = check_factors(module.name, a_shape, b_shape, shape, transposed, self.path)
             module.rank, module.scaling = self.config.rank_and_scaling(module.name, rank, self.path)
         if module.magnitude:
@@ -293,7 +299,10 @@ class Adapter:
         if module.base_init:  # PiSSA/OLoRA: W0 − s·B₀A₀; KaSA: W0 − T (its tail)
             v = v - lora_inits.initial_part(module.base_init, v, module.rank, module.scaling)
         if module.lora_b:
-            a, b = factor_matrices(self.store.get(module.lora_a), self.store.get(module.lora_b))
+            a, b = bdlora.full_factors(
+                module.blocks, self.store.get(module.lora_a), self.store.get(module.lora_b)
+            )
+            a, b = factor_matrices(a, b)
             if module.diag:  # KaSA: s·B·diag(lora_diag)·A
                 b = b.to(torch.float64) * self.store.get(module.diag).to(torch.float64)
             v = v + module.scaling * (b.to(torch.float64) @ a.to(torch.float64))
