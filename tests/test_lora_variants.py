@@ -310,3 +310,17 @@ def test_every_lora_config_field_is_classified():
         warnings.simplefilter("ignore")
         defaults = LoraConfig().to_dict()
     assert lora_fields.check_lora_fields(json.loads(json.dumps(defaults, default=str)), "x") == []
+
+
+@pytest.mark.parametrize(
+    "options", [dict(init_lora_weights="olora"), dict(kasa_config=KasaConfig())]
+)
+def test_live_tracking_refuses_a_changed_base(tmp_path, bases, options):
+    """In memory, PEFT's base is already the residual/truncated one: refused, not misread."""
+    from wdanalysis.tracking.tracker import Tracker
+
+    model = AutoModelForCausalLM.from_pretrained(bases["qwen2"])
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **options))
+    tracker = Tracker(bases["qwen2"], tmp_path / "live.csv", every=1, modules=TARGETS)
+    with pytest.raises(WDAnalysisError, match="live tracking of .*(olora|KaSA).* not supported"):
+        tracker.begin(model)

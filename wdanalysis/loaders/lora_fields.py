@@ -254,3 +254,17 @@ def refuse_unknown_tensor(key: str, raw: dict, where: Path) -> None:
             where,
             "merge the adapter with PEFT (merge_and_unload) and analyse the full model",
         )
+
+
+def live_unsupported(raw: dict) -> str | None:
+    """The variant of a live PEFT model's ``LoraConfig`` (as a dict) that live tracking
+    cannot read — its in-memory base is PEFT's changed one, or its factors are not the
+    layer's plain ``lora_A``/``lora_B`` — else ``None``."""
+    init = str(raw.get("init_lora_weights", True)).lower()
+    if isinstance(raw.get("init_lora_weights"), str) and init not in PLAIN_INITS:
+        return f"init_lora_weights={raw['init_lora_weights']!r}"
+    for key, name in (("kasa_config", "KaSA"), ("use_bdlora", "BD-LoRA")):
+        if is_set(raw.get(key)):
+            return name
+    # lora_bias changes only biases, which live tracking leaves alone
+    return next((k for k in REFUSED if k != "lora_bias" and is_set(raw.get(k))), None)
