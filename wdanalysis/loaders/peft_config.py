@@ -3,6 +3,8 @@
 PEFT's ``LoraConfig`` (``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``,
 ``rank_pattern``/``alpha_pattern`` with PEFT's key matching, ``fan_in_fan_out``), the DoRA
 authors' ``peft_type: "DORA"`` configs, validated with one-line errors naming the file.
+Every other ``LoraConfig`` field is classified, and refused where it changes the merged
+weight in a way not read, by :mod:`wdanalysis.loaders.lora_fields`.
 """
 
 from __future__ import annotations
