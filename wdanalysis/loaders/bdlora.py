@@ -36,8 +36,14 @@ def blocks_for(module: str, raw: dict, where: Path) -> Blocks | None:
             where,
             "re-save the adapter with PEFT",
         )
-    on_a = any(p in module for p in config.get("target_modules_bd_a") or [])
-    on_b = any(p in module for p in config.get("target_modules_bd_b") or [])
+    patterns = [config.get(f"target_modules_bd_{side}") or [] for side in "ab"]
+    if not all(isinstance(p, list) and all(isinstance(x, str) for x in p) for p in patterns):
+        raise CheckpointFormatError(
+            f"use_bdlora.target_modules_bd_a/_b must be lists of names, got {patterns!r}",
+            where,
+            "re-save the adapter with PEFT",
+        )
+    on_a, on_b = (any(p in module for p in found) for found in patterns)
     if on_a and on_b:
         raise CheckpointFormatError(
             f"{module} matches both target_modules_bd_a and target_modules_bd_b of use_bdlora",

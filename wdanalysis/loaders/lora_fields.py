@@ -191,6 +191,7 @@ def check_lora_fields(raw: dict, where: Path) -> list[str]:
             "(merge_and_unload) and analyse the full model",
         )
     params = raw.get("target_parameters") or []
+    params = params if isinstance(params, list) else [params]
     odd = [p for p in params if not (isinstance(p, str) and p.endswith("weight"))]
     if odd:  # PEFT's ParamWrapper on e.g. MoE experts (E, in, out): an einsum over experts
         raise CheckpointFormatError(

@@ -61,7 +61,8 @@ def bind_init(module, base_init: str | None, shape, store, where: Path) -> None:
                 where,
                 "the adapter file is incomplete; re-save it with PEFT",
             )
-        if not store.dtype(module.diag).is_floating_point:
+        dtype = store.dtype(module.diag)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise AdapterMismatchError(
                 f"{module.name}: lora_diag is not floating point", where, "re-save it"
             )
