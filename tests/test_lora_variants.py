@@ -114,6 +114,7 @@ VARIANTS = {  # name → (model, LoraConfig options, method column)
         "LoRA",
     ),
     "velora": ("llama", dict(velora_config=VeloraConfig()), "LoRA"),  # extra tensor unmerged
+    "bias": ("qwen2", dict(bias="all"), "LoRA"),  # trained biases saved beside: not weights
 }
 
 
