@@ -26,6 +26,7 @@ from torch import nn
 
 from wdanalysis.engine.live_tensors import is_sharded, logical_shape, materialize, quantization
 from wdanalysis.errors import AdapterMismatchError
+from wdanalysis.loaders import lora_fields
 from wdanalysis.loaders.key_alignment import strip_peft_prefix
 from wdanalysis.loaders.peft_adapter import Adapter, AdapterConfig, AdapterModule
 from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, Run, aligner_for
@@ -169,6 +170,14 @@ def _bind_adapters(
     model, layers, base_path, selected, base: FullModel, run, device, layout
 ) -> LiveModel:
     aligner = aligner_for(base)
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        variant = lora_fields.live_unsupported(vars(config))  # PiSSA/KaSA/…: a changed base
+        if variant:
+            raise AdapterMismatchError(
+                f"live tracking of {variant} adapters is not supported",
+                base_path,
+                "save checkpoints during training and compare them with the original base",
+            )
     frozen = {}
     for name, param in model.named_parameters():
         if ".lora_" in name or ".modules_to_save." in name:

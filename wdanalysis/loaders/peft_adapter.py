@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
+from wdanalysis.loaders import bdlora, lora_fields, lora_inits
 from wdanalysis.loaders import trainable_tokens as tokens
 from wdanalysis.loaders.key_alignment import KeyAligner, strip_peft_prefix
 from wdanalysis.loaders.layer_shapes import check_factors, factor_matrices, out_in
@@ -52,6 +54,7 @@ _ROLE_SUFFIXES = (
     (".lora_B", "B"),
     (".lora_embedding_A", "EA"),  # nn.Embedding: (r, num_embeddings)
     (".lora_embedding_B", "EB"),  # (embedding_dim, r)
+    (".lora_diag", "D"),  # KaSA: (r,), the update is s·B·diag·A
 )
 _UNSUPPORTED_ROLES = ("lora_E", "hada_w", "lokr_w")
 
@@ -72,6 +75,10 @@ class AdapterModule:
     # PEFT trainable tokens (:mod:`wdanalysis.loaders.trainable_tokens`)
     token_rows: str | None = None
     token_indices: tuple[int, ...] = ()
+    diag: str | None = None  # KaSA's lora_diag
+    # the init changed the base: "pissa", "olora", "kasa" (wdanalysis.loaders.lora_inits)
+    base_init: str | None = None
+    blocks: bdlora.Blocks | None = None  # BD-LoRA: which factor is saved block-diagonal
 
     def merged_whole(self, axis: str, transposed: bool) -> bool:
         """Whether the engine must merge this module's whole weight with
@@ -84,6 +91,8 @@ class AdapterModule:
         return bool(
             not (self.lora_b or self.magnitude)  # a whole saved weight (modules_to_save)
             or self.saved_base  # VL-BART merges onto its own weight_v, not the base
+            or self.base_init  # PiSSA/OLoRA/KaSA: the base part is recomputed from W0
+            or self.blocks  # BD-LoRA: a factor expanded from its diagonal blocks
             # DoRA's per-output scale on the input axis needs whole stored columns
             or (self.magnitude and axis == "in" and transposed)
             # an embedding is (in, out) whatever the caller's layout says
@@ -91,10 +100,20 @@ class AdapterModule:
         )
 
 
-def group_adapter_keys(keys: list[str], where: Path) -> dict[str, AdapterModule]:
-    """Group adapter tensor names by the module they adapt."""
+def group_adapter_keys(
+    keys: list[str], where: Path, raw: dict | None = None
+) -> dict[str, AdapterModule]:
+    """Group adapter tensor names by the module they adapt.
+
+    ``raw``: a PEFT ``LORA`` config, whose adapters hold only the tensors
+    :mod:`wdanalysis.loaders.lora_fields` knows; any other ``lora_*`` tensor is refused.
+    """
     modules: dict[str, AdapterModule] = {}
     for key in keys:
+        if raw is not None:
+            lora_fields.refuse_unknown_tensor(key, raw, where)
+            if lora_fields.unmerged_tensor(key, raw):
+                continue  # saved for training (VeLoRA, MonteCLoRA), never merged by PEFT
         if any(f".{role}" in key for role in _UNSUPPORTED_ROLES):
             raise CheckpointFormatError(
                 f"unsupported adapter tensor {key!r} (embedding or non-LoRA adapter)", where
@@ -114,6 +133,8 @@ def group_adapter_keys(keys: list[str], where: Path) -> dict[str, AdapterModule]
             module.magnitude = key
         elif role == "v":
             module.saved_base = key
+        elif role == "D":
+            module.diag = key
         elif key.endswith(".weight"):
             module.replacement = key
     return modules
@@ -122,7 +143,7 @@ def group_adapter_keys(keys: list[str], where: Path) -> dict[str, AdapterModule]
 # A live PEFT model's state dict (``torch.save(peft_model.state_dict())``) keeps the adapter
 # name: ``q_proj.lora_A.default.weight``, ``q_proj.lora_magnitude_vector.default.weight``.
 _NAMED_ROLE = re.compile(
-    r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_magnitude_vector|lora_embedding_[AB])"
+    r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_magnitude_vector|lora_embedding_[AB]|lora_diag)"
     r"\.[^.]+(?:\.weight)?$"
 )
 _NAMED_ROLES = {
@@ -131,6 +152,7 @@ _NAMED_ROLES = {
     "lora_magnitude_vector": "m",
     "lora_embedding_A": "EA",
     "lora_embedding_B": "EB",
+    "lora_diag": "D",
 }
 
 
@@ -159,7 +181,11 @@ class Adapter:
 
     @property
     def method(self) -> str:
-        return "DoRA" if any(m.magnitude for m in self.modules.values()) else "LoRA"
+        dora = any(m.magnitude for m in self.modules.values())
+        init = _INIT_NAMES.get(self.config.base_init)
+        if init:
+            return f"{init}-DoRA" if dora else init
+        return "DoRA" if dora else "LoRA"
 
     @property
     def adapted(self) -> dict[str, AdapterModule]:
@@ -168,13 +194,15 @@ class Adapter:
     def bind(self, aligner: KeyAligner, shapes: dict[str, tuple[int, ...]], transposed) -> dict:
         """Map base keys to adapter modules; fail loudly on anything that does not fit."""
         bound: dict[str, AdapterModule] = {}
-        unmatched = []
+        unmatched, left_out = [], []
         for name, module in self.modules.items():
             base_key = aligner.find(name + ".weight")
             if base_key is None:
                 if module.lora_b or module.magnitude or module.token_rows:
                     unmatched.append(name)
-                continue  # e.g. a task head saved with modules_to_save: not in the base
+                elif module.replacement:  # e.g. a task head saved with modules_to_save
+                    left_out.append(name)
+                continue
             if module.embedding and len(shapes[base_key]) != 2:
                 raise AdapterMismatchError(
                     f"{module.name}: an embedding adapter on the base weight "
@@ -186,8 +214,15 @@ class Adapter:
                 module.token_indices = tokens.indices_for(name, self.config.raw, self.path)
                 rows = self.store.shape(module.token_rows)
                 tokens.check_rows(name, module.token_indices, rows, shapes[base_key], self.path)
+            if module.lora_b:
+                module.blocks = bdlora.blocks_for(name, self.config.raw, self.path)
             self._check_module(module, shapes[base_key], transposed(base_key) or module.embedding)
+            lora_inits.bind_init(
+                module, self.config.base_init, shapes[base_key], self.store, self.path
+            )
             bound[base_key] = module
+        if left_out:
+            warn_left_out(left_out, self.path)
         if unmatched:
             total = sum(1 for m in self.modules.values() if m.lora_b or m.magnitude)
             why, hint = explain_unmatched(unmatched[0], aligner.base_keys)
@@ -210,7 +245,9 @@ class Adapter:
                     self.path,
                     "the adapter file is incomplete; re-save it",
                 )
-            a_shape, b_shape = self.store.shape(module.lora_a), self.store.shape(module.lora_b)
+            a_shape, b_shape = bdlora.full_shapes(
+                module.blocks, self.store.shape(module.lora_a), self.store.shape(module.lora_b)
+            )
             rank = check_factors(module.name, a_shape, b_shape, shape, transposed, self.path)
             module.rank, module.scaling = self.config.rank_and_scaling(module.name, rank, self.path)
         if module.magnitude:
@@ -259,8 +296,15 @@ class Adapter:
         v = (self.store.get(module.saved_base) if use_saved else w0).to(torch.float64)
         transposed = transposed or module.embedding
         v = v.T if transposed else v.reshape(v.shape[0], -1)  # conv: (out, in·k…)
+        if module.base_init:  # PiSSA/OLoRA: W0 − s·B₀A₀; KaSA: W0 − T (its tail)
+            v = v - lora_inits.initial_part(module.base_init, v, module.rank, module.scaling)
         if module.lora_b:
-            a, b = factor_matrices(self.store.get(module.lora_a), self.store.get(module.lora_b))
+            a, b = bdlora.full_factors(
+                module.blocks, self.store.get(module.lora_a), self.store.get(module.lora_b)
+            )
+            a, b = factor_matrices(a, b)
+            if module.diag:  # KaSA: s·B·diag(lora_diag)·A
+                b = b.to(torch.float64) * self.store.get(module.diag).to(torch.float64)
             v = v + module.scaling * (b.to(torch.float64) @ a.to(torch.float64))
         if module.magnitude:
             m = self.store.get(module.magnitude).to(torch.float64).reshape(-1, 1)
@@ -269,6 +313,19 @@ class Adapter:
             # vector by the analysis) instead of becoming 0/0 = NaN.
             v = m * (v / torch.where(norm > 0, norm, torch.ones_like(norm)))
         return (v.T if transposed else v).reshape(w0.shape)
+
+
+_INIT_NAMES = {"pissa": "PiSSA", "olora": "OLoRA", "kasa": "KaSA"}
+
+
+def warn_left_out(names: list[str], path: Path) -> None:
+    """Saved modules the base lacks cannot be analysed: say so rather than drop them."""
+    shown = ", ".join(repr(n) for n in names[:5]) + (", …" if len(names) > 5 else "")
+    warnings.warn(
+        f"{path}: {len(names)} saved module(s) match no base weight and are left out: "
+        f"{shown} (e.g. a task head saved with modules_to_save that the base model lacks)",
+        stacklevel=3,
+    )
 
 
 def refuse_non_float(store, names, path) -> None:

@@ -3,6 +3,8 @@
 PEFT's ``LoraConfig`` (``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``,
 ``rank_pattern``/``alpha_pattern`` with PEFT's key matching, ``fan_in_fan_out``), the DoRA
 authors' ``peft_type: "DORA"`` configs, validated with one-line errors naming the file.
+Every other ``LoraConfig`` field is classified, and refused where it changes the merged
+weight in a way not read, by :mod:`wdanalysis.loaders.lora_fields`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
-from wdanalysis.loaders import tuner_kinds
+from wdanalysis.loaders import lora_fields, tuner_kinds
 
 SUPPORTED_PEFT_TYPES = {"LORA", "DORA"}
 
@@ -34,6 +36,9 @@ class AdapterConfig:
     target_modules: object = None
     magnitude_only_modules: list[str] = field(default_factory=list)
     raw: dict = field(default_factory=dict)
+    # An init that changed the base ("pissa", "olora", "kasa"): loaders.lora_inits
+    base_init: str | None = None
+    notes: list[str] = field(default_factory=list)  # for inspect, e.g. aLoRA's activation
 
     def rank_and_scaling(self, module: str, actual_rank: int, where: Path) -> tuple[int, float]:
         if self.format == "dora-vlbart":  # the VL-BART code applies B@A unscaled
@@ -108,6 +113,10 @@ def read_adapter_config(path: Path) -> AdapterConfig:
             "the scaling alpha/r cannot be known without it; set the lora_alpha used in training",
         )
     _check_patterns(raw, path)
+    notes, base_init = [], None
+    if peft_type == "LORA":  # every LoraConfig field classified (loaders.lora_fields)
+        notes = lora_fields.check_lora_fields(raw, path)
+        base_init = lora_fields.base_init(raw, path)
     magnitude_only = raw.get("Wdecompose_target_modules") or []
     if isinstance(magnitude_only, str):  # the authors' code also takes one regex (fullmatch)
         magnitude_only = [magnitude_only]
@@ -130,6 +139,8 @@ def read_adapter_config(path: Path) -> AdapterConfig:
         target_modules=raw.get("target_modules"),
         magnitude_only_modules=list(magnitude_only),
         raw=raw,
+        base_init=base_init,
+        notes=notes,
     )
 
 

@@ -163,7 +163,8 @@ def _open_adapter_folder(folder: Path, step: int | None) -> AdapterCheckpoint:
 def _adapter(path: Path, store: TensorStore, config: AdapterConfig, step) -> AdapterCheckpoint:
     if config.format == "peft-tuner":  # LoHa, VeRA, OFT, …: merged by PEFT itself
         return peft_tuners.open_tuner(path, store, config, step)
-    modules = group_adapter_keys(store.keys(), path)
+    lora = config.format == "peft" and str(config.raw.get("peft_type", "LORA")).upper() == "LORA"
+    modules = group_adapter_keys(store.keys(), path, config.raw if lora else None)
     return AdapterCheckpoint(path, Adapter(path, store, config, modules), step)
 
 

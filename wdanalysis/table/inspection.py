@@ -90,6 +90,11 @@ def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
         "fan_in_fan_out": config.fan_in_fan_out,
         "base_model": config.raw.get("base_model_name_or_path") or "not named",
     }
+    if config.base_init:  # PiSSA/OLoRA/KaSA (wdanalysis.loaders.lora_inits)
+        info["format"] = f"PEFT {adapter.method} adapter ({adapter.store.format})"
+        info["weight"] = _INIT_WEIGHTS[config.base_init]
+    if config.notes:
+        info["notes"] = list(config.notes)
     if config.format == "dora-vlbart":
         info["scaling"] = "1.0 (VL-BART code applies B@A unscaled)"
     else:
@@ -105,6 +110,13 @@ def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
             )
         )
     return info
+
+
+_INIT_WEIGHTS = {
+    "pissa": "W0 + s·(B@A − B₀A₀), B₀A₀ = PEFT's PiSSA init recomputed from W0 (float32 SVD)",
+    "olora": "W0 + s·(B@A − B₀A₀), B₀A₀ = PEFT's OLoRA init recomputed from W0 (float32 QR)",
+    "kasa": "W0 − T + s·B·diag(lora_diag)·A, T = the r smallest singular components of W0",
+}
 
 
 def format_inspection(info: dict) -> str:
