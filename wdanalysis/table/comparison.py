@@ -33,8 +33,9 @@ from wdanalysis.loaders.runs import (
 )
 from wdanalysis.table.schema import COLUMNS, deltas_row
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
+from wdanalysis.weights.identity import identity_namer
 from wdanalysis.weights.layout import stored_transposed
-from wdanalysis.weights.selection import describe_weight, select_weights
+from wdanalysis.weights.selection import select_weights
 
 RunsArg = str | Path | Sequence[str | Path] | Mapping[str, str | Path]
 
@@ -224,12 +225,11 @@ def _compute(
         disable=not progress,
         leave=False,
     )
-    names = {}
+    name_of = identity_namer(base)
 
     def on_result(key, item, change):
         if change is not None:
-            name = names.get(key) or names.setdefault(key, describe_weight(key))
-            rows.append(_row(item, name, axis, change))
+            rows.append(_row(item, name_of(key), axis, change))
         bar.update()
 
     with bar:
@@ -256,7 +256,7 @@ def _table(rows: list[dict], runs: list[Run]) -> pd.DataFrame:
     table["layer"] = table["layer"].astype("Int64")
     order = {run.name: i for i, run in enumerate(runs)}
     table = table.sort_values(
-        by=["run", "step", "stack", "layer", "module"],
+        by=["run", "step", "component", "stack", "attention", "layer", "module"],
         key=lambda col: col.map(order) if col.name == "run" else col,
         kind="stable",
     ).reset_index(drop=True)

@@ -35,8 +35,9 @@ from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.runs import Run, aligner_for, open_base, refuse_quantized
 from wdanalysis.storage.atomic_write import atomic_path
 from wdanalysis.table.schema import COLUMNS, deltas_row
+from wdanalysis.weights.identity import identity_namer
 from wdanalysis.weights.layout import stored_transposed
-from wdanalysis.weights.selection import describe_weight, select_weights
+from wdanalysis.weights.selection import select_weights
 
 TRACKING_BUDGET = 32 << 20  # bytes of base blocks in flight (FT): small beside a model
 
@@ -87,6 +88,7 @@ class Tracker:
                 "delete it, choose another out, or resume the earlier run",
             )
         self.live, self.selected, self.active = live, selected, True
+        self.name_of = identity_namer(base)
 
     # -- each step ------------------------------------------------------------------
 
@@ -121,12 +123,13 @@ class Tracker:
                 # the failure the engine keeps for its one checkpoint, rather than read the
                 # base for every weight still to come.
                 raise engine.failures[0]
-            rows.append(_row(live, key, step, self.axis, change))
+            rows.append(_row(live, self.name_of(key), step, self.axis, change))
 
         with torch.no_grad():
             engine.run(list(self.selected), on_result)
         table = pd.DataFrame(rows, columns=COLUMNS)
-        return table.sort_values(["stack", "layer", "module"], kind="stable")
+        order = ["component", "stack", "attention", "layer", "module"]
+        return table.sort_values(order, kind="stable")
 
     def hook(self, last_step: int):
         """``on_step(step, model)`` for :func:`wdanalysis.train.train`.
@@ -154,9 +157,9 @@ class Tracker:
         )
 
 
-def _row(live: LiveModel, key: str, step: int, axis: str, change) -> dict:
+def _row(live: LiveModel, name, step: int, axis: str, change) -> dict:
     # live: no checkpoint file behind the row
-    return deltas_row(live.method, live.bound.run.name, step, describe_weight(key), axis, change)
+    return deltas_row(live.method, live.bound.run.name, step, name, axis, change)
 
 
 def read_steps(path: Path) -> set[int]:

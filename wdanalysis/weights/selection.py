@@ -19,7 +19,6 @@ FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "in_p
 # Leaf names that only mean "attention projection" inside an attention block.
 _SHORT_NAMES = {"q", "v", "wq", "wv", "qkv"}
 _ATTENTION_HINT = re.compile(r"attn|attention", re.IGNORECASE)
-_CROSS_ATTENTION = re.compile(r"encoder_attn|EncDecAttention|crossattention|cross_attn", re.I)
 
 
 @dataclass(frozen=True)
@@ -29,30 +28,14 @@ class WeightName:
     parameter: str  # the base model's key, e.g. model.layers.3.self_attn.q_proj.weight
     module: str  # leaf module name, e.g. q_proj
     layer: int | None  # block index
-    stack: str  # encoder | decoder | cross | "" (single-stack models)
+    stack: str  # encoder | decoder | "" (see wdanalysis.weights.identity)
+    component: str = ""  # pipeline component: unet, text_encoder, text_encoder_2, …
+    attention: str = ""  # self | cross | "" (models with one kind of attention)
 
 
 def module_path(key: str) -> str:
     """``a.b.q_proj.weight`` → ``a.b.q_proj``."""
     return key[: -len(".weight")] if key.endswith(".weight") else key
-
-
-def describe_weight(key: str) -> WeightName:
-    path = module_path(key)
-    parts = path.split(".")
-    layer = next((int(p) for p in parts if p.isdigit()), None)
-    return WeightName(key, parts[-1], layer, _stack(path))
-
-
-def _stack(path: str) -> str:
-    if _CROSS_ATTENTION.search(path):
-        return "cross"
-    lowered = path.lower()
-    if "decoder" in lowered:
-        return "decoder"
-    if "encoder" in lowered:
-        return "encoder"
-    return ""
 
 
 def _is_candidate(key: str, shape: Sequence[int]) -> bool:
