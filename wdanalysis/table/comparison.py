@@ -32,7 +32,7 @@ from wdanalysis.loaders.runs import (
     refuse_quantized,
 )
 from wdanalysis.table.schema import COLUMNS, deltas_row
-from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
+from wdanalysis.weights.bound_checkpoint import BoundCheckpoint, vocabulary_rows_added
 from wdanalysis.weights.identity import identity_namer
 from wdanalysis.weights.layout import stored_transposed
 from wdanalysis.weights.selection import select_weights
@@ -107,11 +107,14 @@ def compare(
     _check_base_dtypes(base_model, selected)
     aligner = aligner_for(base_model)
     transposed = stored_transposed(base_model, run_list, fan_in_fan_out, aligner)
+    for key in selected:  # an undecidable layout is refused now, not mid-computation
+        transposed(key)
     bound = [
         _bind(run, ckpt, shapes, selected, aligner, transposed)
         for run in run_list
         for ckpt in run.checkpoints
     ]
+    _warn_rows_added(bound, selected, shapes)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     rows, errors = _compute(
@@ -172,10 +175,46 @@ def _dtype_name(dtype) -> str:
 def _bind(run, ckpt, shapes, selected, aligner: KeyAligner, transposed):
     if isinstance(ckpt, AdapterCheckpoint):
         keys = ckpt.adapter.bind(aligner, shapes, transposed)
+        added = {
+            key: n
+            for key, module in keys.items()
+            if module.replacement and not (module.lora_b or module.magnitude)
+            for n in [vocabulary_rows_added(key, shapes[key], _saved_shape(ckpt, module))]
+            if n
+        }
     else:
         keys = _bind_full(ckpt, selected, aligner, shapes)
+        added = {
+            key: n
+            for key in selected
+            for n in [vocabulary_rows_added(key, shapes[key], ckpt.store.shape(keys[key]))]
+            if n
+        }
     method = run.label or ckpt.method
-    return BoundCheckpoint(run, ckpt, method, keys)
+    return BoundCheckpoint(run, ckpt, method, keys, added)
+
+
+def _saved_shape(ckpt: AdapterCheckpoint, module) -> tuple[int, ...]:
+    return tuple(ckpt.adapter.store.shape(module.replacement))
+
+
+def _warn_rows_added(bound: list[BoundCheckpoint], selected, shapes) -> None:
+    """One warning per run whose vocabulary was resized (added tokens)."""
+    chosen = set(selected)
+    by_run: dict[str, dict[str, int]] = {}
+    for item in bound:
+        for key, n in item.rows_added.items():
+            if key in chosen:
+                by_run.setdefault(item.run.name, {})[key] = n
+    for run, added in by_run.items():
+        what = ", ".join(f"{key} +{n}" for key, n in added.items())
+        warnings.warn(
+            f"run {run}: rows beyond the base's in {what} (a vocabulary resized for added "
+            "tokens): ΔM/ΔD compare the base's rows only; the column rows_added counts "
+            "the rows left out",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
@@ -190,7 +229,8 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
             "pass the base model this run was fine-tuned from",
         )
     for key in selected:
-        if ckpt.store.shape(mapping[key]) != tuple(shapes[key]):
+        shape = ckpt.store.shape(mapping[key])
+        if shape != tuple(shapes[key]) and not vocabulary_rows_added(key, shapes[key], shape):
             raise AdapterMismatchError(
                 f"weight {mapping[key]!r} has shape {list(ckpt.store.shape(mapping[key]))} "
                 f"but the base has {list(shapes[key])}: base and checkpoint come from "
@@ -247,6 +287,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
         axis,
         change,
         checkpoint=str(item.checkpoint.path),
+        rows_added=item.rows_added.get(name.parameter, 0),
     )
 
 
