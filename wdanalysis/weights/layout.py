@@ -115,9 +115,6 @@ def _layouts_said(ckpt: AdapterCheckpoint, base: FullModel, aligner: KeyAligner)
         info = base.store.infos.get(key) if key else None
         if info is None or len(info.shape) != 2:
             continue
-        claims = adapter.config.fan_in_fan_out
-        if not claims and _leaf(key) not in CONV1D_LEAVES:
-            continue  # the default layout, said by nobody in particular
         rows, cols = info.shape
         r_in = adapter.store.shape(module.lora_a)[-1]  # lora_A: (r, in)
         out_r = adapter.store.shape(module.lora_b)[0]  # lora_B: (out, r)
@@ -125,4 +122,4 @@ def _layouts_said(ckpt: AdapterCheckpoint, base: FullModel, aligner: KeyAligner)
             if (out_r, r_in) in ((rows, cols), (cols, rows)):
                 yield key, (out_r, r_in) == (cols, rows)
             continue  # factors that fit neither: refused when the adapter is bound
-        yield key, bool(claims)
+        yield key, bool(adapter.config.fan_in_fan_out)
