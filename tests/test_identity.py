@@ -238,3 +238,38 @@ def test_kohya_te1_te2_bind_to_their_own_encoder(tmp_path):
     assert sorted(set(table["component"])) == ["text_encoder", "text_encoder_2"]
     assert_identities_unique(table)
     assert len(wdanalysis.fit_lines(table, per_step=False)) == 4  # 2 components × q, v
+
+
+def test_single_file_trees_and_plain_models_by_name():
+    """SDXL single-file trees name the component; a plain model (GPT-2's ``transformer.h``,
+    LLaMA) has none, and no attention kind where it has one kind only."""
+    from wdanalysis.weights.identity import name_weights
+
+    unet = "model.diffusion_model."
+    keys = [
+        f"{unet}input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+        f"{unet}input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight",
+        f"{unet}input_blocks.4.1.transformer_blocks.0.attn2.to_q.weight",
+        f"{unet}middle_block.1.transformer_blocks.0.attn1.to_q.weight",
+        f"{unet}output_blocks.2.1.transformer_blocks.0.attn1.to_q.weight",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "conditioner.embedders.1.model.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    ]
+    names = name_weights(keys)
+    got = [(n.component, n.attention, n.layer, n.module) for n in names.values()]
+    assert got == [
+        ("unet", "self", 0, "to_q"),
+        ("unet", "self", 1, "to_q"),
+        ("unet", "cross", 0, "to_q"),
+        ("unet", "self", 2, "to_q"),
+        ("unet", "self", 3, "to_q"),
+        ("text_encoder", "", 0, "q_proj"),
+        ("text_encoder_2", "", 0, "q_proj"),
+    ]
+    plain = name_weights(
+        ["transformer.h.1.attn.c_attn.weight", "model.layers.2.self_attn.q_proj.weight"]
+    )
+    assert [(n.component, n.stack, n.attention, n.layer) for n in plain.values()] == [
+        ("", "", "", 1),
+        ("", "", "", 2),
+    ]

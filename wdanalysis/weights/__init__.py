@@ -1,2 +1,3 @@
-"""Weights: which matrices to analyse, which are stored (in, out), and each checkpoint's
-effective weight bound to the base keys. May import loaders, storage and errors."""
+"""Weights: which matrices to analyse, what kind each is (component, stack, attention
+kind, layer), which are stored (in, out), and each checkpoint's effective weight bound to
+the base keys. May import loaders, storage and errors."""
