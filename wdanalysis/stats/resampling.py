@@ -68,7 +68,7 @@ def _slope_r(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _groups(deltas: pd.DataFrame, by: Sequence[str] | None):
-    validate_deltas(deltas)
+    validate_deltas(deltas, required=("delta_m", "delta_d"))  # a frame, before its columns
     by = fit_groups(deltas) if by is None else list(by)  # kinds apart, as fit_lines
     validate_deltas(deltas, required=[*by, "step", CLUSTER, "delta_m", "delta_d"])
     clean = drop_undefined(deltas)
