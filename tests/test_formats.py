@@ -266,7 +266,7 @@ PEFT_CASES = {
         "bart",
         dict(r=4, lora_alpha=16, target_modules=QV_TARGETS, use_dora=True),
         lambda m: 4.0,
-        stacks=("cross", "decoder", "encoder"),
+        stacks=("decoder", "encoder"),  # cross-attention: stack decoder, attention cross
     ),
 }
 
@@ -433,11 +433,11 @@ def test_encoder_decoder_stacks_kept_apart(tmp_path):
 
     table = run_compare(tmp_path / "base", tmp_path / "ft")
 
-    counts = table.groupby("stack").size().to_dict()
-    assert counts == {"encoder": 4, "decoder": 4, "cross": 4}
-    cross = table[table["stack"] == "cross"]
+    counts = table.groupby(["stack", "attention"]).size().to_dict()
+    assert counts == {("encoder", "self"): 4, ("decoder", "self"): 4, ("decoder", "cross"): 4}
+    cross = table[table["attention"] == "cross"]
     assert cross["parameter"].str.contains(r"decoder\.layers\.\d\.encoder_attn\.").all()
-    decoder = table[table["stack"] == "decoder"]
+    decoder = table[(table["stack"] == "decoder") & (table["attention"] == "self")]
     assert decoder["parameter"].str.contains(r"decoder\.layers\.\d\.self_attn\.").all()
     expected = {(None, None, k): reference_delta(state[k], ft_state[k]) for k in table["parameter"]}
     assert check_table(table, expected) == 12
@@ -495,7 +495,8 @@ def test_dora_vlbart_state_dict(tmp_path):
 
     assert (table["method"] == "DoRA").all()
     assert (table["step"] == 5).all()  # from the file name Epoch05.pth
-    assert table.groupby("stack").size().to_dict() == {"encoder": 4, "decoder": 4, "cross": 4}
+    kinds = table.groupby(["stack", "attention"]).size().to_dict()
+    assert kinds == {("encoder", "self"): 4, ("decoder", "self"): 4, ("decoder", "cross"): 4}
     expected = {}
     for key, p in pieces.items():
         if QV.search(key):

@@ -259,7 +259,6 @@ def test_refused_in_one_line(tmp_path, bases, plain, name):
             dict(layer_replication=[[0, 2], [1, 2]]),
             "layer_replication is set: .*more layers than the base",
         ),
-        (dict(lora_bias=True), "lora_bias is set"),
     ],
 )
 def test_peft_written_refusals(tmp_path, bases, options, pattern):

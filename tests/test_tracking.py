@@ -236,7 +236,9 @@ from pathlib import Path
 from wdanalysis.table.comparison import COLUMNS
 from wdanalysis.tracking.tracker import append_rows, read_steps
 out = Path({str(out)!r})
-rows = pd.DataFrame([[f"m{{i}}" * 50] + [i] * 12 for i in range(2000)], columns=COLUMNS)
+rows = pd.DataFrame(
+    [[f"m{{i}}" * 50] + [i] * (len(COLUMNS) - 1) for i in range(2000)], columns=COLUMNS
+)
 step = max(read_steps(out), default=-1) + 1
 while True:
     rows["step"] = step

@@ -62,6 +62,7 @@ def _register_compare(subparsers) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    _add_pool(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_compare)
 
@@ -76,7 +77,17 @@ def _register_plot(subparsers) -> None:
     parser.add_argument("table", type=Path, help="deltas.csv or tracking.csv")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--dpi", type=float, default=200, help="PNG resolution (default 200)")
+    _add_pool(parser)
     parser.set_defaults(handler=run_plot)
+
+
+def _add_pool(parser) -> None:
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="one fit and one cloud of points per run and module, as the paper's Figure 2 "
+        "(default: one per kind: component, encoder/decoder stack, self/cross attention)",
+    )
 
 
 def _register_inspect(subparsers) -> None:
@@ -128,7 +139,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if not args.no_figures:
         from wdanalysis.plots.report import write_report
 
-        report = write_report(deltas, args.out)
+        report = write_report(deltas, args.out, pool=args.pool)
         print("\n" + report.fit_table)
         for written in report.paths:
             print(f"wrote {written}")
@@ -143,7 +154,7 @@ def run_plot(args: argparse.Namespace) -> int:
     table = read_table(args.table)
     _check_out_folder(args.out)
     print(summarize(table))
-    report = write_report(table, args.out, dpi=args.dpi)
+    report = write_report(table, args.out, dpi=args.dpi, pool=args.pool)
     print("\n" + report.fit_table)
     for note in report.notes:
         print(f"note: {note}")

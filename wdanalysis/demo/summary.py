@@ -14,10 +14,18 @@ import math
 
 import pandas as pd
 
+from wdanalysis.stats.fits import fit_groups
 from wdanalysis.stats.resampling import design_statistics, layer_permutation_test
 
 PAPER = {"FT": (-1, -0.62), "LoRA": (+1, +0.83), "DoRA": (-1, -0.31)}  # slope sign, VL-BART r
 REFERENCE_RUN = "LoRA"  # the permutation test asks "does this method's r differ from LoRA's?"
+
+
+def _of_kind(frame: pd.DataFrame, fit: pd.Series, kinds: list[str]) -> pd.DataFrame:
+    """The rows of ``frame`` of the fit's kind (component, stack, attention)."""
+    for kind in kinds:
+        frame = frame[frame[kind].astype(str) == str(fit[kind])]
+    return frame
 
 
 def _per_step_r(fits: pd.DataFrame, method: str, module: str) -> tuple[float, float]:
@@ -43,7 +51,9 @@ def summarize(
 
     ``trained`` maps a method label to ``{"accuracy": {step: acc}, "seconds_per_step": s}``.
     """
-    design = design_statistics(deltas, n_boot=n_boot).set_index(["method", "module"])
+    keys = fit_groups(deltas)  # method, run, module and the kinds, as the fits
+    kinds = keys[3:]
+    design = design_statistics(deltas, n_boot=n_boot).set_index(keys)
     pooled = fits[fits["scope"] == "pooled"]
     rows = []
     for _, fit in pooled.iterrows():
@@ -51,12 +61,14 @@ def summarize(
         sign, paper_r = PAPER.get(method, (0, math.nan))
         record = trained.get(method, {})
         curve = record.get("accuracy", {})
-        extra = design.loc[(method, module)]
-        first, last = _per_step_r(fits, method, module)
+        extra = design.loc[tuple(fit[k] for k in keys)]
+        of_kind = _of_kind(fits, fit, kinds), _of_kind(deltas, fit, kinds)
+        first, last = _per_step_r(of_kind[0], method, module)
         rows.append(
             {
                 "method": method,
                 "module": module,
+                **{kind: fit[kind] for kind in kinds},
                 "accuracy": curve[max(curve)] if curve else math.nan,
                 "n": fit["n"],
                 "slope": fit["slope"],
@@ -69,7 +81,7 @@ def summarize(
                 "r_first_step": first,
                 "r_last_step": last,
                 "spearman_rho": fit["spearman_rho"],
-                "p_vs_lora": _p_vs_reference(deltas, method, module),
+                "p_vs_lora": _p_vs_reference(of_kind[1], method, module),
                 "paper_r": paper_r,
                 "paper_sign": "−" if sign < 0 else "+",
                 "sign_matches_paper": bool(sign * fit["slope"] > 0),

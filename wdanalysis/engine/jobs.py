@@ -16,7 +16,7 @@ every block of base rows through the jobs of one weight:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -123,6 +123,15 @@ def plan_job(index: int, item: BoundCheckpoint, key: str, axis: str, transposed:
     store: WeightStore = ckpt.store
     ckey = item.keys[key]
     extent = extent_of(store, ckey)
+    added = item.rows_added.get(key, 0)  # a resized vocabulary: the base's rows only
     if extent is not None:
-        return FileJob(index, extent)
+        return FileJob(index, _first_rows(extent, extent.shape[0] - added) if added else extent)
+    if added:
+        return DenseJob(index, lambda: store.get(ckey)[: store.shape(ckey)[0] - added])
     return DenseJob(index, lambda: store.get(ckey))
+
+
+def _first_rows(extent: Extent, rows: int) -> Extent:
+    """The leading ``rows`` of a stored matrix (row-major: one contiguous range)."""
+    row_bytes = extent.nbytes // extent.shape[0]
+    return replace(extent, nbytes=rows * row_bytes, shape=(rows, *extent.shape[1:]))

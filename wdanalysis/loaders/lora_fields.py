@@ -41,6 +41,9 @@ HANDLED = frozenset(
         "alora_invocation_tokens",  # s·B@A, active only after the invocation: a note
         "target_parameters",  # ``….weight`` parameters merge as their module would
         "use_bdlora",  # block-diagonal factors expanded: loaders.bdlora
+        # lora_B.bias changes only the layer's bias (PEFT's merge adds s·lora_B.bias to
+        # base_layer.bias): checked and kept apart from the weight (loaders.peft_adapter)
+        "lora_bias",
         # the DoRA authors' fork of PEFT: magnitude-only modules; dora_simple changes only
         # the training graph (‖V‖ detached), not the merge
         "Wdecompose_target_modules",
@@ -101,12 +104,6 @@ REFUSED: dict[str, tuple[str, str]] = {
     "arrow_config": (
         "Arrow routes each token to its top-k LoRA experts, so there is no single merged weight",
         "analyse the task adapters one by one",
-    ),
-    # lora_bias changes only the bias vectors; the lora_B.bias tensors are refused by name
-    # until the reader understands them (see refuse_unknown_tensor)
-    "lora_bias": (
-        "lora_bias adapters save lora_B.bias tensors, which this reader does not take apart",
-        _MERGE_FIRST,
     ),
 }
 
@@ -246,9 +243,12 @@ def refuse_unknown_tensor(key: str, raw: dict, where: Path) -> None:
             "copy the adapter_config.json PEFT saved beside the weights",
         )
     tail = parts[parts.index(role) + 1 :]
-    if role in ("lora_A", "lora_B") and tail and tail[-1] == "bias":
-        why, fix = REFUSED["lora_bias"]
-        raise CheckpointFormatError(f"adapter tensor {key!r}: {why}", where, fix)
+    if role == "lora_A" and tail and tail[-1] == "bias":  # PEFT's lora_bias is lora_B's only
+        raise CheckpointFormatError(
+            f"unknown adapter tensor {key!r}: PEFT's lora_bias saves lora_B.bias only",
+            where,
+            "merge the adapter with PEFT (merge_and_unload) and analyse the full model",
+        )
     if role not in KNOWN_LORA_ROLES:
         raise CheckpointFormatError(
             f"unknown adapter tensor {key!r} ({role}): it would be dropped from the merge",
@@ -267,5 +267,4 @@ def live_unsupported(raw: dict) -> str | None:
     for key, name in (("kasa_config", "KaSA"), ("use_bdlora", "BD-LoRA")):
         if is_set(raw.get(key)):
             return name
-    # lora_bias changes only biases, which live tracking leaves alone
-    return next((k for k in REFUSED if k != "lora_bias" and is_set(raw.get(k))), None)
+    return next((k for k in REFUSED if is_set(raw.get(k))), None)

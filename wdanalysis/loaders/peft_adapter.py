@@ -45,6 +45,7 @@ from wdanalysis.storage.tensor_store import TensorStore
 _ROLE_SUFFIXES = (
     (".lora_A.weight", "A"),
     (".lora_B.weight", "B"),
+    (".lora_B.bias", "bias"),  # PEFT lora_bias=True: merged into the layer's bias
     (".lora_magnitude_vector.weight", "m"),
     (".lora_magnitude_vector", "m"),
     (".weight_m_wdecomp.weight", "m"),
@@ -79,6 +80,8 @@ class AdapterModule:
     # the init changed the base: "pissa", "olora", "kasa" (wdanalysis.loaders.lora_inits)
     base_init: str | None = None
     blocks: bdlora.Blocks | None = None  # BD-LoRA: which factor is saved block-diagonal
+    # PEFT lora_bias: lora_B.bias (out,), merged by PEFT into the layer's bias only
+    lora_bias: str | None = None
 
     def merged_whole(self, axis: str, transposed: bool) -> bool:
         """Whether the engine must merge this module's whole weight with
@@ -125,7 +128,9 @@ def group_adapter_keys(
         role, name = _role_of(key)
         module = modules.setdefault(name, AdapterModule(name))
         module.embedding = module.embedding or role in ("EA", "EB")
-        if role in ("A", "EA"):
+        if role == "bias":
+            module.lora_bias = key
+        elif role in ("A", "EA"):
             module.lora_a = key
         elif role in ("B", "EB"):
             module.lora_b = key
@@ -156,10 +161,16 @@ _NAMED_ROLES = {
 }
 
 
+_NAMED_BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.[^.]+\.bias$")
+
+
 def _role_of(key: str) -> tuple[str, str]:
     for suffix, role in _ROLE_SUFFIXES:
         if key.endswith(suffix):
             return role, strip_peft_prefix(key[: -len(suffix)])
+    named_bias = _NAMED_BIAS.match(key)  # before _NAMED_ROLE, which would take it for B
+    if named_bias:
+        return "bias", strip_peft_prefix(named_bias["module"])
     named = _NAMED_ROLE.match(key)
     if named:
         return _NAMED_ROLES[named["role"]], strip_peft_prefix(named["module"])
@@ -250,6 +261,8 @@ class Adapter:
             )
             rank = check_factors(module.name, a_shape, b_shape, shape, transposed, self.path)
             module.rank, module.scaling = self.config.rank_and_scaling(module.name, rank, self.path)
+        if module.lora_bias:
+            self._check_bias(module, out_features)
         if module.magnitude:
             m_shape = self.store.shape(module.magnitude)
             if math.prod(m_shape) != out_features:
@@ -259,13 +272,26 @@ class Adapter:
                     self.path,
                     "this adapter was trained on a model of another size",
                 )
-        refuse_non_float(self.store, (module.lora_a, module.lora_b, module.magnitude), self.path)
+        pieces = (module.lora_a, module.lora_b, module.magnitude, module.lora_bias)
+        refuse_non_float(self.store, pieces, self.path)
         if module.saved_base and self.store.shape(module.saved_base) != tuple(shape):
             raise AdapterMismatchError(
                 f"{module.name}: weight_v {list(self.store.shape(module.saved_base))} does not "
                 f"match the base weight {list(shape)}",
                 self.path,
                 "this checkpoint was trained on a model of another size",
+            )
+
+    def _check_bias(self, module: AdapterModule, out_features: int) -> None:
+        """``lora_B.bias`` must be one value per output feature, beside a ``lora_B``."""
+        shape = tuple(self.store.shape(module.lora_bias))
+        if not module.lora_b or shape != (out_features,):
+            raise AdapterMismatchError(
+                f"{module.name}: lora_B.bias has shape {list(shape)}"
+                + ("" if module.lora_b else " but the module has no lora_B")
+                + f"; PEFT's lora_bias holds one value per output feature ({out_features})",
+                self.path,
+                "pass the base model this adapter was trained on, or re-save the adapter",
             )
 
     def effective_weight(self, module: AdapterModule, w0: torch.Tensor, transposed: bool):

@@ -24,15 +24,23 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.plots.kinds import identity_frame, kind_label, kinds_of, of_kind, pooled_fit
 from wdanalysis.stats.fits import drop_undefined, fit_lines, select_module, validate_deltas
+from wdanalysis.table.schema import IDENTITY_COLUMNS
 
-__all__ = ["PAPER_ORDER", "STEP_MARKERS", "order_runs", "plot_figure2", "plot_trajectories"]
+__all__ = [
+    "PAPER_ORDER",
+    "STEP_MARKERS",
+    "order_runs",
+    "plot_figure2",
+    "plot_trajectories",
+]
 
 #: Panel order of the paper; other methods follow in input order.
 PAPER_ORDER: tuple[str, ...] = ("FT", "LoRA", "DoRA")
 #: One marker per step (recycled past ten steps, with a warning).
 STEP_MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-#: Line styles that tell encoder, decoder and cross-attention weights apart.
+#: Line styles that tell kinds of matrices apart (encoder/decoder, self/cross, components).
 STACK_STYLES: tuple[str, ...] = ("-", "--", ":", "-.")
 
 X_LABEL = "ΔD (direction change)"
@@ -185,13 +193,6 @@ def _legend(figure: Figure, axes: np.ndarray, handles: list, title: str) -> None
 # --------------------------------------------------------------------------- Figure 2
 
 
-def _pooled_fit(fits: pd.DataFrame, run: str, module_rows: pd.DataFrame) -> pd.Series | None:
-    rows = fits.loc[(fits["scope"] == "pooled") & (fits["run"].astype(str) == run)]
-    if "module" in rows.columns and len(rows) > 1:
-        rows = rows.loc[rows["module"].isin(module_rows["module"].unique())]
-    return rows.iloc[0] if len(rows) else None
-
-
 def _format_r(r: float) -> str:
     return "r = n/a" if not np.isfinite(r) else f"r = {r:.2f}".replace("-", "−")
 
@@ -248,8 +249,14 @@ def plot_figure2(
     marker_size: float = 30.0,
     scientific: bool = True,
     title: str | None = None,
+    pool: bool = False,
 ) -> Figure:
     """The paper's Figure 2: ΔM against ΔD, one panel per run, with the fitted line.
+
+    Where the module comes in several kinds (T5's encoder self-, decoder self- and
+    cross-attention; SDXL's two text encoders; a UNet's ``attn1``/``attn2``), each kind has
+    its own row of panels and its own fit; ``pool=True`` draws the paper's one cloud of
+    points per run instead.
 
     Colour = layer (colourbar), marker = step (legend below the panels), black line = least
     squares ΔM-on-ΔD fit across the data's ΔD range; each panel is titled with its method
@@ -262,24 +269,26 @@ def plot_figure2(
     """
     data, order = _prepare(deltas, module, runs)
     if fits is None:
-        fits = fit_lines(data, per_step=False)
-    figure, grid = _axes_grid(1, len(order), axes, figsize, dpi, sharex, sharey)
-    panels = grid.ravel()
+        fits = fit_lines(data, per_step=False, pool=pool)
+    kinds = kinds_of(data, pool)
+    figure, grid = _axes_grid(len(kinds), len(order), axes, figsize, dpi, sharex, sharey)
     colours = _layer_colours(data, cmap)
     steps = _steps(data)
     titles = _panel_titles(data, order)
-    for ax, run in zip(panels, order, strict=True):
-        frame = data.loc[data["run"] == run]
-        fit = _pooled_fit(fits, run, frame)
-        _scatter_panel(ax, frame, steps, colours, marker_size)
-        _fit_line(ax, frame, fit)
-        r = np.nan if fit is None else float(fit["pearson_r"])
-        ax.set_title(f"{titles[run]} ({_format_r(r)})")
-        ax.set_xlabel(X_LABEL)
-        if scientific:
-            _scientific(ax)
-        ax.grid(True, lw=0.4, alpha=0.4)
-    panels[0].set_ylabel(Y_LABEL)
+    for row, kind in enumerate(kinds):
+        label = f" · {kind_label(kind)}" if kind_label(kind) else ""
+        for ax, run in zip(grid[row], order, strict=True):
+            frame = of_kind(data.loc[data["run"] == run], kind)
+            fit = pooled_fit(fits, run, frame) if len(frame) else None
+            _scatter_panel(ax, frame, steps, colours, marker_size)
+            _fit_line(ax, frame, fit)
+            r = np.nan if fit is None else float(fit["pearson_r"])
+            ax.set_title(f"{titles[run]}{label} ({_format_r(r)})")
+            ax.set_xlabel(X_LABEL)
+            if scientific:
+                _scientific(ax)
+            ax.grid(True, lw=0.4, alpha=0.4)
+        grid[row, 0].set_ylabel(Y_LABEL)
     if colours is not None:
         _colourbar(figure, grid, colours)
     handles = [
@@ -316,13 +325,14 @@ def _trajectory_lines(
     ax_m: Axes, ax_d: Axes, frame: pd.DataFrame, colours, styles: dict[str, str]
 ) -> None:
     """One line per weight matrix (parameter key, and module: the parts of a fused weight
-    share its key), coloured by its layer."""
+    share its key), coloured by its layer, styled by kind."""
     key = ["parameter", "module"] if "parameter" in frame.columns else ["layer", "module"]
+    columns = [c for c in IDENTITY_COLUMNS if c in frame.columns]
     for _, weight in frame.sort_values("step").groupby(key, sort=False, dropna=False):
         layer = pd.to_numeric(weight["layer"], errors="coerce").iloc[0]
         colour = "C0" if colours is None or pd.isna(layer) else colours[0](colours[1](layer))
-        stack = str(weight["stack"].iloc[0]) if "stack" in weight.columns else ""
-        style = {"color": colour, "ls": styles.get(stack, "-"), "lw": 1.1, "marker": "o", "ms": 2.5}
+        kind = kind_label(identity_frame(weight, columns).iloc[0].to_dict()) if columns else ""
+        style = {"color": colour, "ls": styles.get(kind, "-"), "lw": 1.1, "marker": "o", "ms": 2.5}
         ax_m.plot(weight["step"].to_numpy(float), weight["delta_m"].to_numpy(float), **style)
         ax_d.plot(weight["step"].to_numpy(float), weight["delta_d"].to_numpy(float), **style)
 
@@ -352,9 +362,10 @@ def plot_trajectories(
 ) -> Figure:
     """ΔM (top row) and ΔD (bottom row) against training step, one column per run.
 
-    Each line is one weight matrix, coloured by layer; encoder/decoder/cross-attention
-    weights differ in line style. Figure 2 collapses time into markers; this view shows
-    the dynamics (does direction change saturate while magnitude keeps growing?).
+    Each line is one weight matrix, coloured by layer; kinds of matrices (encoder/decoder,
+    self/cross-attention, pipeline components) differ in line style. Figure 2 collapses
+    time into markers; this view shows the dynamics (does direction change saturate while
+    magnitude keeps growing?).
     ``axes`` takes a 2×len(runs) grid (row-major) to draw into.
     """
     data, order = _prepare(deltas, module, runs)
@@ -362,7 +373,7 @@ def plot_trajectories(
     order = [run for run in order if (data["run"] == run).any()]
     figure, grid = _axes_grid(2, len(order), axes, figsize, dpi, sharex, sharey)
     colours = _layer_colours(data, cmap)
-    stacks = sorted(set(data["stack"].astype(str))) if "stack" in data.columns else [""]
+    stacks = sorted({kind_label(kind) for kind in kinds_of(data)})
     styles = dict(zip(stacks, _cycle(STACK_STYLES, len(stacks)), strict=True))
     titles = _panel_titles(data, order)
     for column, run in enumerate(order):
@@ -381,7 +392,7 @@ def plot_trajectories(
         _colourbar(figure, grid, colours)
     if len(stacks) > 1:
         handles = [Line2D([], [], color="0.3", ls=styles[s], label=s or "(none)") for s in stacks]
-        _legend(figure, grid, handles, title="stack")
+        _legend(figure, grid, handles, title="kind")
     if title:
         figure.suptitle(title)
     return figure

@@ -69,8 +69,12 @@ def write_report(
     sharex: bool = False,
     sharey: bool = False,
     figsize: tuple[float, float] | None = None,
+    pool: bool = False,
 ) -> ReportResult:
     """Write ``fits.csv`` and, per module, Figure 2 and the trajectory view (PNG + vector).
+
+    Fits and Figure 2 keep kinds of matrices apart (component, stack, attention kind: one
+    fit and one row of panels each); ``pool=True`` pools them as the paper's Figure 2.
 
     File names: ``figure2.png``/``.svg`` and ``trajectories.png``/``.svg`` when the table
     holds one module, ``figure2_<module>.*`` and ``trajectories_<module>.*`` when it holds
@@ -82,7 +86,7 @@ def write_report(
     validate_deltas(deltas)
     out_dir = Path(out_dir)
     data = drop_undefined(deltas)  # warns once here, not once per figure
-    fits = fit_lines(data)
+    fits = fit_lines(data, pool=pool)
     fits_csv = write_csv_atomic(fits, out_dir / "fits.csv")
     modules = list(dict.fromkeys(data["module"].astype(str)))
     several = len(modules) > 1
@@ -91,7 +95,7 @@ def write_report(
     for module in modules:
         title = f"module: {module}" if several else None
         common = {"module": module, "figsize": figsize, "title": title}
-        figure = plot_figure2(data, fits=fits, sharex=sharex, sharey=sharey, **common)
+        figure = plot_figure2(data, fits=fits, sharex=sharex, sharey=sharey, pool=pool, **common)
         paths = save_figure_pair(
             figure, out_dir, _file_stem("figure2", module, several), dpi, vector_format
         )

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.plots.figures import PAPER_ORDER
 from wdanalysis.stats.resampling import across_seed_summary
+from wdanalysis.table.schema import identity_columns
 
 __all__ = ["plot_seed_correlations"]
 
@@ -30,6 +31,13 @@ def plot_seed_correlations(
     rows = per_seed.loc[per_seed["module"].astype(str) == str(module)]
     if rows.empty:
         raise WDAnalysisError(f"no per-seed rows for module {module!r}")
+    kinds = identity_columns(rows)
+    if kinds:  # one column per method: one kind of matrix, never several pooled
+        raise WDAnalysisError(
+            f"the per-seed rows of {module!r} hold several kinds of matrices "
+            f"({', '.join(kinds)} differ)",
+            hint="pass the rows of one kind (e.g. per_seed[per_seed.attention == 'self'])",
+        )
     methods = [m for m in PAPER_ORDER if m in set(rows["method"])]
     methods += [m for m in dict.fromkeys(rows["method"]) if m not in methods]
     if ax is None:

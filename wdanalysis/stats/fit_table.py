@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.table.schema import IDENTITY_COLUMNS
 
 __all__ = ["format_fit_table"]
 
@@ -20,6 +21,12 @@ def _fmt(value: float, spec: str) -> str:
     if value is None or value is pd.NA or not np.isfinite(value):
         return "—"
     return format(value, spec).replace("-", "−")
+
+
+def _text(value) -> str:
+    """A key cell; an empty identity read back from CSV (NaN) prints as —."""
+    empty = value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+    return "—" if empty else str(value)
 
 
 def _sign_consistency(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
@@ -49,14 +56,14 @@ def format_fit_table(fits: pd.DataFrame) -> str:
             hint="pass the output of wdanalysis.stats.fit_lines",
         )
     pooled = fits.loc[fits["scope"] == "pooled"]
-    keys = [c for c in ("method", "run", "module") if c in fits.columns]
+    keys = [c for c in ("method", "run", "module", *IDENTITY_COLUMNS) if c in fits.columns]
     has_steps = bool((fits["scope"] == "step").any())
     header = [*keys, "n", "slope", "r", "ρ", "95% CI of r"]
     if has_steps:
         header.append("sign held")
     lines = []
     for _, row in pooled.iterrows():
-        cells = [str(row[key]) for key in keys]
+        cells = [_text(row[key]) for key in keys]
         ci = f"[{_fmt(row['pearson_ci_low'], '.2f')}, {_fmt(row['pearson_ci_high'], '.2f')}]"
         cells += [
             str(int(row["n"])),

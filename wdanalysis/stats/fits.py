@@ -22,13 +22,14 @@ import pandas as pd
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.table.schema import REQUIRED_COLUMNS, validate_deltas
+from wdanalysis.table.schema import REQUIRED_COLUMNS, identity_columns, validate_deltas
 
 __all__ = [
     "FIT_COLUMNS",
     "MODULE_ALIASES",
     "compare_correlations",
     "drop_undefined",
+    "fit_groups",
     "fit_lines",
     "fit_one",
     "select_module",
@@ -213,19 +214,34 @@ def _group_row(keys: dict, frame: pd.DataFrame, scope: str, step) -> dict:
     return row
 
 
+def fit_groups(deltas: pd.DataFrame, pool: bool = False) -> list[str]:
+    """The default grouping of a fit: method, run, module and the identity columns that
+    tell this table's matrices apart (component, stack, attention kind); ``pool=True``
+    leaves those out, for the paper's one cloud of points per run and module."""
+    return ["method", "run", "module", *identity_columns(deltas, pool)]
+
+
 def fit_lines(
     deltas: pd.DataFrame,
-    by: Sequence[str] = ("method", "run", "module"),
+    by: Sequence[str] | None = None,
     per_step: bool = True,
+    *,
+    pool: bool = False,
 ) -> pd.DataFrame:
     """Fit ΔM = intercept + slope·ΔD per group, pooled over layers and steps, then per step.
+
+    Groups: ``by``, else :func:`fit_groups` (method, run, module and, where the table holds
+    several kinds of matrix, component, stack and attention kind: T5's encoder self-,
+    decoder self- and cross-attention get a fit each). ``pool=True`` pools the kinds of
+    one module into one fit, as the paper's Figure 2 does.
 
     Returns one tidy row per fit: ``scope="pooled"`` rows (``step`` is <NA>) are the
     paper's numbers; ``scope="step"`` rows (one per known step) show whether the slope's
     sign holds at every step. Rows with NaN ΔM/ΔD are dropped with a warning. Groups keep
     the input order, so FT/LoRA/DoRA come out as the user listed them.
     """
-    by = list(by)
+    validate_deltas(deltas)
+    by = list(by) if by is not None else fit_groups(deltas, pool)
     validate_deltas(deltas, required=[*REQUIRED_COLUMNS, *by])
     clean = drop_undefined(deltas)
     rows = []
@@ -244,12 +260,12 @@ def fit_lines(
 # --------------------------------------------------------------------------- comparisons
 
 
-def _pooled_fits(data: pd.DataFrame, module: str | None) -> pd.DataFrame:
+def _pooled_fits(data: pd.DataFrame, module: str | None, pool: bool) -> pd.DataFrame:
     """Pooled fit rows from either a fits table or a deltas table, for one module."""
     if "pearson_r" in data.columns and "scope" in data.columns:
         fits = data.loc[data["scope"] == "pooled"]
     else:
-        fits = fit_lines(data, per_step=False)
+        fits = fit_lines(data, per_step=False, pool=pool)
     if "module" in fits.columns:
         fits = select_module(fits, module)
     return fits
@@ -262,6 +278,12 @@ def _find_run(fits: pd.DataFrame, name: str) -> pd.Series:
             hit = fits.loc[fits[column].astype(str) == str(name)]
             if len(hit) == 1:
                 return hit.iloc[0]
+            kinds = [c for c in identity_columns(hit) if c in hit.columns]
+            if len(hit) > 1 and kinds:
+                raise WDAnalysisError(
+                    f"{name!r} has {len(hit)} kinds of matrices ({', '.join(kinds)} differ)",
+                    hint="select the rows of one kind first, or pass pool=True to pool them",
+                )
             if len(hit) > 1:
                 raise WDAnalysisError(
                     f"{name!r} matches {len(hit)} rows by {column}; name a single run",
@@ -276,6 +298,8 @@ def compare_correlations(
     run_a: str,
     run_b: str,
     module: str | None = None,
+    *,
+    pool: bool = False,
 ) -> pd.Series:
     """Fisher z test that two runs' pooled ΔM–ΔD correlations differ (e.g. FT vs LoRA).
 
@@ -286,7 +310,7 @@ def compare_correlations(
     :func:`wdanalysis.stats.resampling.layer_permutation_test`, which swaps whole layers and
     holds its level under that structure; this test remains for runs on different models.
     """
-    fits = _pooled_fits(data, module)
+    fits = _pooled_fits(data, module, pool)
     a, b = _find_run(fits, run_a), _find_run(fits, run_b)
     r_a, r_b, n_a, n_b = float(a["pearson_r"]), float(b["pearson_r"]), int(a["n"]), int(b["n"])
     result = {

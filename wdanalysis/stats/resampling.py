@@ -29,7 +29,8 @@ import pandas as pd
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.stats.fits import drop_undefined, validate_deltas
+from wdanalysis.stats.fits import drop_undefined, fit_groups, validate_deltas
+from wdanalysis.table.schema import identity_columns
 
 __all__ = [
     "across_seed_summary",
@@ -39,7 +40,7 @@ __all__ = [
     "within_step_correlation",
 ]
 
-GROUP = ("method", "run", "module")
+GROUP = ("method", "run", "module")  # and the identity columns a table's kinds differ in
 CLUSTER = "parameter"  # one matrix = one layer of one module (encoder and decoder apart)
 
 
@@ -66,14 +67,16 @@ def _slope_r(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return slope, np.clip(r, -1.0, 1.0)
 
 
-def _groups(deltas: pd.DataFrame, by: Sequence[str]):
+def _groups(deltas: pd.DataFrame, by: Sequence[str] | None):
+    validate_deltas(deltas, required=("delta_m", "delta_d"))  # a frame, before its columns
+    by = fit_groups(deltas) if by is None else list(by)  # kinds apart, as fit_lines
     validate_deltas(deltas, required=[*by, "step", CLUSTER, "delta_m", "delta_d"])
     clean = drop_undefined(deltas)
     for key, group in clean.groupby(list(by), sort=False, dropna=False):
         yield dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)), group
 
 
-def within_step_correlation(deltas: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
+def within_step_correlation(deltas: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
     """Pearson r and slope of ΔM on ΔD after centring both per step (the pooled within-step
     association; steps with a single layer carry no within-step information and drop out)."""
     rows = []
@@ -102,7 +105,7 @@ def cluster_bootstrap(
     n_boot: int = 2000,
     level: float = 0.95,
     seed: int = 0,
-    by: Sequence[str] = GROUP,
+    by: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Percentile intervals for the pooled slope and r, resampling whole layers.
 
@@ -217,7 +220,7 @@ def design_statistics(deltas: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -
     """Within-step r and the cluster-bootstrap intervals, one row per run and module."""
     within = within_step_correlation(deltas)
     boot = cluster_bootstrap(deltas, n_boot=n_boot, seed=seed)
-    return within.merge(boot, on=list(GROUP), how="outer")
+    return within.merge(boot, on=fit_groups(deltas), how="outer")
 
 
 def across_seed_summary(
@@ -229,7 +232,9 @@ def across_seed_summary(
     [-1, 1] for correlations; with K seeds it has K − 1 degrees of freedom (wide for K=3).
     """
     rows = []
-    for (method, module), group in per_seed.groupby(["method", "module"], sort=False):
+    kinds = identity_columns(per_seed)  # seeds of one kind of matrix, never pooled across
+    for key, group in per_seed.groupby(["method", "module", *kinds], sort=False, dropna=False):
+        method, module = key[0], key[1]
         values = group[value].dropna().to_numpy(np.float64)
         k = len(values)
         mean = float(values.mean()) if k else math.nan
@@ -244,6 +249,7 @@ def across_seed_summary(
             {
                 "method": method,
                 "module": module,
+                **dict(zip(kinds, key[2:], strict=True)),
                 "n_seeds": k,
                 f"{value}_mean": mean,
                 f"{value}_ci_low": low,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -34,10 +34,11 @@ from wdanalysis.loaders.runs import (
     refuse_quantized,
 )
 from wdanalysis.table.schema import COLUMNS, deltas_row
-from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
+from wdanalysis.weights.bound_checkpoint import BoundCheckpoint, vocabulary_rows_added
 from wdanalysis.weights.fused import fused_layouts
+from wdanalysis.weights.identity import identity_namer
 from wdanalysis.weights.layout import stored_transposed
-from wdanalysis.weights.selection import describe_weight, select_targets
+from wdanalysis.weights.selection import select_targets
 
 RunsArg = str | Path | Sequence[str | Path] | Mapping[str, str | Path]
 
@@ -137,11 +138,14 @@ def plan_comparison(
     fused = fused_layouts(base_model.path, shapes, transposed)
     selected, parts = select_targets(shapes, modules, str(base), fused)
     _check_base_dtypes(base_model, selected)
+    for key in selected:  # an undecidable layout is refused now, not mid-computation
+        transposed(key)
     bound = [
         _bind(run, ckpt, shapes, selected, aligner, transposed)
         for run in run_list
         for ckpt in run.checkpoints
     ]
+    _warn_rows_added(bound, selected, shapes)
     return ComparisonPlan(
         base_model, run_list, list(selected), bound, axis, transposed, shapes, parts
     )
@@ -242,10 +246,46 @@ def _dtype_name(dtype) -> str:
 def _bind(run, ckpt, shapes, selected, aligner: KeyAligner, transposed):
     if isinstance(ckpt, AdapterCheckpoint):
         keys = ckpt.adapter.bind(aligner, shapes, transposed)
+        added = {
+            key: n
+            for key, module in keys.items()
+            if module.replacement and not (module.lora_b or module.magnitude)
+            for n in [vocabulary_rows_added(key, shapes[key], _saved_shape(ckpt, module))]
+            if n
+        }
     else:
         keys = _bind_full(ckpt, selected, aligner, shapes)
+        added = {
+            key: n
+            for key in selected
+            for n in [vocabulary_rows_added(key, shapes[key], ckpt.store.shape(keys[key]))]
+            if n
+        }
     method = run.label or ckpt.method
-    return BoundCheckpoint(run, ckpt, method, keys)
+    return BoundCheckpoint(run, ckpt, method, keys, added)
+
+
+def _saved_shape(ckpt: AdapterCheckpoint, module) -> tuple[int, ...]:
+    return tuple(ckpt.adapter.store.shape(module.replacement))
+
+
+def _warn_rows_added(bound: list[BoundCheckpoint], selected, shapes) -> None:
+    """One warning per run whose vocabulary was resized (added tokens)."""
+    chosen = set(selected)
+    by_run: dict[str, dict[str, int]] = {}
+    for item in bound:
+        for key, n in item.rows_added.items():
+            if key in chosen:
+                by_run.setdefault(item.run.name, {})[key] = n
+    for run, added in by_run.items():
+        what = ", ".join(f"{key} +{n}" for key, n in added.items())
+        warnings.warn(
+            f"run {run}: rows beyond the base's in {what} (a vocabulary resized for added "
+            "tokens): ΔM/ΔD compare the base's rows only; the column rows_added counts "
+            "the rows left out",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
@@ -260,7 +300,8 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
             "pass the base model this run was fine-tuned from",
         )
     for key in selected:
-        if ckpt.store.shape(mapping[key]) != tuple(shapes[key]):
+        shape = ckpt.store.shape(mapping[key])
+        if shape != tuple(shapes[key]) and not vocabulary_rows_added(key, shapes[key], shape):
             raise AdapterMismatchError(
                 f"weight {mapping[key]!r} has shape {list(ckpt.store.shape(mapping[key]))} "
                 f"but the base has {list(shapes[key])}: base and checkpoint come from "
@@ -296,12 +337,13 @@ def _compute(
         disable=not progress,
         leave=False,
     )
-    names = {}
+    name_of = identity_namer(base)
 
     def on_result(key, item, change):
         if change is not None:
-            at = (key, change.part)
-            name = names.get(at) or names.setdefault(at, describe_weight(key, change.part))
+            name = name_of(key)
+            if change.part is not None:  # a part of a fused weight: q_proj, k_proj, …
+                name = replace(name, module=change.part)
             rows.append(_row(item, name, axis, change))
         bar.update()
 
@@ -320,6 +362,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
         axis,
         change,
         checkpoint=str(item.checkpoint.path),
+        rows_added=item.rows_added.get(name.parameter, 0),
     )
 
 
@@ -329,7 +372,7 @@ def _table(rows: list[dict], runs: list[Run]) -> pd.DataFrame:
     table["layer"] = table["layer"].astype("Int64")
     order = {run.name: i for i, run in enumerate(runs)}
     table = table.sort_values(
-        by=["run", "step", "stack", "layer", "module"],
+        by=["run", "step", "component", "stack", "attention", "layer", "module"],
         key=lambda col: col.map(order) if col.name == "run" else col,
         kind="stable",
     ).reset_index(drop=True)

@@ -47,7 +47,9 @@ def _describe_full(ckpt: FullModel) -> dict:
         "tensors": len(shapes),
         "parameters": sum(math.prod(s) for s in shapes.values()),
         "model_type": ckpt.model_type,
-        "layout": "Conv1D (in, out)" if ckpt.conv1d_layout() else "Linear (out, in)",
+        "layout": {True: "Conv1D (in, out)", False: "Linear (out, in)"}.get(
+            ckpt.conv1d_layout(), "undecided: c_* weights as Conv1D or Linear (no config.json)"
+        ),
         "default_modules": sorted(names),
         "default_weights": sum(len(parts.get(k, [k])) for k in selected),
         **({"notes": [_OPENCLIP_NOTE]} if fused else {}),

@@ -13,8 +13,24 @@ from pathlib import Path
 import pandas as pd
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.weights.identity import IDENTITY_COLUMNS
 
-__all__ = ["COLUMNS", "REQUIRED_COLUMNS", "deltas_row", "read_table", "validate_deltas"]
+__all__ = [
+    "COLUMNS",
+    "IDENTITY_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "SCHEMA_VERSION",
+    "as_text",
+    "deltas_row",
+    "identity_columns",
+    "read_table",
+    "upgrade_table",
+    "validate_deltas",
+]
+
+#: 2: ``component`` and ``attention`` beside ``stack`` (which no longer holds "cross"),
+#: ``rows_added``. Tables of version 1 lack them and read as if they were empty / 0.
+SCHEMA_VERSION = 2
 
 COLUMNS = [
     "method",
@@ -23,14 +39,19 @@ COLUMNS = [
     "layer",
     "module",
     "parameter",
+    "component",
     "stack",
+    "attention",
     "axis",
     "delta_m",
     "delta_d",
     "n_vectors",
     "zero_norm_vectors",
+    "rows_added",
     "checkpoint",
 ]
+# Added in schema version 2, with the value an older table means.
+_ADDED_IN_2 = {"component": "", "attention": "", "rows_added": 0}
 #: Columns every statistic needs; the rest of the deltas table is carried along unused.
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "method",
@@ -43,8 +64,14 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 
 
-def deltas_row(method: str, run: str, step, name, axis: str, change, checkpoint: str = "") -> dict:
-    """One row of the deltas table (``COLUMNS``); shared by ``compare`` and live tracking."""
+def deltas_row(
+    method: str, run: str, step, name, axis: str, change, checkpoint: str = "", rows_added: int = 0
+) -> dict:
+    """One row of the deltas table (``COLUMNS``); shared by ``compare`` and live tracking.
+
+    ``rows_added``: rows of the checkpoint's matrix beyond the base's (a vocabulary resized
+    for added tokens), left out of ΔM/ΔD.
+    """
     return {
         "method": method,
         "run": run,
@@ -52,14 +79,39 @@ def deltas_row(method: str, run: str, step, name, axis: str, change, checkpoint:
         "layer": name.layer,
         "module": name.module,
         "parameter": name.parameter,
+        "component": getattr(name, "component", ""),
         "stack": name.stack,
+        "attention": getattr(name, "attention", ""),
         "axis": axis,
         "delta_m": change.delta_m,
         "delta_d": change.delta_d,
         "n_vectors": change.n_vectors,
         "zero_norm_vectors": change.zero_norm_vectors,
+        "rows_added": rows_added,
         "checkpoint": checkpoint,
     }
+
+
+def upgrade_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A table of an older schema with the columns added since, as an older table means
+    them (no component, no attention kind, no added rows)."""
+    missing = {c: v for c, v in _ADDED_IN_2.items() if c not in table.columns}
+    return table.assign(**missing) if missing else table
+
+
+def as_text(column: pd.Series) -> pd.Series:
+    """An identity column as strings, an empty cell (NaN once read back from CSV) as ""."""
+    return column.astype(object).where(column.notna(), "").astype(str)
+
+
+def identity_columns(deltas: pd.DataFrame, pool: bool = False) -> list[str]:
+    """The identity columns (``IDENTITY_COLUMNS``) that tell this table's matrices apart
+    (more than one value): what fits and figures group by besides run and module, unless
+    ``pool`` asks for one cloud of points per run and module (the paper's Figure 2). A
+    column with one value (BERT's ``stack`` is always ``encoder``) would not split a group."""
+    if pool:
+        return []
+    return [c for c in IDENTITY_COLUMNS if c in deltas.columns and as_text(deltas[c]).nunique() > 1]
 
 
 def validate_deltas(deltas: pd.DataFrame, required: Sequence[str] = REQUIRED_COLUMNS) -> None:
@@ -117,4 +169,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     for column in ("step", "layer"):
         if column in table:
             table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    table = upgrade_table(table)
+    for column in IDENTITY_COLUMNS:  # empty cells come back as NaN: keep them empty strings
+        if column in table:
+            table[column] = as_text(table[column])
     return table

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -39,8 +40,9 @@ from wdanalysis.loaders.runs import Run, aligner_for, open_base, refuse_quantize
 from wdanalysis.storage.atomic_write import atomic_path
 from wdanalysis.table.schema import COLUMNS, deltas_row
 from wdanalysis.weights.fused import fused_layouts
+from wdanalysis.weights.identity import identity_namer
 from wdanalysis.weights.layout import stored_transposed
-from wdanalysis.weights.selection import describe_weight, select_targets
+from wdanalysis.weights.selection import select_targets
 
 TRACKING_BUDGET = 32 << 20  # bytes of base blocks in flight (FT): small beside a model
 
@@ -118,6 +120,7 @@ class Tracker:
                 "delete it, choose another out, or resume the earlier run",
             )
         self.live, self.selected, self.active = live, selected, True
+        self.name_of = identity_namer(base)
 
     # -- each step ------------------------------------------------------------------
 
@@ -153,12 +156,13 @@ class Tracker:
                 # the failure the engine keeps for its one checkpoint, rather than read the
                 # base for every weight still to come.
                 raise engine.failures[0]
-            rows.append(_row(live, key, step, self.axis, change))
+            rows.append(_row(live, self.name_of(key), step, self.axis, change))
 
         with torch.no_grad():
             engine.run(list(self.selected), on_result)
         table = pd.DataFrame(rows, columns=COLUMNS)
-        return table.sort_values(["stack", "layer", "module"], kind="stable")
+        order = ["component", "stack", "attention", "layer", "module"]
+        return table.sort_values(order, kind="stable")
 
     def hook(self, last_step: int):
         """``on_step(step, model)`` for :func:`wdanalysis.train.train`.
@@ -191,9 +195,10 @@ class Tracker:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _row(live: LiveModel, key: str, step: int, axis: str, change) -> dict:
+def _row(live: LiveModel, name, step: int, axis: str, change) -> dict:
     # live: no checkpoint file behind the row
-    name = describe_weight(key, change.part)
+    if change.part is not None:  # a part of a fused weight: q_proj, k_proj, …
+        name = replace(name, module=change.part)
     return deltas_row(live.method, live.bound.run.name, step, name, axis, change)
 
 

@@ -24,7 +24,6 @@ FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "W_pa
 # Leaf names that only mean "attention projection" inside an attention block.
 _SHORT_NAMES = {"q", "v", "wq", "wv", "qkv"}
 _ATTENTION_HINT = re.compile(r"attn|attention", re.IGNORECASE)
-_CROSS_ATTENTION = re.compile(r"encoder_attn|EncDecAttention|crossattention|cross_attn", re.I)
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,9 @@ class WeightName:
     parameter: str  # the base model's key, e.g. model.layers.3.self_attn.q_proj.weight
     module: str  # leaf module name, e.g. q_proj
     layer: int | None  # block index
-    stack: str  # encoder | decoder | cross | "" (single-stack models)
+    stack: str  # encoder | decoder | "" (see wdanalysis.weights.identity)
+    component: str = ""  # pipeline component: unet, text_encoder, text_encoder_2, …
+    attention: str = ""  # self | cross | "" (models with one kind of attention)
 
 
 def module_path(key: str) -> str:
@@ -42,29 +43,10 @@ def module_path(key: str) -> str:
     return key[: -len(".weight")] if key.endswith(".weight") else key
 
 
-def describe_weight(key: str, part: str | None = None) -> WeightName:
-    """The table's name of ``key``, or of its ``part`` (``q_proj``) when it is fused."""
-    path = module_path(key)
-    parts = path.split(".")
-    layer = next((int(p) for p in parts if p.isdigit()), None)
-    return WeightName(key, part or parts[-1], layer, _stack(path))
-
-
 def part_key(key: str, part: Part) -> str:
     """The key the part would have unfused: ``a.attn.c_attn.weight`` → ``a.attn.q_proj.weight``."""
     head = module_path(key).rpartition(".")[0]
     return f"{head}.{part.name}.weight" if head else f"{part.name}.weight"
-
-
-def _stack(path: str) -> str:
-    if _CROSS_ATTENTION.search(path):
-        return "cross"
-    lowered = path.lower()
-    if "decoder" in lowered:
-        return "decoder"
-    if "encoder" in lowered:
-        return "encoder"
-    return ""
 
 
 def _is_candidate(key: str, shape: Sequence[int]) -> bool:
