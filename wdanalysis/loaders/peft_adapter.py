@@ -73,15 +73,13 @@ class AdapterModule:
     rank: int | None = None
     scaling: float = 1.0
     embedding: bool = False  # an nn.Embedding: stored (in, out), update (B@A)ᵀ
-    # PEFT trainable tokens (:mod:`wdanalysis.loaders.trainable_tokens`)
-    token_rows: str | None = None
+    token_rows: str | None = None  # PEFT trainable tokens (wdanalysis.loaders.trainable_tokens)
     token_indices: tuple[int, ...] = ()
     diag: str | None = None  # KaSA's lora_diag
     # the init changed the base: "pissa", "olora", "kasa" (wdanalysis.loaders.lora_inits)
     base_init: str | None = None
     blocks: bdlora.Blocks | None = None  # BD-LoRA: which factor is saved block-diagonal
-    # PEFT lora_bias: lora_B.bias (out,), merged by PEFT into the layer's bias only
-    lora_bias: str | None = None
+    lora_bias: str | None = None  # PEFT lora_B.bias (out,): merged into the bias only
 
     def merged_whole(self, axis: str, transposed: bool) -> bool:
         """Whether the engine must merge this module's whole weight with
