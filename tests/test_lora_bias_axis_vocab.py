@@ -118,11 +118,21 @@ def gpt2(seed: int = 0):
     return _init(transformers.GPT2LMHeadModel(config), seed)
 
 
+# q | k | v of c_attn: GPT-BigCode (multi-query) rows of the (48, 32) nn.Linear, GPT-2
+# columns of the (32, 96) Conv1D, as each model's forward splits them
+_PARTS = {
+    "gpt_bigcode": {"q_proj": slice(0, 32), "k_proj": slice(32, 40), "v_proj": slice(40, 48)},
+    "gpt2": {"q_proj": slice(0, 32), "k_proj": slice(32, 64), "v_proj": slice(64, 96)},
+}
+
+
 @pytest.mark.parametrize("config", [True, False], ids=["config", "no-config"])
 @pytest.mark.parametrize("kind", ["gpt_bigcode", "gpt2"])
 def test_c_attn_axis_from_model_type_or_shapes(tmp_path, kind, config):
-    """GPT-BigCode's c_attn is an nn.Linear (48, 32) (q | one k head | one v head); GPT-2's
-    a Conv1D (32, 96). --axis out = one vector per output feature in both."""
+    """GPT-BigCode's c_attn/c_fc are nn.Linear ((48, 32), (128, 32)); GPT-2's are Conv1D
+    ((32, 96), (32, 128)). --axis out = one vector per output feature in both. Without
+    config.json the shapes decide the layout, and c_attn (whose head counts are then
+    unknown) is refused rather than averaged over q, k and v."""
     model = bigcode(2) if kind == "gpt_bigcode" else gpt2(2)
     state = save_model(model, tmp_path / "base", config=model.config if config else None)
     if not config:
@@ -130,45 +140,62 @@ def test_c_attn_axis_from_model_type_or_shapes(tmp_path, kind, config):
     ft = finetuned(state, seed=3)
     save_model(ft, tmp_path / "ft")
     keys = [k for k in state if k.endswith("attn.c_attn.weight")]
+    fc = [k for k in state if k.endswith("mlp.c_fc.weight")]
     linear = kind == "gpt_bigcode"
     assert all(state[k].shape == ((48, 32) if linear else (32, 96)) for k in keys)
 
-    table = compare(tmp_path / "base", tmp_path / "ft", modules=["c_attn", "c_fc"])
+    table = compare(
+        tmp_path / "base", tmp_path / "ft", modules=["c_attn", "c_fc"] if config else ["c_fc"]
+    )
 
     expected = {
-        (None, None, k): reference_delta(state[k], ft[k], transposed=not linear)
-        for k in state
-        if k.endswith(("c_attn.weight", "c_fc.weight"))
+        (None, None, k): reference_delta(state[k], ft[k], transposed=not linear) for k in fc
     }
-    assert check_table(table, expected) == 4
-    wrong = reference_delta(state[keys[0]], ft[keys[0]], transposed=linear)
-    assert abs(table.loc[table["parameter"] == keys[0], "delta_m"].iloc[0] - wrong[0]) > 1e-6
+    assert check_table(table, expected) == 2
+    wrong = reference_delta(state[fc[0]], ft[fc[0]], transposed=linear)
+    assert abs(table.loc[table["parameter"] == fc[0], "delta_m"].iloc[0] - wrong[0]) > 1e-6
+    if not config:
+        with pytest.raises(wdanalysis.WDAnalysisError, match="no config.json"):
+            compare(tmp_path / "base", tmp_path / "ft", modules=["c_attn"])
+        return
+    for key in keys:
+        for name, cut in _PARTS[kind].items():
+            a, b = (
+                (state[key][cut], ft[key][cut]) if linear else (state[key][:, cut], ft[key][:, cut])
+            )
+            delta_m, delta_d = reference_delta(a, b, transposed=not linear)
+            row = table[(table["parameter"] == key) & (table["module"] == name)]
+            assert len(row) == 1
+            assert row["delta_m"].iloc[0] == pytest.approx(delta_m, rel=1e-9)
+            assert row["delta_d"].iloc[0] == pytest.approx(delta_d, rel=1e-9)
+    assert len(table) == 2 + 3 * len(keys)
 
 
-def test_peft_lora_on_bigcode_c_attn_without_config(tmp_path):
+def test_peft_lora_on_bigcode_without_config(tmp_path):
+    """No config.json: a LoRA on GPT-BigCode's (128, 32) nn.Linear c_fc is read as Linear."""
     model = bigcode(4)
     state = save_model(model, tmp_path / "base", config=None)
     (tmp_path / "base" / "config.json").unlink(missing_ok=True)
     merged = make_peft_adapter(model, tmp_path / "lora", seed=6, r=4, lora_alpha=8,
-                               target_modules=["c_attn"])  # fmt: skip
+                               target_modules=["c_fc"])  # fmt: skip
 
-    table = compare(tmp_path / "base", tmp_path / "lora", modules=["c_attn"])
+    table = compare(tmp_path / "base", tmp_path / "lora", modules=["c_fc"])
 
-    keys = [k for k in state if k.endswith("c_attn.weight")]
+    keys = [k for k in state if k.endswith("c_fc.weight")]
     expected = {(None, None, k): reference_delta(state[k], merged[k]) for k in keys}
     assert check_table(table, expected) == 2
 
 
 def test_undecidable_c_attn_layout_is_refused_in_one_line(tmp_path):
-    """No config.json and square c_attn/c_fc: Conv1D and Linear cannot be told apart."""
+    """No config.json and square c_fc: Conv1D and Linear cannot be told apart."""
     gen = torch.Generator().manual_seed(0)
-    state = {f"h.{i}.attn.c_attn.weight": torch.randn(8, 8, generator=gen) for i in range(2)}
+    state = {f"h.{i}.mlp.c_fc.weight": torch.randn(8, 8, generator=gen) for i in range(2)}
     save_model(state, tmp_path / "base")
     save_model(finetuned(state, seed=1), tmp_path / "ft")
     with pytest.raises(CheckpointFormatError, match="cannot tell whether") as error:
-        compare(tmp_path / "base", tmp_path / "ft", modules=["c_attn"])
+        compare(tmp_path / "base", tmp_path / "ft", modules=["c_fc"])
     assert "\n" not in str(error.value) and "--fan-in-fan-out" in str(error.value)
-    table = compare(tmp_path / "base", tmp_path / "ft", modules=["c_attn"], fan_in_fan_out=False)
+    table = compare(tmp_path / "base", tmp_path / "ft", modules=["c_fc"], fan_in_fan_out=False)
     assert len(table) == 2
 
 
