@@ -110,13 +110,14 @@ def run_compare(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except PartialResultError as partial:
-        return _write_partial(partial, args.out)
+        return _write_partial(partial, args.out, args)
     except WDAnalysisError as error:
         hint = f"{error.hint}; nothing was written" if error.hint else "nothing was written"
         raise WDAnalysisError(error.problem, error.path, hint) from None
     path = write_csv_atomic(deltas, args.out / "deltas.csv")
+    record = _write_record(args, deltas)
     print(summarize(deltas))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path}\nwrote {record} (backend: {deltas.attrs.get('backend')})")
     if not args.no_figures:
         from wdanalysis.plots.report import write_report
 
@@ -158,8 +159,18 @@ def _check_out_folder(out: Path) -> None:
         raise WDAnalysisError("the output folder is not writable", out, "choose another --out")
 
 
-def _write_partial(partial: PartialResultError, out: Path) -> int:
+def _write_record(args: argparse.Namespace, table: pd.DataFrame) -> Path:
+    """``run.json`` beside ``deltas.csv``: the backend that ran and the options."""
+    from wdanalysis.cli.entry_point import version
+    from wdanalysis.table.run_record import write_run_record
+
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    return write_run_record(args.out, table, options, version())
+
+
+def _write_partial(partial: PartialResultError, out: Path, args: argparse.Namespace) -> int:
     path = write_csv_atomic(partial.table, out / "deltas.csv")
+    _write_record(args, partial.table)
     print(summarize(partial.table))
     for run, step, error in partial.failures:
         where = run if step is None else f"{run} step {step}"

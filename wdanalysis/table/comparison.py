@@ -91,7 +91,9 @@ def compare(
         thread beside the reader thread). ``None``: 2 where there are 2 or more cores, which
         kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did not.
 
-    Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight).
+    Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
+    ``table.attrs["backend"]`` says which backend computed the sums (the fused C kernel and
+    its file, or torch and why), as ``run.json`` beside ``deltas.csv`` records it.
     """
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
@@ -113,18 +115,18 @@ def compare(
     ]
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
-    rows, errors = _compute(
+    rows, errors, backend = _compute(
         base_model, selected, bound, axis, transposed, progress, device, workers
     )
     failed = [(bound[index], errors[index]) for index in sorted(errors)]  # in bound order
     if not failed:
-        return _table(rows, run_list)
+        return _table(rows, run_list, backend)
     if len(failed) == len(bound):
         raise failed[0][1]
     dropped = {(item.run.name, str(item.checkpoint.path)) for item, _ in failed}
     rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
     failures = [(item.run.name, item.checkpoint.step, error) for item, error in failed]
-    raise PartialResultError(_table(rows, run_list), failures, len(bound))
+    raise PartialResultError(_table(rows, run_list, backend), failures, len(bound))
 
 
 def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
@@ -209,10 +211,11 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
 
 def _compute(
     base, selected, bound, axis, transposed, progress, device="cpu", workers=1
-) -> tuple[list[dict], dict[int, WDAnalysisError]]:
+) -> tuple[list[dict], dict[int, WDAnalysisError], str]:
     """Stream every selected weight through every checkpoint (:mod:`wdanalysis.engine.streaming`).
 
-    Returns the rows and the failures by position in ``bound``: a checkpoint whose own data
+    Returns the rows, the failures by position in ``bound`` and the backend that ran
+    (:meth:`Engine.describe_backend`): a checkpoint whose own data
     fails (unreadable, NaN/Inf) is skipped from then on; a failure of the base stops the
     analysis.
     """
@@ -235,7 +238,7 @@ def _compute(
     with bar:
         engine = Engine(base, bound, axis, transposed, device, workers)
         errors = engine.run(list(selected), on_result)
-    return rows, errors
+    return rows, errors, engine.describe_backend()
 
 
 def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
@@ -250,7 +253,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
     )
 
 
-def _table(rows: list[dict], runs: list[Run]) -> pd.DataFrame:
+def _table(rows: list[dict], runs: list[Run], backend: str) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["step"] = table["step"].astype("Int64")
     table["layer"] = table["layer"].astype("Int64")
@@ -260,6 +263,7 @@ def _table(rows: list[dict], runs: list[Run]) -> pd.DataFrame:
         key=lambda col: col.map(order) if col.name == "run" else col,
         kind="stable",
     ).reset_index(drop=True)
+    table.attrs["backend"] = backend
     _warn_zero_norms(table)
     return table
 
