@@ -8,6 +8,7 @@ one checkpoint matrix at a time and the base is never re-read per checkpoint.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -97,6 +98,7 @@ def compare(
     """
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
+    _check_options(modules, workers)
     run_list = _open_runs(runs, labels)
     if is_auto(base):
         base = base_named_by(run_list)
@@ -127,6 +129,22 @@ def compare(
     rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
     failures = [(item.run.name, item.checkpoint.step, error) for item, error in failed]
     raise PartialResultError(_table(rows, run_list, backend), failures, len(bound))
+
+
+def _check_options(modules: Sequence[str] | None, workers: int | None) -> None:
+    """Bad options fail at once, in one line (not as a traceback after reading headers)."""
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise WDAnalysisError(f"workers must be a positive integer, got {workers!r}")
+    for name in modules or ():
+        try:
+            re.compile(name)
+        except re.error as error:
+            if any(ch in name for ch in "*[]()|+?\\^$"):  # else a plain name: never compiled
+                raise WDAnalysisError(
+                    f"--modules {name!r} is not a valid regular expression: {error}"
+                ) from None
 
 
 def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
