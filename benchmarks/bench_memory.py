@@ -13,7 +13,10 @@ adapter (LoRA r = 16 on q/v, ``lm_head`` in ``modules_to_save``: 1.05 GB of it).
 runs ``compare`` on every one of these weights in a fresh subprocess, whose peak RSS is its
 ``VmHWM`` (``ru_maxrss`` alike; anonymous and file-backed RSS sampled every 20 ms as in
 ``bench_streaming.py``): FT alone, the adapter alone, both together. The goal is < 1 GiB,
-as for everything else the engine streams. Results: ``benchmarks/results/bench_memory.json``.
+as for everything else the engine streams. Two more cases compare a full fine-tuned
+mixture-of-experts stack ``(8, 11008, 4096)`` (one stored row per expert: 361 MB in
+float64) with its base, with the fused kernel and with the torch path.
+Results: ``benchmarks/results/bench_memory.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ SHAPES = {
     "model.layers.0.mlp.down_proj.weight": (4096, 11008),
 }
 MODULES = ["lm_head", "q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
-CASES = {"ft": ["ft"], "adapter": ["adapter"], "ft+adapter": ["ft", "adapter"]}
+CASES = {
+    "ft": ["ft"],
+    "adapter": ["adapter"],
+    "ft+adapter": ["ft", "adapter"],
+    "ft experts": ["ft-experts"],
+    "ft experts, torch path": ["ft-experts"],  # WDANALYSIS_NO_CKERNEL=1: float64 torch sums
+}
+EXPERTS = ("model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight", (8, 11008, 4096))
 RANK = 16
 
 
@@ -56,6 +66,11 @@ def _moved(shape, seed: int) -> torch.Tensor:
 
 def generate(work: Path) -> None:
     """The base, the FT checkpoint and the adapter (skipped when already there)."""
+    if not (work / "ft-experts" / "model.safetensors").is_file():
+        for name, make in (("base-experts", _randn), ("ft-experts", _moved)):
+            key, shape = EXPERTS
+            items = [(key, shape, torch.bfloat16, lambda f=make: f(EXPERTS[1], 50))]
+            write_safetensors(work / name / "model.safetensors", items)
     if (work / "adapter" / "adapter_model.safetensors").is_file():
         return
     config = json.dumps({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 1})
@@ -109,7 +124,13 @@ def run_child(work: Path, case: str) -> None:
 
     sampler = RssSampler()
     start = time.perf_counter()
-    table = compare(work / "base", [work / r for r in CASES[case]], modules=MODULES, progress=False)
+    experts = case.startswith("ft experts")
+    table = compare(
+        work / ("base-experts" if experts else "base"),
+        [work / r for r in CASES[case]],
+        modules=["gate_proj"] if experts else MODULES,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     peak = sampler.stop()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -125,6 +146,8 @@ def run_child(work: Path, case: str) -> None:
 
 def measure(work: Path, case: str, pythonpath: str) -> dict:
     env = {**os.environ, "PYTHONPATH": pythonpath}
+    if "torch path" in case:
+        env["WDANALYSIS_NO_CKERNEL"] = "1"
     cmd = [sys.executable, __file__, "--child", case, "--workdir", str(work)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -151,7 +174,7 @@ def main() -> None:
             res = results[tree][case] = measure(args.workdir, case, path)
             peak = res.get("VmHWM")
             text = f"{peak / 2**20:7.0f} MiB peak RSS, {res['seconds']:.1f} s" if peak else res
-            print(f"{tree:<14} {case:<11} {text}")
+            print(f"{tree:<14} {case:<23} {text}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")
