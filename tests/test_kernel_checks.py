@@ -100,3 +100,14 @@ def test_no_ckernel_is_quiet_and_recorded(fresh_kernel, monkeypatch, caplog):
         assert kernel.load() is None
     assert not caplog.records
     assert "WDANALYSIS_NO_CKERNEL" in kernel.describe()
+
+
+@needs_kernel
+def test_failed_build_falls_back_and_says_why(fresh_kernel, monkeypatch, caplog):
+    monkeypatch.setenv("WDANALYSIS_CFLAGS", "-fno-such-flag-wdanalysis")
+    with caplog.at_level(logging.WARNING, logger=kernel.__name__):
+        assert kernel.load() is None
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "compiling" in said[0]
+    assert "building it with" in said[1] and "torch" in said[1]
+    assert "no-such-flag" in kernel.describe()

@@ -294,7 +294,8 @@ def _compile(compiler: list[str], target: Path) -> list[str]:
             if done.returncode == 0:
                 os.replace(out, target)
                 return extra
-        raise OSError(done.stderr.decode(errors="replace").strip().splitlines()[-1][:300])
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise OSError((said or [f"exit status {done.returncode}"])[-1][:300])
 
 
 def _fall_back(reason: str) -> None:
