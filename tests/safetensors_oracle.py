@@ -17,7 +17,6 @@ Used by ``tests/fuzz_parsers.py`` (every safetensors fuzz input) and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -62,13 +61,16 @@ def _one_line_error(error: WDAnalysisError, path: Path) -> None:
 
 
 def _read_extent(extent) -> torch.Tensor:
-    fd = os.open(extent.file, os.O_RDONLY)
+    """The tensor's bytes as the streaming engine reads them (its reader thread)."""
+    request = (extent.file, extent.offset, extent.nbytes)
+    pool = reader.Reader(iter([request]), 1, max(1, extent.nbytes), pin=False)
     try:
-        data = os.pread(fd, extent.nbytes, extent.offset)
+        buf, error = pool.get()
+        assert error is None, f"the engine's reader failed: {error}"
+        flat = buf[: extent.nbytes].clone()
     finally:
-        os.close(fd)
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0)
-    return flat.to(torch.uint8).view(extent.dtype).reshape(extent.shape)
+        pool.close()
+    return flat.view(extent.dtype).reshape(extent.shape)
 
 
 def check_against_library(path: Path) -> str:

@@ -905,7 +905,7 @@ def test_failed_compare_keeps_the_previous_table(capsys, tmp_path, base):
     code, _, err = compare_cli(capsys, tmp_path, base, ft)
     assert_user_error(code, err, weights, "truncated", "nothing was written")
     assert table.read_bytes() == before
-    assert sorted(p.name for p in table.parent.iterdir()) == ["deltas.csv"]
+    assert sorted(p.name for p in table.parent.iterdir()) == ["deltas.csv", "run.json"]
 
 
 def test_unwritable_output_folder(capsys, tmp_path, base):

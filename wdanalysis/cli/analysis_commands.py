@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wdanalysis.cli.command_index import help_of
+from wdanalysis.cli.entry_point import positive_int
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.storage.atomic_write import write_csv_atomic
 
@@ -26,21 +28,66 @@ def register(subparsers) -> None:
     _register_inspect(subparsers)
 
 
+COMPARE_EXAMPLES = """\
+examples:
+  wdanalysis compare models/base runs/ft runs/lora runs/dora --out results
+  wdanalysis compare --modules q_proj v_proj meta-llama/Llama-2-7b-hf runs/dora --out results
+  wdanalysis compare auto runs/lora --modules 'layers\\.[0-3]\\..*q_proj' --axis in --out results
+  wdanalysis compare models/base runs/ft runs/lora --labels FT LoRA --workers 2 --out results
+options may stand before, between or after BASE and RUN; --modules takes leaf names
+(q_proj), module paths or regular expressions (searched in the module path).
+"""
+PLOT_EXAMPLES = """\
+examples:
+  wdanalysis plot results/deltas.csv --out results/figures
+  wdanalysis plot runs/dora/tracking.csv --out figures --dpi 300
+"""
+INSPECT_EXAMPLES = """\
+examples:
+  wdanalysis inspect runs/dora/checkpoint-500
+  wdanalysis inspect meta-llama/Llama-2-7b-hf --json
+"""
+
+
+def module_pattern(text: str) -> str:
+    """An ``argparse`` type: a module name, or a regular expression that compiles."""
+    if any(ch in text for ch in "*[]()|+?\\^$"):
+        try:
+            re.compile(text)
+        except re.error as error:
+            raise argparse.ArgumentTypeError(
+                f"invalid regular expression {text!r}: {error}"
+            ) from None
+    return text
+
+
 def _register_compare(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare",
         help=help_of("compare"),
         description="Compare fine-tuning runs with their base model (DoRA paper, Figure 2).",
+        usage="%(prog)s BASE RUN [RUN ...] --out OUT [options]",
+        epilog=COMPARE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # Optional for argparse only: ``--modules a b BASE RUN`` hands them to --modules, and
+    # :func:`claim_positionals` takes them back.
     parser.add_argument(
         "base",
+        nargs="?",
+        metavar="BASE",
         help="pretrained model: file, folder, hub id org/name[@revision] in the local "
         "Hugging Face cache, or auto (the base the adapters name)",
     )
-    parser.add_argument("runs", nargs="+", help="run folders, single checkpoints or cached hub ids")
+    parser.add_argument(
+        "runs", nargs="*", metavar="RUN", help="run folders, single checkpoints or cached hub ids"
+    )
     parser.add_argument("--labels", nargs="+", help="display names, one per run (default: method)")
     parser.add_argument(
-        "--modules", nargs="+", help="module names to analyse (default: attention query/value)"
+        "--modules",
+        nargs="+",
+        type=module_pattern,
+        help="module names, paths or regexes to analyse (default: attention query/value)",
     )
     parser.add_argument(
         "--axis",
@@ -58,7 +105,9 @@ def _register_compare(subparsers) -> None:
         "--device", choices=["cpu", "cuda"], default="cpu", help="where ΔM/ΔD sums are computed"
     )
     parser.add_argument(
-        "--workers", type=int, help="compute threads (default: 2 on machines with 2+ cores)"
+        "--workers",
+        type=positive_int,
+        help="compute threads, at least 1 (default: 2 on machines with 2+ cores)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
@@ -73,6 +122,8 @@ def _register_plot(subparsers) -> None:
         help=help_of("plot"),
         description="Draw Figure 2, the trajectories and the fits from a saved table: "
         "deltas.csv (wdanalysis compare) or tracking.csv (live tracking while training).",
+        epilog=PLOT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("table", type=Path, help="deltas.csv or tracking.csv")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -91,7 +142,14 @@ def _add_pool(parser) -> None:
 
 
 def _register_inspect(subparsers) -> None:
-    parser = subparsers.add_parser("inspect", help=help_of("inspect"))
+    parser = subparsers.add_parser(
+        "inspect",
+        help=help_of("inspect"),
+        description="Say what a checkpoint, adapter or run folder holds, and which backend "
+        "compare would sum on.",
+        epilog=INSPECT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("path", help="file, folder or cached hub id org/name[@revision]")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(handler=run_inspect)
@@ -108,6 +166,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from wdanalysis.table.comparison import PartialResultError, compare
     from wdanalysis.table.distributed import compare_distributed, join_compare_job
 
+    claim_positionals(args)
     fan = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
     _check_out_folder(args.out)
     job = join_compare_job()  # under torchrun: each rank a share, rank 0 writes (README)
@@ -125,7 +184,7 @@ def run_compare(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except PartialResultError as partial_result:
-        return _write_partial(partial_result, args.out)
+        return _write_partial(partial_result, args.out, args)
     except WDAnalysisError as error:
         if job is not None and not job.is_main:
             return 2  # rank 0 prints the job's one error line
@@ -134,8 +193,9 @@ def run_compare(args: argparse.Namespace) -> int:
     if deltas is None:  # another rank than 0 under torchrun: rank 0 writes everything
         return 0
     path = write_csv_atomic(deltas, args.out / "deltas.csv")
+    record = _write_record(args, deltas)
     print(summarize(deltas))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path}\nwrote {record} (backend: {deltas.attrs.get('backend')})")
     if not args.no_figures:
         from wdanalysis.plots.report import write_report
 
@@ -144,6 +204,41 @@ def run_compare(args: argparse.Namespace) -> int:
         for written in report.paths:
             print(f"wrote {written}")
     return 0
+
+
+def claim_positionals(args: argparse.Namespace) -> None:
+    """Take BASE and RUN back from ``--modules``/``--labels`` when those swallowed them.
+
+    ``compare --modules q_proj v_proj BASE RUN`` gives argparse no way to tell where the
+    module names end. Only when BASE or RUN is missing, the values at the end of the
+    option that name checkpoints (an existing path, ``auto``, a hub id ``org/name``) are
+    taken back, in order; module names and labels name none of these.
+    """
+    given = ([args.base] if args.base else []) + list(args.runs)
+    for option in ("modules", "labels"):
+        values = list(getattr(args, option) or [])
+        cut = len(values)
+        while len(given) < 2 and cut > 0 and _names_checkpoint(values[cut - 1]):
+            cut -= 1
+        if cut == len(values):
+            continue
+        if cut == 0:
+            raise WDAnalysisError(f"--{option} was given no value before BASE and RUN")
+        taken, values = values[cut:], values[:cut]
+        setattr(args, option, values)
+        given = given + taken if args.base else taken + given
+    if len(given) < 2:
+        raise WDAnalysisError(
+            "compare needs BASE and at least one RUN",
+            hint="e.g. wdanalysis compare models/base runs/dora --out results; "
+            "see wdanalysis compare --help",
+        )
+    args.base, args.runs = given[0], given[1:]
+
+
+def _names_checkpoint(value: str) -> bool:
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.@-]+", value) is not None
+    return value == "auto" or hub_id or Path(value).exists()
 
 
 def run_plot(args: argparse.Namespace) -> int:
@@ -177,8 +272,18 @@ def _check_out_folder(out: Path) -> None:
         raise WDAnalysisError("the output folder is not writable", out, "choose another --out")
 
 
-def _write_partial(partial: PartialResultError, out: Path) -> int:
+def _write_record(args: argparse.Namespace, table: pd.DataFrame) -> Path:
+    """``run.json`` beside ``deltas.csv``: the backend that ran and the options."""
+    from wdanalysis.cli.entry_point import version
+    from wdanalysis.table.run_record import write_run_record
+
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    return write_run_record(args.out, table, options, version())
+
+
+def _write_partial(partial: PartialResultError, out: Path, args: argparse.Namespace) -> int:
     path = write_csv_atomic(partial.table, out / "deltas.csv")
+    _write_record(args, partial.table)
     print(summarize(partial.table))
     for run, step, error in partial.failures:
         where = run if step is None else f"{run} step {step}"

@@ -4,21 +4,35 @@ the other's caller: reproduction ← studies ← demo_command."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 from pathlib import Path
 
 from wdanalysis.cli.command_index import help_of
+from wdanalysis.cli.train_command import require_training_libraries
 from wdanalysis.demo.reproduction import DemoSettings, figures_are_fresh, publish_figures, run_demo
 from wdanalysis.demo.studies import format_seed_table, run_ablation, run_seed_study
 from wdanalysis.demo.summary import format_summary, sign_verdict
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.storage.atomic_write import write_csv_atomic
 
+DEMO_EXAMPLES = """\
+examples:
+  wdanalysis demo --quick                     # ~1 minute smoke run
+  wdanalysis demo --out runs/demo --figures figures
+  wdanalysis demo --seeds 3 --out runs/seeds  # the same study over seeds 0..2
+  wdanalysis demo --analyse-only --out runs/demo
+"""
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help=help_of("demo"),
+        description="Train FT, LoRA and DoRA on a small text classifier, analyse the "
+        "checkpoints and draw Figure 2 (CPU; needs pip install 'wdanalysis[demo]').",
+        epilog=DEMO_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder")
     parser.add_argument("--figures", type=Path, help="also publish figures and tables here")
@@ -61,6 +75,7 @@ def settings_from_args(args) -> DemoSettings:
 
 
 def run_demo_command(args) -> int:
+    require_training_libraries("demo")
     settings = settings_from_args(args)
     if args.if_stale and args.figures and figures_are_fresh(args.figures, settings):
         print(f"{args.figures} is up to date with the code; nothing to do")

@@ -3,7 +3,9 @@
 Every sub-command lives in the module that owns its concern and exposes
 ``register(subparsers)``; the handler it installs returns an exit status. The modules are
 named in :mod:`~wdanalysis.cli.command_index` and imported only for the sub-command run.
-User errors (:class:`WDAnalysisError`) become one line on stderr and exit status 2.
+User errors (:class:`WDAnalysisError`) and bad arguments become one line on stderr and exit
+status 2. A sub-command's options may stand anywhere among its positionals (its arguments
+are parsed with ``parse_intermixed_args``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,24 @@ from wdanalysis.cli.command_index import COMMANDS
 from wdanalysis.errors import WDAnalysisError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line, naming the option and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 1 (``--workers 0`` is refused)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``wdanalysis`` parser.
 
@@ -25,7 +45,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     imported); every other one is listed by its help line alone, so ``wdanalysis --help``
     imports no analysis, plotting or training code. Without it every sub-command is.
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="wdanalysis",
         description="Weight-decomposition analysis of fine-tuning (DoRA paper, Figure 2).",
     )
@@ -61,10 +81,29 @@ def version() -> str:
         return __version__
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; the sub-command's own arguments intermixed (options anywhere)."""
+    command = _command_in(argv)
+    at = argv.index(command) if command in argv else -1
+    sub = _subparsers(parser).get(command)
+    if at != 0 or sub is None:  # ``--version``, ``--help``, an unknown command: as usual
+        return parser.parse_args(argv)
+    args = sub.parse_intermixed_args(argv[1:])
+    args.command = command
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse keeps sub-parsers in its choices
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     return run_handler(args)
 
 

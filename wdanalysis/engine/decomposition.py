@@ -56,7 +56,7 @@ def accumulate_sums(
     mode: str,
     diff: bool = True,
     backend: str = "auto",
-) -> None:
+) -> str:
     """Add ``Σa², Σa·d, Σd²`` of one block of rows into ``sums`` (float64, shape (3, n)).
 
     ``a``: a block of rows of the base matrix (any float dtype, 2-D). ``b``: the same rows
@@ -65,14 +65,17 @@ def accumulate_sums(
     ``a.shape[0]`` columns; ``"cols"``: one per column, ``a.shape[1]`` columns.
     ``backend``: ``"fused"`` (compiled one-pass kernel, CPU), ``"torch"`` (float64 torch
     ops in chunks, any device: the reference) or ``"auto"`` (fused when it applies).
+    Returns the backend that ran (``"fused"`` or ``"torch"``). Shapes, devices and the
+    sums are checked first, whichever backend runs.
     """
+    check_block(a, b, sums, mode)
     if backend != "torch" and a.device.type == "cpu":
         fused = kernel.load()
         if fused is not None and _fused_ok(fused, a, b, diff):
             fused.accumulate(a, b, sums[0], sums[1], sums[2], mode, diff)
-            return
+            return "fused"
         if backend == "fused" and fused is None:
-            raise RuntimeError("the fused kernel is unavailable (no C compiler?)")
+            raise RuntimeError(f"the fused kernel is unavailable: {kernel.describe()}")
         if fused is not None and a.is_floating_point():
             common = torch.promote_types(a.dtype, b.dtype) if diff else a.dtype
             if common not in fused.dtypes:
@@ -81,8 +84,31 @@ def accumulate_sums(
                 a = a.to(common).contiguous()
                 b = b.to(common).contiguous() if diff else b.contiguous()
                 fused.accumulate(a, b, sums[0], sums[1], sums[2], mode, diff)
-                return
+                return "fused"
     _accumulate_torch(a, b, sums, mode, diff)
+    return "torch"
+
+
+def check_block(a: torch.Tensor, b: torch.Tensor, sums: torch.Tensor, mode: str) -> None:
+    """The checks every backend needs: one 2-D shape, one device, sums of the right size."""
+    if mode not in ("rows", "cols"):
+        raise ValueError(f"mode must be 'rows' or 'cols', got {mode!r}")
+    if a.dim() != 2 or b.shape != a.shape:
+        raise ValueError(
+            f"a base block and its checkpoint block must be 2-D of one shape, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if b.device != a.device or sums.device != a.device:
+        raise ValueError(
+            f"blocks and sums must be on one device, got {a.device}, {b.device}, {sums.device}"
+        )
+    size = a.shape[0] if mode == "rows" else a.shape[1]
+    if sums.dtype != torch.float64 or tuple(sums.shape) != (3, size):
+        raise ValueError(
+            f"sums must be float64 of shape (3, {size}), got {sums.dtype} {tuple(sums.shape)}"
+        )
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise ValueError(f"blocks must be floating point, got {a.dtype} and {b.dtype}")
 
 
 def _fused_ok(fused, a: torch.Tensor, b: torch.Tensor, diff: bool) -> bool:

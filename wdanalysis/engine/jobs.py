@@ -8,6 +8,7 @@ every block of base rows through the jobs of one weight:
 * :class:`DenseJob`: a stored matrix read whole (``.bin``, a model in memory, a store that
   transforms on read), compared block by block;
 * :class:`UnchangedJob`: a weight the adapter leaves alone (ΔM = ΔD = 0);
+* :class:`TokenJob`: PEFT trainable tokens, only the trained rows compared;
 * :class:`AdapterJob`: a LoRA/DoRA update formed for the rows at hand, never ``W'`` whole;
 * :class:`MergedJob`: a rare adapter layout, merged whole at the end
   (:meth:`~wdanalysis.loaders.peft_adapter.AdapterModule.merged_whole`).
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from wdanalysis.engine.decomposition import DecompositionChange, as_matrix
+from wdanalysis.engine.decomposition import DecompositionChange, accumulate_sums, as_matrix
 from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint
 from wdanalysis.loaders.layer_shapes import factor_matrices
 from wdanalysis.loaders.peft_adapter import AdapterModule
@@ -62,8 +63,9 @@ class DenseJob(Job):
     load: Callable[[], torch.Tensor]
     matrix: torch.Tensor | None = field(default=None, init=False)
 
-    def read(self) -> None:
-        self.matrix = as_matrix(self.load())
+    def read(self, shape: tuple[int, int]) -> None:
+        """Read the matrix, as the engine streams it (``shape``: stream rows × columns)."""
+        self.matrix = as_matrix(self.load()).reshape(shape)
 
 
 @dataclass(eq=False)
@@ -101,34 +103,94 @@ class AdapterJob(Job):
 
 
 @dataclass(eq=False)
+class TokenJob(Job):
+    """PEFT trainable tokens on a table the adapter leaves otherwise alone: every other row
+    equals the base's, so each block compares only the trained rows (PEFT's merge writes
+    their values in, :func:`~wdanalysis.loaders.trainable_tokens.with_rows`)."""
+
+    module: AdapterModule
+    n_rows: int  # rows of the table, for negative indices
+    positions: torch.Tensor | None = field(default=None, init=False)
+    values: torch.Tensor | None = field(default=None, init=False)  # float64 rows
+
+    def load_factors(self, store: WeightStore, device: torch.device) -> None:
+        last = {i % self.n_rows: n for n, i in enumerate(self.module.token_indices)}
+        rows = store.get(self.module.token_rows).to(device, torch.float64)
+        self.positions = torch.tensor(sorted(last), dtype=torch.long, device=device)
+        self.values = rows[torch.tensor([last[i] for i in sorted(last)], device=device)]
+
+    def accumulate(self, a: torch.Tensor, start: int, mode: str, backend: str) -> set[str]:
+        """Add ``Σa·d, Σd²`` of the trained rows among stored rows ``start:start+len(a)``."""
+        inside = (self.positions >= start) & (self.positions < start + a.shape[0])
+        if not inside.any():
+            return set()
+        local = self.positions[inside] - start
+        x = a[local].to(torch.float64)
+        d = (self.values[inside] - x).contiguous()
+        part = torch.zeros(3, x.shape[0] if mode == "rows" else x.shape[1], dtype=torch.float64)
+        used = {accumulate_sums(x, d, part.to(x.device), mode, False, backend)}
+        if mode == "rows":
+            self.sums[1:, local + start] += part[1:].to(self.sums.device)
+        else:
+            self.sums[1:] += part[1:].to(self.sums.device)
+        return used
+
+    def release(self) -> None:
+        self.positions = self.values = None
+        super().release()
+
+
+@dataclass(eq=False)
 class MergedJob(Job):
     """A rare adapter layout: merged whole by the adapter once every block is done."""
 
     module: AdapterModule
 
 
-def plan_job(index: int, item: BoundCheckpoint, key: str, axis: str, transposed: bool) -> Job:
+def plan_job(
+    index: int, item: BoundCheckpoint, key: str, axis: str, transposed: bool, shape=None
+) -> Job:
     """The job comparing checkpoint ``item`` (at ``index`` in ``bound``) on base ``key``.
 
-    ``transposed``: whether the base stores ``key`` as (in, out).
+    ``transposed``: whether the base stores ``key`` as (in, out); ``shape``: its shape.
     """
     ckpt = item.checkpoint
     if isinstance(ckpt, AdapterCheckpoint):
         module = item.keys.get(key)
         if module is None:
             return UnchangedJob(index)
+        store = ckpt.adapter.store
+        if not (module.lora_b or module.magnitude or module.saved_base):
+            if module.token_rows and not module.replacement and shape and len(shape) == 2:
+                return TokenJob(index, module, shape[0])
+            if _streams_whole(store, module, shape):  # modules_to_save: a stored weight
+                return _stored(index, store, module.replacement)
         if module.merged_whole(axis, transposed):
             return MergedJob(index, module)
         return AdapterJob(index, module, dora=bool(module.magnitude))
-    store: WeightStore = ckpt.store
-    ckey = item.keys[key]
-    extent = extent_of(store, ckey)
     added = item.rows_added.get(key, 0)  # a resized vocabulary: the base's rows only
+    return _stored(index, ckpt.store, item.keys[key], added)
+
+
+def _streams_whole(store: WeightStore, module: AdapterModule, shape) -> bool:
+    """A ``modules_to_save`` weight read like a checkpoint's: same shape, float, as stored."""
+    name = module.replacement
+    if not name or module.token_rows or shape is None or store.shape(name) != tuple(shape):
+        return False  # a resized table, say: the adapter's own merge decides
+    dtype = store.dtype(name)
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def _stored(index: int, store: WeightStore, key: str, added: int = 0) -> Job:
+    """Rows read from the file where it allows (pread), else the tensor read whole;
+    ``added`` trailing rows (tokens added to a vocabulary) are left out."""
+    as_stored = getattr(store, "reads_as_stored", True)  # a view that transforms on read
+    extent = extent_of(store, key) if as_stored else None
     if extent is not None:
         return FileJob(index, _first_rows(extent, extent.shape[0] - added) if added else extent)
     if added:
-        return DenseJob(index, lambda: store.get(ckey)[: store.shape(ckey)[0] - added])
-    return DenseJob(index, lambda: store.get(ckey))
+        return DenseJob(index, lambda: store.get(key)[: store.shape(key)[0] - added])
+    return DenseJob(index, lambda: store.get(key))
 
 
 def _first_rows(extent: Extent, rows: int) -> Extent:

@@ -32,22 +32,25 @@ def new_sums(parts: Sequence[Part] | None, axis: str, n_vec: int, device) -> tor
     return torch.zeros(shape, dtype=torch.float64, device=device)
 
 
-def accumulate_parts(a, b, sums, parts: Sequence[Part], mode, start, n, diff, backend) -> None:
+def accumulate_parts(a, b, sums, parts: Sequence[Part], mode, start, n, diff, backend) -> set[str]:
     """Add the block of stored rows ``start:start+n`` into each part's sums ``(P, 3, n_in)``.
 
     ``mode`` ``"cols"``: an ``nn.Linear`` weight, the part's output features are rows of the
     block; ``"rows"``: stored (in, out), they are columns of every row of the block.
     """
+    used = set()
     for target, part in zip(sums, parts, strict=True):
         if mode == "cols":
             for first, stop in part.runs:
                 lo, hi = max(first, start) - start, min(stop, start + n) - start
                 if lo < hi:
-                    accumulate_sums(a[lo:hi], b[lo:hi], target, mode, diff, backend)
+                    used.add(accumulate_sums(a[lo:hi], b[lo:hi], target, mode, diff, backend))
         else:
             index = part.indices(a.device)
             a_part, b_part = a.index_select(1, index), b.index_select(1, index)
-            accumulate_sums(a_part, b_part, target[:, start : start + n], mode, diff, backend)
+            target = target[:, start : start + n]
+            used.add(accumulate_sums(a_part, b_part, target, mode, diff, backend))
+    return used
 
 
 def whole_sums(w0, wt, mode: str, parts: Sequence[Part] | None, axis: str, backend):

@@ -15,13 +15,13 @@ whatever the model or matrix size), never a whole state dict, and never the base
   float64 for the rows at hand, so nothing cancels. A DoRA merge ``m·V/‖V‖`` rescales each
   output row to norm ``|m|`` without turning it, so on the output axis its ΔD is that of
   ``V = W0 + s·B@A`` and its ΔM is ``| |m| − ‖W0‖ |``, both exact.
-* Per vector the sums ``Σa², Σa·d, Σd²`` are accumulated in float64 by
-  :func:`~wdanalysis.engine.decomposition.accumulate_sums` (one-pass fused kernel on CPU, torch
-  elsewhere).
-
-Each (checkpoint, weight) comparison is a job (:mod:`wdanalysis.engine.jobs`). A checkpoint
-whose own data fails (unreadable, NaN/Inf) is skipped from then on and its error returned by
-:meth:`Engine.run`; a failure of the base stops the run.
+* Per vector (per part of a fused weight: :mod:`wdanalysis.engine.part_sums`) the sums
+  ``Σa², Σa·d, Σd²`` are accumulated in float64 (``decomposition.accumulate_sums``).
+A row larger than a block (stacked experts of an FT run) is streamed in pieces
+(:mod:`wdanalysis.engine.row_pieces`); ``modules_to_save`` weights stream like a
+checkpoint's, trainable tokens compare only their rows. Each (checkpoint, weight) pair is a
+job (:mod:`wdanalysis.engine.jobs`); a checkpoint whose own data fails is skipped from then
+on and its error returned by :meth:`Engine.run`; a failure of the base stops the run.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from wdanalysis.engine import c_kernel as kernel
 from wdanalysis.engine import part_sums
 from wdanalysis.engine.decomposition import (
     DecompositionChange,
-    accumulate_sums,
     as_matrix,
     vector_mode,
 )
@@ -45,9 +45,11 @@ from wdanalysis.engine.jobs import (
     FileJob,
     Job,
     MergedJob,
+    TokenJob,
     UnchangedJob,
     plan_job,
 )
+from wdanalysis.engine.row_pieces import Geometry, accumulate_block, geometry, itemsize
 from wdanalysis.errors import NumericalError, WDAnalysisError
 from wdanalysis.loaders.checkpoint_kinds import FullModel
 from wdanalysis.storage.row_reader import Extent, Reader, extent_of, read_error, slice_request
@@ -77,16 +79,12 @@ class _Block:
     """Stored rows ``start:start+n`` of one weight, and how its vectors run."""
 
     key: str
-    start: int
+    start: int  # in stream rows (stored rows × pieces)
     n: int
     cols: int
     mode: str  # "rows" | "cols"
     transposed: bool
-
-
-def _rows_cols(shape) -> tuple[int, int]:
-    rows = shape[0]
-    return rows, max(1, _numel(shape) // max(rows, 1))
+    pieces: int = 1
 
 
 def _as_matrix(buf: torch.Tensor, extent: Extent, rows: int, cols: int) -> torch.Tensor:
@@ -120,16 +118,24 @@ class Engine:
                 "device 'cuda' was asked for but torch sees no GPU", None, "use --device cpu"
             )
         self.backend = "auto" if self.device.type == "cpu" else "torch"
+        self.backends_used: set[str] = set()  # "fused" / "torch": what the sums ran on
         self.workers = max(1, int(workers))
 
     # -- planning -------------------------------------------------------------------
 
     def _jobs(self, key: str) -> list[Job]:
-        transposed = self.transposed(key)
+        transposed, shape = self.transposed(key), tuple(self.base.store.shape(key))
         return [
-            plan_job(index, item, key, self.axis, transposed)
+            plan_job(index, item, key, self.axis, transposed, shape)
             for index, item in enumerate(self.bound)
         ]
+
+    def _geometry(self, key: str, jobs: list[Job]) -> Geometry:
+        """Rows in pieces only where every job reads stored rows (no adapter maths)."""
+        splittable = key not in self.parts and all(
+            isinstance(j, (FileJob, DenseJob, UnchangedJob)) for j in jobs
+        )
+        return geometry(self.base.store.shape(key), MAX_BLOCK, splittable)
 
     # -- running --------------------------------------------------------------------
 
@@ -144,10 +150,11 @@ class Engine:
         self.failures = {}
         keys = sorted(keys, key=self._position)
         plans = [(key, self._jobs(key)) for key in keys]
+        self._geometries = {key: self._geometry(key, jobs) for key, jobs in plans}
         n_file = max([1] + [sum(isinstance(j, FileJob) for j in jobs) for _, jobs in plans])
         block_bytes = self._block_bytes(n_file)
         blocks = [self._blocks(key, jobs, block_bytes) for key, jobs in plans]
-        row_bytes = max([1] + [self._row_bytes(key) for key in keys])
+        row_bytes = max([1] + [self._geometries[key].stream_cols * 8 for key in keys])
         size = max(block_bytes, row_bytes)
         requests = self._requests(plans, blocks)
         n_buffers = max(3, (self.budget or MEMORY_BUDGET) // size)
@@ -169,33 +176,24 @@ class Engine:
         extent = extent_of(self.base.store, key)
         return (str(extent.file), extent.offset) if extent else ("", 0)
 
-    def _row_bytes(self, key: str) -> int:
-        shape = self.base.store.shape(key)
-        cols = 1
-        for n in shape[1:]:
-            cols *= n
-        return cols * 8  # float64 is the widest
-
     def _block_bytes(self, n_file: int) -> int:
         budget = self.budget or MEMORY_BUDGET
         per = budget // (n_file + 3) if self.workers > 1 else budget // 8
         return max(MIN_BLOCK, min(MAX_BLOCK, per))
 
     def _blocks(self, key: str, jobs: list[Job], block_bytes: int) -> int:
-        """Rows of the stored matrix per block, so that no read exceeds ``block_bytes``."""
-        shape = self.base.store.shape(key)
-        rows = shape[0]
-        cols = max(1, _numel(shape) // max(rows, 1))
-        itemsize = max(
-            [_itemsize(self.base.store.dtype(key))]
+        """Stream rows per block, so that no read exceeds ``block_bytes``."""
+        shape = self._geometries[key]
+        widest = max(
+            [itemsize(self.base.store.dtype(key))]
             + [j.extent.dtype.itemsize for j in jobs if isinstance(j, FileJob)]
         )
-        return max(1, min(rows, block_bytes // (cols * itemsize)))
+        return max(1, min(shape.stream_rows, block_bytes // (shape.stream_cols * widest)))
 
     def _requests(self, plans, blocks):
         for (key, jobs), per_block in zip(plans, blocks, strict=True):
             base_extent = extent_of(self.base.store, key)
-            rows = self.base.store.shape(key)[0]
+            rows = self._geometries[key].stream_rows
             for start in range(0, rows, per_block):
                 n = min(per_block, rows - start)
                 if base_extent is not None:
@@ -208,17 +206,20 @@ class Engine:
         """Stream one weight: every block of base rows against the same rows of every job."""
         transposed = self.transposed(key)
         mode = vector_mode(self.axis, transposed)
-        rows, cols = _rows_cols(self.base.store.shape(key))
-        n_vec = rows if mode == "rows" else cols
+        shape = self._geometries[key]
+        rows, cols = shape.stream_rows, shape.stream_cols
         self._key_parts = self.parts.get(key)
-        self._prepare_jobs(jobs, n_vec)
-        base_sums = part_sums.new_sums(self._key_parts, self.axis, n_vec, self.device)
+        self._prepare_jobs(jobs, shape, mode)
+        base_sums = part_sums.new_sums(self._key_parts, self.axis, shape.vectors(mode), self.device)
         base_extent = extent_of(self.base.store, key)
-        base_dense = None if base_extent is not None else as_matrix(self.base.store.get(key))
+        base_dense = None
+        if base_extent is None:
+            base_dense = as_matrix(self.base.store.get(key)).reshape(rows, cols)
         for start in range(0, rows, per_block):
-            block = _Block(key, start, min(per_block, rows - start), cols, mode, transposed)
+            n = min(per_block, rows - start)
+            block = _Block(key, start, n, cols, mode, transposed, shape.pieces)
             base_buf, a = self._base_block(reader, block, base_extent, base_dense)
-            self._accumulate(a, a, base_sums, mode, block.start, block.n, True)
+            self._accumulate(a, a, base_sums, block, True)
             held = self._compare_block(block, a, jobs, reader, pool)
             for buf in held if base_buf is None else [*held, base_buf]:
                 reader.release(buf)
@@ -233,15 +234,17 @@ class Engine:
             failed = [None] * len(self._key_parts or [None])
             yield from ((job, c) for c in (failed if job.index in self.failures else job.changes))
 
-    def _prepare_jobs(self, jobs: list[Job], n_vec: int) -> None:
+    def _prepare_jobs(self, jobs: list[Job], shape: Geometry, mode: str) -> None:
         """Zero each job's sums; load what is read whole (.bin matrices, adapter factors)."""
         for job in jobs:
-            job.sums = part_sums.new_sums(self._key_parts, self.axis, n_vec, self.device)
+            job.sums = part_sums.new_sums(
+                self._key_parts, self.axis, shape.vectors(mode), self.device
+            )
             if job.index in self.failures:
                 continue
             if isinstance(job, DenseJob):
-                self._guard(job, job.read)
-            elif isinstance(job, AdapterJob):
+                self._guard(job, job.read, (shape.stream_rows, shape.stream_cols))
+            elif isinstance(job, (AdapterJob, TokenJob)):
                 store = self.bound[job.index].checkpoint.adapter.store
                 self._guard(job, job.load_factors, store, self.device)
 
@@ -280,7 +283,7 @@ class Engine:
                     tasks.append(task)
             elif live and isinstance(job, DenseJob):
                 tasks.append((job, job.matrix[block.start : block.start + block.n]))
-            elif live and isinstance(job, AdapterJob):
+            elif live and isinstance(job, (AdapterJob, TokenJob)):
                 tasks.append((job, None))
         if pool is not None and len(tasks) > 1:
             list(pool.map(lambda t: self._guard(t[0], self._compare, block, a, t), tasks))
@@ -292,12 +295,12 @@ class Engine:
     def _compare(self, block: _Block, a, task) -> None:
         """One job's sums for one block: a stored matrix, or an adapter's update."""
         job, b = task
-        if b is None:
+        if isinstance(job, TokenJob):
+            self.backends_used |= job.accumulate(a, block.start, block.mode, self.backend)
+        elif b is None:
             self._adapter_block(job, a, block.mode, block.start, block.n, block.transposed)
         else:
-            self._accumulate(
-                a, self._to_device(b), job.sums, block.mode, block.start, block.n, True
-            )
+            self._accumulate(a, self._to_device(b), job.sums, block, True)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.device.type == "cpu" else t.to(self.device)
@@ -312,12 +315,17 @@ class Engine:
     def _finish_job(self, key, job, base_sums, mode) -> None:
         job.changes = self._finish(key, job, base_sums, mode)
 
-    def _accumulate(self, a, b, sums, mode, start, n, diff) -> None:
+    def _accumulate(self, a, b, sums, block: _Block, diff: bool) -> None:
+        mode, start, pieces = block.mode, block.start, block.pieces
         if sums.dim() == 3:  # the parts of a fused weight, input axis (engine.part_sums)
-            args = (self._key_parts, mode, start, n, diff, self.backend)
-            return part_sums.accumulate_parts(a, b, sums, *args)
-        target = sums[:, start : start + n] if mode == "rows" else sums
-        accumulate_sums(a, b, target, mode, diff, self.backend)
+            args = (self._key_parts, mode, start, block.n, diff, self.backend)
+            self.backends_used |= part_sums.accumulate_parts(a, b, sums, *args)
+            return
+        self.backends_used |= accumulate_block(a, b, sums, mode, start, pieces, diff, self.backend)
+
+    def describe_backend(self) -> str:
+        """Which backend computed the sums of the last run, for the run's records."""
+        return kernel.describe_backends(self.backends_used, self.device)
 
     def _adapter_block(self, job: AdapterJob, a, mode, start, n, transposed) -> None:
         """Sums for the stored rows ``start:start+n`` of an adapted weight."""
@@ -341,7 +349,8 @@ class Engine:
                 safe = torch.where(norm_v > 0, norm_v, torch.ones_like(norm_v))
                 c = m[rows] / safe
                 d = d * c[:, None] + x * ((m[rows] - norm_v) / safe)[:, None]
-            self._accumulate(a[s:e], d.contiguous(), job.sums, mode, start + s, e - s, False)
+            rows_block = _Block("", start + s, e - s, cols, mode, transposed)
+            self._accumulate(a[s:e], d.contiguous(), job.sums, rows_block, False)
 
     def _finish(self, key, job: Job, base_sums, mode) -> list[DecompositionChange]:
         if isinstance(job, MergedJob):
@@ -350,6 +359,8 @@ class Engine:
         if isinstance(job, UnchangedJob):
             sums = base_sums.clone()
             sums[..., 1:, :].zero_()
+        elif isinstance(job, TokenJob):  # only the trained rows moved: Σa² is the base's
+            sums[..., 0, :] = base_sums[..., 0, :]
         magnitude = job.magnitude if isinstance(job, AdapterJob) else None
         if not torch.isfinite(sums).all() or (
             magnitude is not None and not torch.isfinite(magnitude).all()
@@ -387,14 +398,3 @@ class Engine:
             source_of(item, key),
             "rescale the weights",
         )
-
-
-def _numel(shape) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total
-
-
-def _itemsize(dtype) -> int:
-    return dtype.itemsize if isinstance(dtype, torch.dtype) else 8

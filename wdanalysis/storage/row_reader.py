@@ -5,10 +5,15 @@
 * :class:`Reader` issues those reads from a background thread into a small pool of
   reusable buffers, in the order the engine will consume them (no mmap: mapped pages would
   count in the process's RSS until unmapped).
+* :func:`read_at` is the one positioned read: ``os.preadv`` straight into the buffer where
+  the OS has it (Linux, BSD, macOS 11+), ``os.pread`` and a copy where only that exists,
+  and ``seek`` + ``readinto`` elsewhere (Windows has neither). The file is opened in binary
+  mode (``O_BINARY`` on Windows), so every OS reads the same bytes.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import threading
@@ -103,18 +108,16 @@ class Reader:
             self._free.put(buf.pin_memory() if pin else buf)
         self._ready: queue.Queue = queue.Queue()
         self._requests = requests
-        self._fds: dict[Path, int] = {}
+        self._files: dict[Path, io.FileIO] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wdanalysis-reader", daemon=True)
         self._thread.start()
 
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return fd
+    def _file(self, path: Path) -> io.FileIO:
+        handle = self._files.get(path)
+        if handle is None:
+            handle = self._files[path] = open_for_reading(path)
+        return handle
 
     def _run(self) -> None:
         try:
@@ -136,18 +139,12 @@ class Reader:
         except BaseException as error:  # the schedule itself broke: stop the consumer
             self._ready.put((None, error))
         finally:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()
 
     def _read_into(self, buf: torch.Tensor, path: Path, offset: int, nbytes: int) -> None:
-        view = memoryview(buf.numpy())[:nbytes]
-        done, fd = 0, self._fd(path)
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"unexpected end of file at byte {offset + done}")
-            done += got
+        read_at(self._file(path), memoryview(buf.numpy())[:nbytes], offset)
 
     def get(self) -> tuple[torch.Tensor, OSError | None]:
         """The next buffer in request order, and the read error for it if any."""
@@ -162,6 +159,39 @@ class Reader:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def open_for_reading(path: Path) -> io.FileIO:
+    """An unbuffered binary handle (the reads go straight into the caller's buffers)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return io.FileIO(fd, "rb", closefd=True)
+
+
+def read_at(handle: io.FileIO, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the file's bytes from ``offset``; an error if the file ends first.
+
+    The OS's own positioned read where it has one, looked up at each call (so that a test
+    can take it away): ``preadv`` into ``view``, else ``pread`` and a copy, else ``seek`` +
+    ``readinto`` (Windows). Only the reader thread uses a handle, so seeking is safe.
+    """
+    done, nbytes = 0, len(view)
+    preadv, pread = getattr(os, "preadv", None), getattr(os, "pread", None)
+    while done < nbytes:
+        position = offset + done
+        if preadv is not None:
+            got = preadv(handle.fileno(), [view[done:]], position)
+        elif pread is not None:
+            data = pread(handle.fileno(), nbytes - done, position)
+            got = len(data)
+            view[done : done + got] = data
+        else:
+            handle.seek(position)
+            got = handle.readinto(view[done:]) or 0
+        if got <= 0:
+            raise OSError(f"unexpected end of file at byte {position}")
+        done += got
 
 
 def read_error(key: str, extent: Extent, error: OSError) -> CheckpointFormatError:

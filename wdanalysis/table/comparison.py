@@ -22,7 +22,6 @@ from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisEr
 from wdanalysis.loaders.auto_base import base_named_by, is_auto
 from wdanalysis.loaders.formats import prepare_base
 from wdanalysis.loaders.key_alignment import KeyAligner
-from wdanalysis.loaders.quantized_training import quantized_base
 from wdanalysis.loaders.runs import (
     AdapterCheckpoint,
     FullModel,
@@ -33,6 +32,7 @@ from wdanalysis.loaders.runs import (
     open_run,
     refuse_quantized,
 )
+from wdanalysis.table import notices
 from wdanalysis.table.schema import COLUMNS, deltas_row
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint, vocabulary_rows_added
 from wdanalysis.weights.fused import fused_layouts
@@ -97,8 +97,11 @@ def compare(
         thread beside the reader thread). ``None``: 2 where there are 2 or more cores, which
         kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did not.
 
-    Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight).
+    Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
+    ``table.attrs["backend"]`` says which backend computed the sums (the fused C kernel and
+    its file, or torch and why), as ``run.json`` beside ``deltas.csv`` records it.
     """
+    notices.check_options(modules, workers)
     plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out)
     rows, errors = compute_rows(plan, plan.selected, progress, device, workers)
     return assemble_table(plan, rows, errors)
@@ -117,6 +120,7 @@ class ComparisonPlan:
     transposed: Callable[[str], bool]
     shapes: dict[str, tuple[int, ...]]
     parts: dict = field(default_factory=dict)  # fused key -> its selected parts
+    backend: str = ""  # what computed the sums (Engine.describe_backend), once computed
 
 
 def plan_comparison(
@@ -125,8 +129,9 @@ def plan_comparison(
     """Open and check every input (headers and configs only); see :func:`compare`."""
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
+    notices.check_options(modules, None)
     run_list = _open_runs(runs, labels)
-    _note_quantized_training(run_list)
+    notices.note_quantized_training(run_list)
     if is_auto(base):
         base = base_named_by(run_list)
     base_model = open_base(base)
@@ -145,7 +150,7 @@ def plan_comparison(
         for run in run_list
         for ckpt in run.checkpoints
     ]
-    _warn_rows_added(bound, selected, shapes)
+    notices.warn_rows_added(bound, selected, shapes)
     return ComparisonPlan(
         base_model, run_list, list(selected), bound, axis, transposed, shapes, parts
     )
@@ -158,7 +163,8 @@ def compute_rows(
     every checkpoint, and the failures by position in ``plan.bound``."""
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
-    return _compute(
+    notices.check_options(None, workers)
+    rows, errors, plan.backend = _compute(
         plan.base_model,
         keys,
         plan.bound,
@@ -169,6 +175,7 @@ def compute_rows(
         workers,
         plan.parts,
     )
+    return rows, errors
 
 
 def assemble_table(
@@ -179,13 +186,13 @@ def assemble_table(
     bound = plan.bound
     failed = [(bound[index], errors[index]) for index in sorted(errors)]  # in bound order
     if not failed:
-        return _table(rows, plan.run_list)
+        return _table(rows, plan.run_list, plan.backend)
     if len(failed) == len(bound):
         raise failed[0][1]
     dropped = {(item.run.name, str(item.checkpoint.path)) for item, _ in failed}
     rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
     failures = [(item.run.name, item.checkpoint.step, error) for item, error in failed]
-    raise PartialResultError(_table(rows, plan.run_list), failures, len(bound))
+    raise PartialResultError(_table(rows, plan.run_list, plan.backend), failures, len(bound))
 
 
 def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
@@ -203,20 +210,6 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
     for run, label in zip(opened, labels or [None] * len(opened), strict=True):
         run.label = label
     return opened
-
-
-def _note_quantized_training(runs: list[Run]) -> None:
-    """One line per QLoRA run: W0 here is the full-precision base, not the one it trained on."""
-    for run in runs:
-        scheme = next(filter(None, (quantized_base(c.path) for c in run.checkpoints)), None)
-        if scheme:
-            warnings.warn(
-                f"note: {run.name}: its adapter was trained against a {scheme} quantization of "
-                "the base; W0 here is the base as given (full precision), so ΔM/ΔD measure the "
-                "adapter's update applied to those weights, not the change of the quantized "
-                "model it trained (the live callback's rows measure that)",
-                stacklevel=3,
-            )
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -269,25 +262,6 @@ def _saved_shape(ckpt: AdapterCheckpoint, module) -> tuple[int, ...]:
     return tuple(ckpt.adapter.store.shape(module.replacement))
 
 
-def _warn_rows_added(bound: list[BoundCheckpoint], selected, shapes) -> None:
-    """One warning per run whose vocabulary was resized (added tokens)."""
-    chosen = set(selected)
-    by_run: dict[str, dict[str, int]] = {}
-    for item in bound:
-        for key, n in item.rows_added.items():
-            if key in chosen:
-                by_run.setdefault(item.run.name, {})[key] = n
-    for run, added in by_run.items():
-        what = ", ".join(f"{key} +{n}" for key, n in added.items())
-        warnings.warn(
-            f"run {run}: rows beyond the base's in {what} (a vocabulary resized for added "
-            "tokens): ΔM/ΔD compare the base's rows only; the column rows_added counts "
-            "the rows left out",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
 def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
     refuse_quantized(ckpt.store, "checkpoint")
     mapping = aligner.map_keys(ckpt.store.keys())
@@ -321,10 +295,11 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
 
 def _compute(
     base, selected, bound, axis, transposed, progress, device="cpu", workers=1, parts=None
-) -> tuple[list[dict], dict[int, WDAnalysisError]]:
+) -> tuple[list[dict], dict[int, WDAnalysisError], str]:
     """Stream every selected weight through every checkpoint (:mod:`wdanalysis.engine.streaming`).
 
-    Returns the rows and the failures by position in ``bound``: a checkpoint whose own data
+    Returns the rows, the failures by position in ``bound`` and the backend that ran
+    (:meth:`Engine.describe_backend`): a checkpoint whose own data
     fails (unreadable, NaN/Inf) is skipped from then on; a failure of the base stops the
     analysis.
     """
@@ -350,7 +325,7 @@ def _compute(
     with bar:
         engine = Engine(base, bound, axis, transposed, device, workers, parts=parts)
         errors = engine.run(list(selected), on_result)
-    return rows, errors
+    return rows, errors, engine.describe_backend()
 
 
 def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
@@ -366,7 +341,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
     )
 
 
-def _table(rows: list[dict], runs: list[Run]) -> pd.DataFrame:
+def _table(rows: list[dict], runs: list[Run], backend: str) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["step"] = table["step"].astype("Int64")
     table["layer"] = table["layer"].astype("Int64")
@@ -376,6 +351,7 @@ def _table(rows: list[dict], runs: list[Run]) -> pd.DataFrame:
         key=lambda col: col.map(order) if col.name == "run" else col,
         kind="stable",
     ).reset_index(drop=True)
+    table.attrs["backend"] = backend
     _warn_zero_norms(table)
     return table
 

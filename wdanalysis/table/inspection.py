@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from wdanalysis.engine import c_kernel as kernel
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.formats import openclip
 from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, open_run
@@ -27,6 +28,7 @@ def inspect(path: str | Path) -> dict:
         "skipped": [f"{p.name}: {why}" for p, why in run.skipped],
     }
     info.update(_describe_full(first) if isinstance(first, FullModel) else _describe_adapter(first))
+    info["sums_backend"] = kernel.describe()  # what compare would run on this machine's CPU
     return info
 
 
