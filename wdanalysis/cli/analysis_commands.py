@@ -277,7 +277,10 @@ def _write_record(args: argparse.Namespace, table: pd.DataFrame) -> Path:
     from wdanalysis.cli.entry_point import version
     from wdanalysis.table.run_record import write_run_record
 
-    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    # not "out": the record lies there, and the same comparison written elsewhere (or by
+    # torchrun's rank 0) gives the same bytes
+    skip = ("handler", "command", "out")
+    options = {k: v for k, v in vars(args).items() if k not in skip}
     return write_run_record(args.out, table, options, version())
 
 
