@@ -175,6 +175,7 @@ def test_dose_study_writes_cells_table_and_figure_and_never_retrains_a_cell(tmp_
     assert today["weight_decay"].eq(0.01).all()
     assert today["decay_dose"].to_numpy() == pytest.approx([0.01 * 1e-3 * 2.5] * 2)  # Σf = 2.5
     assert pd.read_csv(out / "dose_study.csv").shape == table.shape
+    assert set(dose_study.cached_table(cache)["cell"]) == {c.name for c in cells}
     assert (out / "dose_response.png").stat().st_size > 0 and (out / "dose_response.svg").is_file()
 
     def refuse(*args, **kwargs):

@@ -10,10 +10,13 @@ from pathlib import Path
 from wdanalysis.cli.command_index import help_of
 from wdanalysis.demo.dose_study import (
     LENGTHS,
+    DoseCell,
+    cached_table,
     format_study_table,
     missing_cells,
     run_dose_study,
     study_cells,
+    write_outputs,
 )
 from wdanalysis.demo.reproduction import DemoSettings, figures_are_fresh, publish_figures, run_demo
 from wdanalysis.demo.studies import format_seed_table, run_ablation, run_seed_study
@@ -62,6 +65,11 @@ def register(subparsers) -> None:
         "--lengths",
         type=lambda text: tuple(int(p) for p in text.split(",") if p.strip()),
         help="--study: training lengths (default 500,2000)",
+    )
+    parser.add_argument(
+        "--cells",
+        type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+        help="--study: only these cells, in this order (e.g. paper_steps500_seed0_dora)",
     )
     parser.add_argument(
         "--analyse-only", action="store_true", help="re-analyse the runs already in --out"
@@ -134,10 +142,17 @@ def _ablation_command(args, settings: DemoSettings) -> int:
 def _dose_study_command(args, settings: DemoSettings) -> int:
     """Issue 23's dose × length study; cells are cached in ``--cache`` (commit it)."""
     cache = args.cache or (args.figures / "dose_study" if args.figures else args.out / "cells")
-    cells = study_cells(lengths=args.lengths or LENGTHS)
-    table = run_dose_study(
-        args.out, cache, args.figures or args.out, settings, cells, progress=not args.quiet
-    )
+    if args.cells:
+        cells = [DoseCell.parse(name) for name in args.cells]
+    else:
+        cells = study_cells(lengths=args.lengths or LENGTHS)
+    if args.analyse_only:  # the table and figure from the finished cells, no training
+        table = cached_table(cache)
+        write_outputs(table, args.figures or args.out)
+    else:
+        table = run_dose_study(
+            args.out, cache, args.figures or args.out, settings, cells, progress=not args.quiet
+        )
     print("\n" + format_study_table(table))
     left = missing_cells(cells, cache)
     print(f"\n{len(cells) - len(left)} of {len(cells)} cells finished; cache in {cache}/")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +32,7 @@ from wdanalysis.demo.reproduction import (
     train_one,
 )
 from wdanalysis.demo.summary import summarize
+from wdanalysis.errors import WDAnalysisError
 from wdanalysis.stats.fits import fit_lines
 from wdanalysis.storage.atomic_write import write_csv_atomic, write_text_atomic
 from wdanalysis.table.comparison import compare
@@ -85,6 +87,19 @@ class DoseCell:
     @property
     def name(self) -> str:
         return f"{self.group}_{self.method}"
+
+    @classmethod
+    def parse(cls, name: str) -> DoseCell:
+        """The cell a :attr:`name` (``paper_steps500_seed0_dora``) stands for."""
+        match = re.fullmatch(
+            r"(?P<level>[^_]+)_steps(?P<steps>\d+)_seed(?P<seed>\d+)_(?P<m>\w+)", name
+        )
+        if not match or match["level"] not in LEVELS or match["m"] not in RUN_LABELS:
+            raise WDAnalysisError(
+                f"not a dose-study cell: {name!r}",
+                hint=f"LEVEL_stepsN_seedS_METHOD with LEVEL in {list(LEVELS)}, METHOD ft/lora/dora",
+            )
+        return cls(match["level"], int(match["steps"]), match["m"], int(match["seed"]))
 
     def settings(self, base: DemoSettings) -> DemoSettings:
         return replace(base, steps=self.steps, weight_decay=LEVELS[self.level], seed=self.seed)
@@ -180,7 +195,8 @@ def run_dose_study(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run (or read) every cell in order; after each, rewrite the table and the figure in
-    ``out_dir``, so a study stopped half-way still shows what finished."""
+    ``out_dir`` from every finished cell in ``cache_dir`` (this call's and any other's), so a
+    study stopped half-way still shows what finished. Returns this call's cells' rows."""
     base = base or DemoSettings()
     runs_dir, cache_dir, out_dir = Path(runs_dir), Path(cache_dir), Path(out_dir)
     cells = study_cells() if cells is None else list(cells)
@@ -189,10 +205,20 @@ def run_dose_study(
         done = (cache_dir / f"{cell.name}.json").is_file()
         print(f"=== dose cell {cell.name} ({i + 1} of {len(cells)}){' [cached]' if done else ''}")
         results.append(run_cell(cell, base, runs_dir, cache_dir, progress))
-        table = study_table(results)
-        write_outputs(table, out_dir)
+        write_outputs(cached_table(cache_dir), out_dir)
         print(f"    {cell.name}: {result_line(results[-1])}")
     return study_table(results)
+
+
+def cached_table(cache_dir: str | Path) -> pd.DataFrame:
+    """Every finished cell in ``cache_dir``, in the study's order (level, length, seed)."""
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in Path(cache_dir).glob("*.json")]
+    table = study_table(results)
+    order = {level: i for i, level in enumerate(LEVELS)}
+    methods = {method: i for i, method in enumerate(RUN_LABELS.values())}
+    keys = [table["steps"], table["level"].map(order), table["seed"], table["method"].map(methods)]
+    index = sorted(range(len(table)), key=lambda i: tuple(k.iloc[i] for k in keys))
+    return table.iloc[index].reset_index(drop=True)
 
 
 def result_line(result: dict) -> str:
