@@ -1,5 +1,6 @@
 """``wdanalysis demo``: the command-line shell over :mod:`wdanalysis.demo.reproduction` (one
-run) and :mod:`wdanalysis.demo.studies` (seeds, ablation). Kept apart so that neither imports
+run), :mod:`wdanalysis.demo.studies` (seeds, ablation) and :mod:`wdanalysis.demo.dose_study`
+(``--study dose``). Kept apart so that neither imports
 the other's caller: reproduction ← studies ← demo_command."""
 
 from __future__ import annotations
