@@ -38,13 +38,14 @@ def _p_vs_reference(deltas: pd.DataFrame, method: str, module: str) -> float:
 
 def _dose_columns(record: dict, module: str) -> dict:
     """Updates and decay dose of the run; DoRA: how far m moved from ‖W0‖ by the last step."""
+    from wdanalysis.train.diagnostics import decayed_dose  # torch: only when summarising
+
     dose = record.get("decay_dose", {})
-    groups = dose.get("groups", [])
     moved = record.get("magnitude_moved", {})
     last = moved[max(moved)].get(module, {}) if moved else {}
     return {
         "updates": dose.get("updates", math.nan),
-        "decay_dose": max((g["dose"] for g in groups), default=math.nan),
+        "decay_dose": decayed_dose(dose) if dose else math.nan,
         "m_moved_abs": last.get("mean_abs", math.nan),
         "m_moved_rel": last.get("relative", math.nan),
     }

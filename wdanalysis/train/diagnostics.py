@@ -24,8 +24,9 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
     """The schedule's multiplier of the peak learning rate at update ``step`` (0-based).
 
     Linear warm-up over ``warmup_steps`` updates, then linear decay to zero at
-    ``max_steps`` — the HF Trainer's ``get_linear_schedule_with_warmup``, as the DoRA
-    authors' VL-T5 trainer uses it.
+    ``max_steps``: the shape of the HF Trainer's ``get_linear_schedule_with_warmup`` that the
+    DoRA authors' VL-T5 trainer uses, except that warm-up starts at 1/(w+1) rather than 0
+    (no update is taken at lr 0).
     """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
@@ -37,11 +38,11 @@ def lr_factors(warmup_steps: int, max_steps: int) -> list[float]:
     return [lr_factor(step, warmup_steps, max_steps) for step in range(max_steps)]
 
 
-def _kind(name: str, is_norm: bool) -> str:
+def _kind(name: str, in_norm: bool) -> str:
     """A parameter's role for the record: ``lora_A.weight``, ``lora_magnitude_vector``,
     ``weight``, ``bias``, ``norm.weight`` ..."""
     parts = name.split(".")
-    if is_norm:
+    if in_norm:
         return "norm." + parts[-1]
     if len(parts) > 1 and parts[-2] in ("lora_A", "lora_B"):
         return ".".join(parts[-2:])
@@ -56,6 +57,8 @@ def decay_dose(
     Per group: its weight decay, ``sum_lr`` = Σ_t lr_t, ``dose`` = wd · Σ_t lr_t, the exact
     norm factor ``shrink`` = Π_t (1 − lr_t · wd) that the decay alone applies, and which
     kinds of tensors it holds (so a reader sees e.g. that DoRA's magnitudes are decayed).
+    The schedule is the configured one: a run resumed with another ``max_steps`` records the
+    new schedule's dose, not the mixture its updates actually followed.
     """
     factors = lr_factors(warmup_steps, max_steps)
     sum_lr = peak_lr * math.fsum(factors)
