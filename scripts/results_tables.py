@@ -77,6 +77,26 @@ def ablation_table(ablation: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def dose_table(study: pd.DataFrame) -> str:
+    """The dose × length study (``dose_study.csv``), one row per cell and module."""
+    lines = [
+        "| level | steps | seed | method | module | wd | dose wd·Σlr | held-out acc. | pooled r "
+        "[layer bootstrap] | within-step r | per-step r, first → last | DoRA \\|m − m₀\\|/m₀ "
+        "| sign as paper? | wall min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in study.itertuples():
+        moved = "—" if pd.isna(row.m_moved_rel) else f"{100 * row.m_moved_rel:.1f} %"
+        lines.append(
+            f"| {row.level} | {row.steps} | {row.seed} | {row.method} | {row.module} | "
+            f"{row.weight_decay:.3g} | {row.decay_dose:.2g} | {row.accuracy:.3f} | "
+            f"{_r(row.pearson_r)} {_interval(row.pearson_r_boot_low, row.pearson_r_boot_high)} | "
+            f"{_r(row.within_step_r)} | {_r(row.r_first_step)} → {_r(row.r_last_step)} | "
+            f"{moved} | {'yes' if row.sign_matches_paper else 'no'} | {row.seconds / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(folder: str) -> None:
     root = Path(folder)
     summary = pd.read_csv(root / "summary.csv")
@@ -84,7 +104,9 @@ def main(folder: str) -> None:
     if (root / "seeds.csv").is_file() and "pearson_r_mean" in summary.columns:
         print(seeds_table(summary, pd.read_csv(root / "seeds.csv")), end="\n\n")
     if (root / "ablation.csv").is_file():
-        print(ablation_table(pd.read_csv(root / "ablation.csv")))
+        print(ablation_table(pd.read_csv(root / "ablation.csv")), end="\n\n")
+    if (root / "dose_study.csv").is_file():
+        print(dose_table(pd.read_csv(root / "dose_study.csv")))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def seed_study(tmp_path_factory):
 
 def test_demo_defaults_follow_the_dora_authors_recipe():
     settings = DemoSettings()
-    assert settings.weight_decay == 0.01 and settings.max_grad_norm == 5.0
+    assert settings.weight_decay is None and settings.max_grad_norm == 5.0  # the paper's dose
+    assert settings.lr_ft == 1e-4 and settings.train_bias and settings.train_layernorm
     assert settings.warmup_steps() == round(0.1 * settings.steps)
     assert settings.lora_alpha / settings.rank == 1.0  # VL-BART scaling fixed at 1
     assert settings.save_steps() == [round(settings.steps * f) for f in (0.25, 0.5, 0.75, 1)]

@@ -1,5 +1,6 @@
 """``wdanalysis demo``: the command-line shell over :mod:`wdanalysis.demo.reproduction` (one
-run) and :mod:`wdanalysis.demo.studies` (seeds, ablation). Kept apart so that neither imports
+run), :mod:`wdanalysis.demo.studies` (seeds, ablation) and :mod:`wdanalysis.demo.dose_study`
+(``--study dose``). Kept apart so that neither imports
 the other's caller: reproduction ← studies ← demo_command."""
 
 from __future__ import annotations
@@ -10,6 +11,16 @@ from pathlib import Path
 
 from wdanalysis.cli.command_index import help_of
 from wdanalysis.cli.train_command import require_training_libraries
+from wdanalysis.demo.dose_study import (
+    LENGTHS,
+    DoseCell,
+    cached_table,
+    format_study_table,
+    missing_cells,
+    run_dose_study,
+    study_cells,
+    write_outputs,
+)
 from wdanalysis.demo.reproduction import DemoSettings, figures_are_fresh, publish_figures, run_demo
 from wdanalysis.demo.studies import format_seed_table, run_ablation, run_seed_study
 from wdanalysis.demo.summary import format_summary, sign_verdict
@@ -42,12 +53,38 @@ def register(subparsers) -> None:
         "--seeds", type=int, default=1, help="train and analyse seeds 0..K-1, report across seeds"
     )
     parser.add_argument("--steps", type=int, help="training steps per method (default 500)")
-    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        help="AdamW weight decay for every method (default: per method, the one that applies "
+        "the paper's decay dose wd·Σlr over the schedule: FT 0.05, LoRA/DoRA 0.5)",
+    )
     parser.add_argument("--warmup-ratio", type=float, help="warm-up share of steps (default 0.1)")
     parser.add_argument(
         "--ablation",
         action="store_true",
         help="train every cell of steps {150, 500} × weight decay {0, 0.01} × warm-up {0, 10 %%}",
+    )
+    parser.add_argument(
+        "--study",
+        choices=("dose",),
+        help="dose: weight decay {0.01, 0.1, the paper's dose} × steps × FT/LoRA/DoRA, "
+        "one cached JSON per cell (resumes)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="--study: folder of finished cells (default FIGURES/dose_study or OUT/cells)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=lambda text: tuple(int(p) for p in text.split(",") if p.strip()),
+        help="--study: training lengths (default 500,2000)",
+    )
+    parser.add_argument(
+        "--cells",
+        type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+        help="--study: only these cells, in this order (e.g. paper_steps500_seed0_dora)",
     )
     parser.add_argument(
         "--analyse-only", action="store_true", help="re-analyse the runs already in --out"
@@ -80,6 +117,8 @@ def run_demo_command(args) -> int:
     if args.if_stale and args.figures and figures_are_fresh(args.figures, settings):
         print(f"{args.figures} is up to date with the code; nothing to do")
         return 0
+    if args.study == "dose":
+        return _dose_study_command(args, settings)
     if args.ablation:
         return _ablation_command(args, settings)
     if args.seeds > 1:
@@ -113,4 +152,24 @@ def _ablation_command(args, settings: DemoSettings) -> int:
     if args.figures:
         write_csv_atomic(table, args.figures / "ablation.csv")
         print(f"published ablation.csv to {args.figures}/")
+    return 0
+
+
+def _dose_study_command(args, settings: DemoSettings) -> int:
+    """Issue 23's dose × length study; cells are cached in ``--cache`` (commit it)."""
+    cache = args.cache or (args.figures / "dose_study" if args.figures else args.out / "cells")
+    if args.cells:
+        cells = [DoseCell.parse(name) for name in args.cells]
+    else:
+        cells = study_cells(lengths=args.lengths or LENGTHS)
+    if args.analyse_only:  # the table and figure from the finished cells, no training
+        table = cached_table(cache)
+        write_outputs(table, args.figures or args.out)
+    else:
+        table = run_dose_study(
+            args.out, cache, args.figures or args.out, settings, cells, progress=not args.quiet
+        )
+    print("\n" + format_study_table(table))
+    left = missing_cells(cells, cache)
+    print(f"\n{len(cells) - len(left)} of {len(cells)} cells finished; cache in {cache}/")
     return 0

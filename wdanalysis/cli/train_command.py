@@ -92,6 +92,16 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="ft: train only these modules (default: all weights)",
     )
     parser.add_argument(
+        "--train-bias",
+        action="store_true",
+        help="also train every bias (the DoRA authors' --unfreeze_bias; PEFT bias='all')",
+    )
+    parser.add_argument(
+        "--train-layernorm",
+        action="store_true",
+        help="also train every LayerNorm, saved whole (the authors' --unfreeze_layer_norms)",
+    )
+    parser.add_argument(
         "--no-detach-norm",
         action="store_true",
         help="dora: let gradients flow through ||V+dV|| (off Sec. 4.3)",
@@ -145,6 +155,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         modules_to_save=None if args.modules_to_save is None else tuple(args.modules_to_save),
         ft_modules=tuple(args.ft_modules),
         detach_norm=not args.no_detach_norm,
+        train_bias=args.train_bias,
+        train_layernorm=args.train_layernorm,
         device=args.device,
         fsdp=args.fsdp,
         resume=args.resume,
@@ -169,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{result.method}: checkpoints at steps {steps} in {result.run_dir} "
                 f"({result.seconds_per_step:.3f} s/step)"
             )
+            print(format_dose(result.decay_dose))
         if tracker is not None and tracker.failure is None:
             print(f"tracked ΔM/ΔD every {tracker.every} steps in {tracker.out}")
         # An FSDP model runs forward on every rank together; a DDP copy on rank 0 alone.
@@ -196,6 +209,18 @@ def require_training_libraries(extra: str) -> None:
             f"wdanalysis {extra} needs transformers, which cannot be imported ({error})",
             hint=f"pip install 'wdanalysis[{extra}]'",
         ) from None
+
+
+def format_dose(record: dict) -> str:
+    """One line per AdamW group: weight decay, dose wd·Σlr and what it holds."""
+    lines = [f"decay dose over {record['updates']} updates (Σ lr = {record['sum_lr']:.4g}):"]
+    for group in record["groups"]:
+        kinds = ", ".join(f"{kind} ×{n}" for kind, n in group["kinds"].items())
+        lines.append(
+            f"  wd {group['weight_decay']:g}: dose {group['dose']:.3g} "
+            f"(norms × {group['shrink']:.3f}) on {group['parameters']:,} parameters ({kinds})"
+        )
+    return "\n".join(lines)
 
 
 def _tracker(args: argparse.Namespace, config: TrainConfig):

@@ -1,5 +1,6 @@
 """The paper's demo and studies: train FT/LoRA/DoRA, analyse, publish Figure 2, replicate
-over seeds and ablate the regime. May import train, plots, stats, the table and below."""
+over seeds, ablate the regime, and the weight-decay dose × length study (``dose_study``).
+May import train, plots, stats, the table and below."""
 
 from __future__ import annotations
 

@@ -44,12 +44,28 @@ def _p_vs_reference(deltas: pd.DataFrame, method: str, module: str) -> float:
     return float(test["p_value"])
 
 
+def _dose_columns(record: dict, module: str) -> dict:
+    """Updates and decay dose of the run; DoRA: how far m moved from ‖W0‖ by the last step."""
+    from wdanalysis.train.diagnostics import decayed_dose  # torch: only when summarising
+
+    dose = record.get("decay_dose", {})
+    moved = record.get("magnitude_moved", {})
+    last = moved[max(moved)].get(module, {}) if moved else {}
+    return {
+        "updates": dose.get("updates", math.nan),
+        "decay_dose": decayed_dose(dose) if dose else math.nan,
+        "m_moved_abs": last.get("mean_abs", math.nan),
+        "m_moved_rel": last.get("relative", math.nan),
+    }
+
+
 def summarize(
     fits: pd.DataFrame, trained: dict, deltas: pd.DataFrame, n_boot: int = 2000
 ) -> pd.DataFrame:
     """Per method and module: accuracy, pooled fit, design-aware intervals, paper's sign.
 
-    ``trained`` maps a method label to ``{"accuracy": {step: acc}, "seconds_per_step": s}``.
+    ``trained`` maps a method label to its training record (``accuracy.json``:
+    ``{"accuracy": {step: acc}, "seconds_per_step": s, "decay_dose": ..., ...}``).
     """
     keys = fit_groups(deltas)  # method, run, module and the kinds, as the fits
     kinds = keys[3:]
@@ -86,6 +102,7 @@ def summarize(
                 "paper_sign": "−" if sign < 0 else "+",
                 "sign_matches_paper": bool(sign * fit["slope"] > 0),
                 "seconds_per_step": record.get("seconds_per_step", math.nan),
+                **_dose_columns(record, module),
             }
         )
     return pd.DataFrame(rows)
@@ -96,6 +113,7 @@ def format_summary(summary: pd.DataFrame) -> str:
     header = (
         f"{'method':<6} {'module':<6} {'acc.':>6} {'slope':>9} {'r [layer-bootstrap 95% CI]':>27}"
         f" {'within':>7} {'r first→last step':>18} {'p vs LoRA':>9} {'paper r':>8}  sign"
+        f"        {'wd·Σlr':>7} {'m moved':>8}"
     )
     lines = [header]
     for _, row in summary.iterrows():
@@ -105,10 +123,13 @@ def format_summary(summary: pd.DataFrame) -> str:
         p = "—" if math.isnan(row["p_vs_lora"]) else f"{row['p_vs_lora']:.3f}"
         verdict = "as paper" if row["sign_matches_paper"] else "differs"
         verdict += f" ({row['paper_sign']})"
+        dose = row.get("decay_dose", math.nan)
+        moved = row.get("m_moved_rel", math.nan)
+        moved = "—" if math.isnan(moved) else f"{100 * moved:.2f} %"
         lines.append(
             f"{row['method']:<6} {row['module']:<6} {row['accuracy']:>6.3f} {row['slope']:>9.3g} "
             f"{interval:>27} {row['within_step_r']:>+7.2f} {steps:>18} {p:>9} "
-            f"{row['paper_r']:>+8.2f}  {verdict}"
+            f"{row['paper_r']:>+8.2f}  {verdict:<13} {dose:>7.2g} {moved:>8}"
         )
     return "\n".join(lines)
 

@@ -47,6 +47,11 @@ class TrainConfig:
     modules_to_save: Sequence[str] | None = None  # default: the classification head
     ft_modules: Sequence[str] = ()  # ft: train only these modules (plus the head); () = all
     detach_norm: bool = True  # DoRA Sec. 4.3
+    # Beside the adapters (or ft_modules), as the DoRA authors' --unfreeze_bias and
+    # --unfreeze_layer_norms: every bias (never decayed) / every normalisation layer
+    # (never decayed, saved whole like a head).
+    train_bias: bool = False
+    train_layernorm: bool = False
     device: str = "auto"  # "cpu", "cuda" or "auto"
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
     resume: bool = False

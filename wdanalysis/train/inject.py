@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.train.layers import DoRALinear, LoRALinear, is_adaptable, is_conv1d
+from wdanalysis.train.layers import DoRALinear, LoRALinear, is_adaptable, is_conv1d, is_norm
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class AdapterSpec:
     magnitude_only_modules: tuple[str, ...] = ()  # DoRA only: train m, not A/B (Table 6)
     modules_to_save: tuple[str, ...] = ()  # trained in full, saved whole (e.g. a class head)
     detach_norm: bool = True  # DoRA Sec. 4.3
+    bias: str = "none"  # PEFT's field: "all" trains and saves every bias beside the adapters
 
 
 def matches(name: str, targets: Iterable[str]) -> bool:
@@ -88,6 +89,19 @@ def _wrap(base: nn.Module, spec: AdapterSpec, magnitude_only: bool) -> LoRALinea
     if spec.method == "lora":
         return LoRALinear(base, **common)
     return DoRALinear(base, **common, detach_norm=spec.detach_norm, magnitude_only=magnitude_only)
+
+
+def norm_modules(model: nn.Module) -> list[str]:
+    """Full names of the normalisation layers (LayerNorm, RMSNorm ...) of ``model``."""
+    return [name for name, module in model.named_modules() if name and is_norm(module)]
+
+
+def unfreeze_biases(model: nn.Module) -> list[str]:
+    """Train every bias (PEFT's ``bias="all"``: each parameter named ``bias``)."""
+    names = [name for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    for name in names:
+        model.get_parameter(name).requires_grad_(True)
+    return names
 
 
 def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -25,6 +25,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer (LayerNorm, GroupNorm, RMSNorm ...): never weight-decayed, and
+    what ``train_layernorm`` trains beside the adapters."""
+    return isinstance(module, nn.LayerNorm | nn.GroupNorm) or "Norm" in type(module).__name__
+
+
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 

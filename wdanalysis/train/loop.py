@@ -33,8 +33,16 @@ from wdanalysis.train.data import (
     load_dataset,
     logits_of,
 )
+from wdanalysis.train.diagnostics import decay_dose, lr_factor
 from wdanalysis.train.distributed import World
-from wdanalysis.train.inject import AdapterSpec, inject_adapters, select_full_finetune
+from wdanalysis.train.inject import (
+    AdapterSpec,
+    inject_adapters,
+    norm_modules,
+    select_full_finetune,
+    unfreeze_biases,
+)
+from wdanalysis.train.layers import is_norm
 from wdanalysis.train.model import head_modules, load_pretrained
 from wdanalysis.train.peft_format import ADAPTER_SUFFIXES, adapter_updates, save_adapter
 
@@ -49,6 +57,7 @@ RESUMABLE_CHANGES = {
     "device",
     "keep_all_training_states",
     "fsdp",
+    "decay_dose",  # follows max_steps
 }
 
 
@@ -62,6 +71,7 @@ class RunResult:
     losses: list[tuple[int, float]]  # (step, training loss), steps 1..max_steps
     seconds_per_step: float  # this process's steps only, checkpoint writes excluded
     trainable_parameters: int
+    decay_dose: dict  # :func:`wdanalysis.train.diagnostics.decay_dose`, also in train_config.json
     model: nn.Module = field(repr=False)
     tokenizer: object = field(repr=False)
     data: Dataset = field(repr=False)
@@ -100,13 +110,15 @@ def train(
     if from_files and world.fsdp:  # each rank reads its rows; DoRA's m from the real rows
         sharded_load.materialise(model, config.model_dir, world.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=0.0
-    )
+    groups = parameter_groups(model, config.weight_decay)
+    dose = decay_dose(model, groups, config.lr, config.warmup_steps, config.max_steps)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     scheduler = linear_schedule(optimizer, config.warmup_steps, config.max_steps)
     torch.manual_seed(distributed.rank_seed(config.seed + 2, world))  # dropout stream
 
-    run_dir = distributed.on_main(world, lambda: prepare_run_dir(Path(config.out_dir), config))
+    run_dir = distributed.on_main(
+        world, lambda: prepare_run_dir(Path(config.out_dir), config, dose)
+    )
     start, history = 0, []
     last = distributed.on_main(world, lambda: last_checkpoint(run_dir, config))
     if last is not None:
@@ -161,6 +173,7 @@ def train(
         losses=[(h["step"], h["loss"]) for h in history],
         seconds_per_step=seconds / steps_run if steps_run else float("nan"),
         trainable_parameters=sum(p.numel() for p in trainable),
+        decay_dose=dose,
         model=distributed.unwrap(model),
         tokenizer=tokenizer,
         data=data,
@@ -222,11 +235,15 @@ def prepare_parameters(model: nn.Module, config: TrainConfig, task: str) -> Adap
     """Inject adapters (lora/dora) or choose trained weights (ft); the head always trains."""
     heads = head_modules(model) if task == CLASSIFICATION else []
     to_save = tuple(config.modules_to_save if config.modules_to_save is not None else heads)
+    if config.train_layernorm:  # the DoRA authors' --unfreeze_layer_norms, saved whole
+        to_save += tuple(name for name in norm_modules(model) if name not in to_save)
     if config.method == "ft":
         if config.ft_modules:
             select_full_finetune(model, tuple(config.ft_modules) + to_save)
         else:
             select_full_finetune(model)
+        if config.train_bias:
+            unfreeze_biases(model)
         return None
     spec = AdapterSpec(
         method=config.method,
@@ -238,8 +255,11 @@ def prepare_parameters(model: nn.Module, config: TrainConfig, task: str) -> Adap
         magnitude_only_modules=tuple(config.magnitude_only_modules),
         modules_to_save=to_save,
         detach_norm=config.detach_norm,
+        bias="all" if config.train_bias else "none",
     )
     inject_adapters(model, spec)
+    if config.train_bias:  # the DoRA authors' --unfreeze_bias; PEFT's bias="all"
+        unfreeze_biases(model)
     return spec
 
 
@@ -252,9 +272,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """
     no_decay: set[int] = set()
     for module in model.modules():
-        is_norm = isinstance(module, nn.LayerNorm | nn.GroupNorm) or "Norm" in type(module).__name__
+        norm = is_norm(module)
         for name, param in module.named_parameters(recurse=False):
-            if is_norm or name == "bias":
+            if norm or name == "bias":
                 no_decay.add(id(param))
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if id(p) not in no_decay]
@@ -268,16 +288,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def linear_schedule(optimizer, warmup_steps: int, max_steps: int):
     """Linear warm-up, then linear decay to zero at ``max_steps`` (the HF Trainer default)."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, max_steps)
+    )
 
 
-def prepare_run_dir(run_dir: Path, config: TrainConfig) -> Path:
-    """Create the run folder; refuse to mix two different runs in one folder."""
+def prepare_run_dir(run_dir: Path, config: TrainConfig, dose: dict | None = None) -> Path:
+    """Create the run folder; refuse to mix two different runs in one folder.
+
+    ``train_config.json`` holds the settings plus ``decay_dose``, what the weight decay
+    applies to each parameter group over the schedule.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale_temporaries(run_dir)
     record = run_dir / RUN_CONFIG
@@ -296,7 +317,8 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig) -> Path:
             raise WDAnalysisError(
                 f"cannot resume: settings differ from the run's ({changed})", path=record
             )
-    write_text_atomic(record, json.dumps(config.to_json(), indent=2) + "\n")
+    written = config.to_json() | ({} if dose is None else {"decay_dose": dose})
+    write_text_atomic(record, json.dumps(written, indent=2) + "\n")
     return run_dir
 
 

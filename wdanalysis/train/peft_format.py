@@ -43,6 +43,8 @@ def adapter_state_dict(
             state[PREFIX + key] = value
         elif key.startswith(saved_whole):
             state[PREFIX + unwrap_key(key)] = value
+        elif spec.bias == "all" and key.rsplit(".", 1)[-1] == "bias":
+            state[PREFIX + key] = value  # as PEFT saves them: a wrapped layer's keeps base_layer
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
@@ -65,7 +67,7 @@ def adapter_config(
         "target_modules": sorted(set(spec.target_modules) | set(spec.magnitude_only_modules)),
         "modules_to_save": list(spec.modules_to_save) or None,
         "fan_in_fan_out": fan_in_fan_out == {True},
-        "bias": "none",
+        "bias": spec.bias,
         "init_lora_weights": True,
         "inference_mode": True,
         "rank_pattern": {},
