@@ -1,5 +1,5 @@
 # Two commands a new user needs (see README):
-#   make demo   set up .venv and run the end-to-end Figure-2 reproduction (CPU, a few minutes)
+#   make demo   set up .venv and run the end-to-end Figure-2 reproduction (CPU, ~20 min on 2 cores)
 #   make test   set up .venv, refresh figures/ if the code changed, run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
