@@ -292,6 +292,18 @@ class Adapter:
                 "pass the base model this adapter was trained on, or re-save the adapter",
             )
 
+    def saved_weight(self, module: AdapterModule, w0: torch.Tensor) -> torch.Tensor:
+        """A ``modules_to_save`` weight in float64; resized (added tokens): fatal only here."""
+        saved = self.store.get(module.replacement)
+        if tuple(saved.shape) != tuple(w0.shape):
+            raise AdapterMismatchError(
+                f"{module.name}: saved weight {list(saved.shape)} does not match the base "
+                f"weight {list(w0.shape)}",
+                self.path,
+                "leave this module out of --modules, or pass the matching base model",
+            )
+        return saved.to(torch.float64)
+
     def effective_weight(self, module: AdapterModule, w0: torch.Tensor, transposed: bool):
         """The merged weight in float64, in the base weight's stored layout.
 
@@ -303,18 +315,7 @@ class Adapter:
         if module.token_rows:  # rows replaced first; PEFT refuses LoRA on the same table
             w0 = tokens.with_rows(w0, module.token_indices, self.store.get(module.token_rows))
         if not (module.lora_b or module.magnitude):
-            if module.replacement is None:
-                return w0.to(torch.float64)
-            saved = self.store.get(module.replacement)
-            if tuple(saved.shape) != tuple(w0.shape):
-                # e.g. an embedding resized for added tokens: fatal only when analysed
-                raise AdapterMismatchError(
-                    f"{module.name}: saved weight {list(saved.shape)} does not match the base "
-                    f"weight {list(w0.shape)}",
-                    self.path,
-                    "leave this module out of --modules, or pass the matching base model",
-                )
-            return saved.to(torch.float64)
+            return self.saved_weight(module, w0) if module.replacement else w0.double()
         # VL-BART's DoraLinear merges onto its own saved copy of W0 (weight_v)
         use_saved = module.saved_base and self.config.format == "dora-vlbart"
         v = (self.store.get(module.saved_base) if use_saved else w0).to(torch.float64)

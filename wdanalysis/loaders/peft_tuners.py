@@ -110,15 +110,7 @@ class TunerAdapter(Adapter):
     def effective_weight(self, module, w0: torch.Tensor, transposed: bool) -> torch.Tensor:
         """``W'`` in float64 and the base's stored layout, as PEFT's layer merges it."""
         if module.replacement:
-            saved = self.store.get(module.replacement)
-            if tuple(saved.shape) != tuple(w0.shape):
-                raise AdapterMismatchError(
-                    f"{module.name}: saved weight {list(saved.shape)} does not match the base "
-                    f"weight {list(w0.shape)}",
-                    self.path,
-                    "leave this module out of --modules, or pass the matching base model",
-                )
-            return saved.to(torch.float64)
+            return self.saved_weight(module, w0)
         layer = peft_merge.standalone_layer(module.name, w0, transposed)
         saved = {k: self.store.get(k) for k in (*module.tensors, *self.shared)}
         merged = peft_merge.merge_module(self.peft_config, module.name, layer, saved, self.path)
