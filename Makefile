@@ -1,5 +1,5 @@
 # Two commands a new user needs (see README):
-#   make demo   set up .venv and run the end-to-end Figure-2 reproduction (CPU, ~20 min on 2 cores)
+#   make demo   set up .venv and run the end-to-end Figure-2 reproduction (CPU, ~10 min on 2 quiet cores, ~20 min shared)
 #   make test   set up .venv, refresh figures/ if the code changed, run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python

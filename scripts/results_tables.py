@@ -97,6 +97,23 @@ def dose_table(study: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def dose_seeds_table(seeds: pd.DataFrame) -> str:
+    """Cells of the study run at several seeds (``dose_study_seeds.csv``): mean over seeds."""
+    lines = [
+        "| level | steps | method | module | seeds | mean r [95 % t-CI over seeds] | "
+        "within-step r, mean [95 % t-CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in seeds.itertuples():
+        lines.append(
+            f"| {row.level} | {row.steps} | {row.method} | {row.module} | {row.seeds} | "
+            f"{_r(row.pearson_r_mean)} {_interval(row.pearson_r_ci_low, row.pearson_r_ci_high)} | "
+            f"{_r(row.within_step_r_mean)} "
+            f"{_interval(row.within_step_r_ci_low, row.within_step_r_ci_high)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(folder: str) -> None:
     root = Path(folder)
     summary = pd.read_csv(root / "summary.csv")
@@ -106,7 +123,10 @@ def main(folder: str) -> None:
     if (root / "ablation.csv").is_file():
         print(ablation_table(pd.read_csv(root / "ablation.csv")), end="\n\n")
     if (root / "dose_study.csv").is_file():
-        print(dose_table(pd.read_csv(root / "dose_study.csv")))
+        print(dose_table(pd.read_csv(root / "dose_study.csv")), end="\n\n")
+    seeds = root / "dose_study_seeds.csv"
+    if seeds.is_file() and len(pd.read_csv(seeds)):
+        print(dose_seeds_table(pd.read_csv(seeds)))
 
 
 if __name__ == "__main__":

@@ -297,3 +297,20 @@ def test_resized_vocabulary_modules_to_save(tmp_path):
     added = table.set_index("parameter")["rows_added"]
     assert added[embed] == added[head] == 6 and (added[qv(state)] == 0).all()
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"]
+
+
+def test_conv1d_model_types_are_exactly_real_transformers_types_built_on_conv1d():
+    import importlib
+
+    from transformers.models.auto.configuration_auto import (
+        CONFIG_MAPPING_NAMES,
+        model_type_to_module_name,
+    )
+
+    from wdanalysis.loaders.checkpoint_kinds import CONV1D_MODEL_TYPES
+
+    for model_type in CONV1D_MODEL_TYPES:
+        assert model_type in CONFIG_MAPPING_NAMES, model_type  # a real config.json model_type
+        name = model_type_to_module_name(model_type)
+        modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        assert hasattr(modeling, "Conv1D"), model_type  # its attention is GPT-2's Conv1D

@@ -175,6 +175,7 @@ def test_dose_study_writes_cells_table_and_figure_and_never_retrains_a_cell(tmp_
     assert today["weight_decay"].eq(0.01).all()
     assert today["decay_dose"].to_numpy() == pytest.approx([0.01 * 1e-3 * 2.5] * 2)  # Σf = 2.5
     assert pd.read_csv(out / "dose_study.csv").shape == table.shape
+    assert (out / "dose_study_seeds.csv").is_file()  # empty: every cell here has one seed
     assert set(dose_study.cached_table(cache)["cell"]) == {c.name for c in cells}
     assert (out / "dose_response.png").stat().st_size > 0 and (out / "dose_response.svg").is_file()
 
@@ -228,3 +229,77 @@ def test_train_cli_passes_the_bias_and_layernorm_options_and_prints_the_dose():
     }
     text = train_command.format_dose(record)
     assert "10 updates" in text and "dose 0.01" in text and "lora_magnitude_vector ×4" in text
+
+
+def test_seed_summary_gives_a_t_interval_only_where_a_cell_ran_at_several_seeds():
+    import numpy as np
+    from scipy import stats
+
+    from wdanalysis.demo.dose_study import seed_summary
+
+    rng = np.random.default_rng(3)
+    rows = [
+        {
+            "level": level,
+            "steps": 500,
+            "seed": seed,
+            "method": method,
+            "module": module,
+            "pearson_r": rng.uniform(-1, 1),
+            "within_step_r": rng.uniform(-1, 1),
+        }
+        for level, seeds in (("paper", (0, 1, 2)), ("today", (0,)))
+        for seed in seeds
+        for method in ("FT", "DoRA")
+        for module in ("query", "value")
+    ]
+    table = pd.DataFrame(rows)
+    summary = seed_summary(table)
+    assert set(summary["level"]) == {"paper"} and len(summary) == 4
+    for row in summary.itertuples():
+        mine = table[(table.level == "paper") & (table.method == row.method)]
+        values = mine.loc[mine.module == row.module, "pearson_r"].to_numpy()
+        low, high = stats.t.interval(0.95, 2, loc=values.mean(), scale=stats.sem(values))
+        assert row.n_seeds == 3 and row.seeds == "0 1 2"
+        assert row.pearson_r_mean == pytest.approx(values.mean())
+        assert row.pearson_r_ci_low == pytest.approx(max(low, -1.0))
+        assert row.pearson_r_ci_high == pytest.approx(min(high, 1.0))
+    assert seed_summary(table[table.level == "today"]).empty
+
+
+def test_decay_share_is_one_when_the_magnitude_change_is_the_decay_alone(tmp_path):
+    """scripts/decay_share.py: ΔM over (1 − shrink)·mean‖w₀ row‖, on a real (non-square)
+    safetensors base and a DoRA magnitude that only the decay moved."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location(
+        "decay_share", Path(__file__).parents[1] / "scripts" / "decay_share.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    weights = {f"encoder.layer.{i}.attention.self.query.weight": torch.randn(5, 3) for i in (0, 1)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    norms = script.base_row_norms(tmp_path, modules=("query",))
+    shrink = 0.8
+    deltas = []
+    for i in (0, 1):
+        m0 = weights[f"encoder.layer.{i}.attention.self.query.weight"].double().norm(dim=1)
+        assert norms[("query", i)] == pytest.approx(m0.mean().item())
+        dm = (m0 - shrink * m0).abs().mean().item()  # decay only: m_T = shrink·m₀
+        deltas += [{"module": "query", "layer": i, "step": 9, "delta_m": dm * (1 + i)}]
+        deltas += [{"module": "query", "layer": i, "step": 3, "delta_m": 123.0}]  # not final
+    cell = {
+        "cell": {"level": "paper", "steps": 9, "seed": 0, "method": "dora"},
+        "record": {"decay_dose": {"groups": [{"shrink": shrink}]}},
+        "summary": [{"decay_dose": 0.2}],
+        "deltas": deltas,
+    }
+    (row,) = script.decay_share(cell, norms)
+    assert row["method"] == "DoRA" and row["dm_over_decay_only"] == pytest.approx(1.5)
+    assert row["dm_over_decay_only_min"] == pytest.approx(1.0)
+    assert row["dm_over_decay_only_max"] == pytest.approx(2.0)
+    assert script.decay_share({**cell, "cell": {**cell["cell"], "method": "lora"}}, norms) == []

@@ -24,7 +24,6 @@ CONV1D_MODEL_TYPES = {
     "openai-gpt",
     "imagegpt",
     "decision_transformer",
-    "gpt_bigcode_conv1d",
 }
 # GPT-2's Conv1D modules store (in, out) weights.
 CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
