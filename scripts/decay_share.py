@@ -32,21 +32,16 @@ OUT_FILE = "dose_decay_share.csv"
 DECAYED = {"ft": "FT", "dora": "DoRA"}  # methods whose analysed W or m is decayed
 
 
-def base_row_norms(model_dir: Path, modules=("query", "value")) -> dict[tuple[str, int], float]:
-    """Mean row norm of each base ``…layer.N.….<module>.weight``, keyed (module, N)."""
+def base_row_norms(model_dir: Path, keys) -> dict[str, float]:
+    """Mean row norm of each base weight named in ``keys`` (the cells' ``parameter``
+    column, the stored key the analysis read), read lazily one tensor at a time."""
     from safetensors import safe_open
 
-    norms = {}
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            leaf = key.rsplit(".", 2)
-            if len(leaf) == 3 and leaf[1] in modules and leaf[2] == "weight" and "layer." in key:
-                layer = int(key.split("layer.")[1].split(".")[0])
-                norms[(leaf[1], layer)] = f.get_tensor(key).double().norm(dim=1).mean().item()
-    return norms
+        return {k: f.get_tensor(k).double().norm(dim=1).mean().item() for k in sorted(set(keys))}
 
 
-def decay_share(cell: dict, norms: dict[tuple[str, int], float]) -> list[dict]:
+def decay_share(cell: dict, norms: dict[str, float]) -> list[dict]:
     """One row per module of a decayed method's cell JSON: final ΔM over decay-only ΔM."""
     method = cell["cell"]["method"]
     if method not in DECAYED:
@@ -56,7 +51,7 @@ def decay_share(cell: dict, norms: dict[tuple[str, int], float]) -> list[dict]:
     last = deltas.loc[deltas["step"] == deltas["step"].max()]
     rows = []
     for module, part in last.groupby("module", sort=True):
-        decay_only = [(1.0 - shrink) * norms[(module, int(layer))] for layer in part["layer"]]
+        decay_only = [(1.0 - shrink) * norms[key] for key in part["parameter"]]
         ratios = part["delta_m"].to_numpy() / decay_only
         rows.append(
             {
@@ -77,8 +72,8 @@ def main(folder: str) -> pd.DataFrame:
     from wdanalysis.demo.reproduction import model_path
 
     root = Path(folder)
-    norms = base_row_norms(model_path())
     cells = [json.loads(p.read_text()) for p in sorted((root / "dose_study").glob("*.json"))]
+    norms = base_row_norms(model_path(), (d["parameter"] for c in cells for d in c["deltas"]))
     table = pd.DataFrame([row for cell in cells for row in decay_share(cell, norms)])
     table = table.sort_values(["steps", "level", "seed", "method", "module"], ignore_index=True)
     write_csv_atomic(table, root / OUT_FILE)

@@ -124,9 +124,13 @@ def main(folder: str) -> None:
         print(ablation_table(pd.read_csv(root / "ablation.csv")), end="\n\n")
     if (root / "dose_study.csv").is_file():
         print(dose_table(pd.read_csv(root / "dose_study.csv")), end="\n\n")
-    seeds = root / "dose_study_seeds.csv"
-    if seeds.is_file() and len(pd.read_csv(seeds)):
-        print(dose_seeds_table(pd.read_csv(seeds)))
+    seeds = (
+        pd.read_csv(root / "dose_study_seeds.csv")
+        if (root / "dose_study_seeds.csv").is_file()
+        else None
+    )
+    if seeds is not None and len(seeds):
+        print(dose_seeds_table(seeds))
 
 
 if __name__ == "__main__":

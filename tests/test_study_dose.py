@@ -283,15 +283,16 @@ def test_decay_share_is_one_when_the_magnitude_change_is_the_decay_alone(tmp_pat
     torch.manual_seed(0)
     weights = {f"encoder.layer.{i}.attention.self.query.weight": torch.randn(5, 3) for i in (0, 1)}
     save_file(weights, str(tmp_path / "model.safetensors"))
-    norms = script.base_row_norms(tmp_path, modules=("query",))
+    norms = script.base_row_norms(tmp_path, list(weights))
     shrink = 0.8
     deltas = []
-    for i in (0, 1):
-        m0 = weights[f"encoder.layer.{i}.attention.self.query.weight"].double().norm(dim=1)
-        assert norms[("query", i)] == pytest.approx(m0.mean().item())
+    for i, (key, w) in enumerate(weights.items()):
+        m0 = w.double().norm(dim=1)
+        assert norms[key] == pytest.approx(m0.mean().item())
         dm = (m0 - shrink * m0).abs().mean().item()  # decay only: m_T = shrink·m₀
-        deltas += [{"module": "query", "layer": i, "step": 9, "delta_m": dm * (1 + i)}]
-        deltas += [{"module": "query", "layer": i, "step": 3, "delta_m": 123.0}]  # not final
+        row = {"module": "query", "parameter": key, "layer": i}
+        deltas += [{**row, "step": 9, "delta_m": dm * (1 + i)}]
+        deltas += [{**row, "step": 3, "delta_m": 123.0}]  # not the final step
     cell = {
         "cell": {"level": "paper", "steps": 9, "seed": 0, "method": "dora"},
         "record": {"decay_dose": {"groups": [{"shrink": shrink}]}},
