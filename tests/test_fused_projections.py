@@ -380,8 +380,12 @@ def test_mamba_in_proj_is_not_attention(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(WDAnalysisError, match="found no attention query/value weights"):
         compare(tmp_path / "base", tmp_path / "ft", progress=False)
-    whole = compare(tmp_path / "base", tmp_path / "ft", modules=["in_proj"], progress=False)
-    assert list(whole["module"]) == ["in_proj", "in_proj"]  # asked for by name: whole
+    with pytest.raises(WDAnalysisError, match="in_proj.*--whole in_proj"):  # x | z: fused
+        compare(tmp_path / "base", tmp_path / "ft", modules=["in_proj"], progress=False)
+    whole = compare(
+        tmp_path / "base", tmp_path / "ft", modules=["in_proj"], whole=["in_proj"], progress=False
+    )
+    assert list(whole["module"]) == ["in_proj", "in_proj"]  # asked for whole: one row each
 
 
 def test_live_tracking_gives_the_rows_compare_gives(tmp_path):

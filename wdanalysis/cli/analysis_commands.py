@@ -90,6 +90,14 @@ def _register_compare(subparsers) -> None:
         help="module names, paths or regexes to analyse (default: attention query/value)",
     )
     parser.add_argument(
+        "--whole",
+        nargs="+",
+        type=module_pattern,
+        default=[],
+        metavar="NAME",
+        help="fused weights to analyse unsplit (their parts' rows averaged), else refused",
+    )
+    parser.add_argument(
         "--axis",
         choices=["out", "in"],
         default="out",
@@ -182,6 +190,7 @@ def run_compare(args: argparse.Namespace) -> int:
             device=args.device,
             workers=args.workers,
             progress=not args.quiet,
+            whole=args.whole,
         )
     except PartialResultError as partial_result:
         return _write_partial(partial_result, args.out, args)
@@ -215,7 +224,7 @@ def claim_positionals(args: argparse.Namespace) -> None:
     taken back, in order; module names and labels name none of these.
     """
     given = ([args.base] if args.base else []) + list(args.runs)
-    for option in ("modules", "labels"):
+    for option in ("modules", "labels", "whole"):
         values = list(getattr(args, option) or [])
         cut = len(values)
         while len(given) < 2 and cut > 0 and _names_checkpoint(values[cut - 1]):

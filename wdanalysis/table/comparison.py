@@ -71,6 +71,7 @@ def compare(
     progress: bool = True,
     device: str = "cpu",
     workers: int | None = None,
+    whole: Sequence[str] = (),
 ) -> pd.DataFrame:
     """ΔM and ΔD of every selected weight, for every checkpoint of every run.
 
@@ -96,13 +97,16 @@ def compare(
     workers: threads computing the checkpoints of one block in parallel (1: one compute
         thread beside the reader thread). ``None``: 2 where there are 2 or more cores, which
         kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did not.
+    whole: fused weights (leaf names, paths or regexes) to analyse unsplit, one row each,
+        their parts' rows averaged: a fused weight with no known split is otherwise
+        refused (``--whole NAME``; ``docs/guides/architectures.md``).
 
     Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
     ``table.attrs["backend"]`` says which backend computed the sums (the fused C kernel and
     its file, or torch and why), as ``run.json`` beside ``deltas.csv`` records it.
     """
     notices.check_options(modules, workers)
-    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out)
+    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, whole)
     rows, errors = compute_rows(plan, plan.selected, progress, device, workers)
     return assemble_table(plan, rows, errors)
 
@@ -124,12 +128,13 @@ class ComparisonPlan:
 
 
 def plan_comparison(
-    base, runs: RunsArg, modules=None, labels=None, axis="out", fan_in_fan_out=None
+    base, runs: RunsArg, modules=None, labels=None, axis="out", fan_in_fan_out=None, whole=()
 ) -> ComparisonPlan:
     """Open and check every input (headers and configs only); see :func:`compare`."""
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
     notices.check_options(modules, None)
+    notices.check_options(whole, None)
     run_list = _open_runs(runs, labels)
     notices.note_quantized_training(run_list)
     if is_auto(base):
@@ -140,8 +145,8 @@ def plan_comparison(
     shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
     aligner = aligner_for(base_model)
     transposed = stored_transposed(base_model, run_list, fan_in_fan_out, aligner)
-    fused = fused_layouts(base_model.path, shapes, transposed)
-    selected, parts = select_targets(shapes, modules, str(base), fused)
+    fused = fused_layouts(base_model.path, shapes, transposed, whole)
+    selected, parts = select_targets(shapes, modules, str(base), fused, whole)
     _check_base_dtypes(base_model, selected)
     for key in selected:  # an undecidable layout is refused now, not mid-computation
         transposed(key)

@@ -26,37 +26,52 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.weights.fused_parts import Missing as _Missing
+from wdanalysis.weights.fused_parts import Part
+from wdanalysis.weights.fused_parts import config_int as _int
+from wdanalysis.weights.fused_parts import heads_of as _heads
+from wdanalysis.weights.fused_parts import interleave as _interleave
+from wdanalysis.weights.fused_parts import qkv as _qkv
+from wdanalysis.weights.fused_rules import MODERN_RULES, RENAMED_LEAVES, STORED_OUT, model_type_of
 
 __all__ = ["FUSED_LEAVES", "FusedLayouts", "Part", "fused_layouts", "read_config"]
 
-# Leaf names of fused weights (and GPT-2's cross-attention query ``q_attn``, renamed).
-FUSED_LEAVES = {"c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "gate_up_proj", "W_pack"}
-_RENAMED_LEAVES = {"q_attn"}
+# Leaf names that are fused in some architecture: such a weight is split by a rule below
+# (or in :mod:`wdanalysis.weights.fused_rules`) or refused when selected, never averaged,
+# unless asked for whole (``whole=``, ``--whole NAME``). Mamba's ``in_proj`` is x | z (and
+# more in Mamba-2), Baichuan's ``W_pack`` and InternLM2's ``wqkv`` q | k | v, DINOv2's
+# ``w12`` gate | up, Megatron's ``linear_qkv`` per-group q, k, v, PVT/Twins' ``kv`` k | v.
+FUSED_LEAVES = frozenset(
+    {
+        "c_attn",
+        "query_key_value",
+        "qkv_proj",
+        "Wqkv",
+        "wqkv",
+        "qkv",
+        "to_qkv",
+        "kv",
+        "linear_qkv",
+        "gate_up_proj",
+        "gate_up",
+        "w12",
+        "w13",
+        "W_pack",
+        "Wi",
+        "in_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+    }
+)
+# GPT-2's cross-attention query ``q_attn`` and the leaves of fused_rules: one matrix each,
+# renamed where a rule knows the model type, left alone elsewhere.
+_RENAMED_LEAVES = {"q_attn"} | RENAMED_LEAVES
+# Leaves of stacked expert parameters ``(experts, …)`` saved without ``.weight``.
+_EXPERT_LEAVES = {"gate_up_proj", "down_proj", "gate_proj", "up_proj", "w1", "w2", "w3"}
 GPT2_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 _FIX = "pass the base model's folder with its config.json"
-
-
-@dataclass(frozen=True)
-class Part:
-    """One matrix of a fused weight: its name and its output features (``[start, stop)``)."""
-
-    name: str
-    runs: tuple[tuple[int, int], ...]
-
-    @property
-    def size(self) -> int:
-        return sum(stop - start for start, stop in self.runs)
-
-    def indices(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The output features of this part, in order (a long tensor)."""
-        return torch.cat([torch.arange(a, b, device=device) for a, b in self.runs])
-
-
-class _Missing(Exception):
-    """The config lacks what a layout needs (the message names it)."""
+_WHOLE = "or analyse it unsplit, rows of its parts averaged, with --whole {leaf} (whole=)"
 
 
 @dataclass
@@ -81,19 +96,30 @@ def read_config(path: Path) -> tuple[dict | None, Path]:
     return (config if isinstance(config, dict) else None), file
 
 
-def fused_layouts(path: Path, shapes: dict, transposed: Callable[[str], bool]) -> FusedLayouts:
-    """Split every fused weight of the model at ``path`` (``shapes``: its keys' shapes)."""
+def fused_layouts(
+    path: Path, shapes: dict, transposed: Callable[[str], bool], whole: Sequence[str] = ()
+) -> FusedLayouts:
+    """Split every fused weight of the model at ``path`` (``shapes``: its keys' shapes).
+
+    ``whole``: names (leaf, path or regular expression, as ``--modules`` takes them) of
+    fused weights to analyse unsplit; they are neither split nor refused here.
+    """
     config, file = read_config(Path(path))
     parts: dict[str, tuple[Part, ...]] = {}
     refused: dict[str, WDAnalysisError] = {}
     for key, shape in shapes.items():
         leaf = _leaf(key)
         renamed = leaf in _RENAMED_LEAVES and config is not None
+        if whole and _named(key, whole):
+            continue
+        if _stacked_expert(key, leaf, shape):
+            refused[key] = _stacked_refusal(key, shape, config, file)
+            continue
         if not key.endswith(".weight") or len(shape) != 2:
             continue
         if leaf not in FUSED_LEAVES and not renamed:
             continue
-        if leaf == "qkv" and "attn" not in key.lower() and "attention" not in key.lower():
+        if leaf in ("qkv", "kv") and "attn" not in key.lower() and "attention" not in key.lower():
             continue
         try:
             if config is None:
@@ -109,12 +135,42 @@ def fused_layouts(path: Path, shapes: dict, transposed: Callable[[str], bool]) -
         except _Missing as missing:
             if renamed:
                 continue
-            into = "gate_proj/up_proj" if leaf == "gate_up_proj" else "q/k/v"
+            into = "gate_proj/up_proj" if leaf == "gate_up_proj" else "its parts"
             where = file if config is not None else file.parent
             refused[key] = WDAnalysisError(
-                f"cannot split the fused projection {key!r} into {into}: {missing}", where, _FIX
+                f"cannot split the fused projection {key!r} into {into}: {missing}",
+                where,
+                f"{_FIX}; {_WHOLE.format(leaf=leaf)}",
             )
     return FusedLayouts(parts, refused)
+
+
+def _named(key: str, names: Sequence[str]) -> bool:
+    from wdanalysis.weights.selection import requested  # selection imports this module
+
+    return requested(key, names)
+
+
+def _stacked_expert(key: str, leaf: str, shape) -> bool:
+    """A stacked ``(experts, …)`` parameter saved without ``.weight`` (gpt-oss's layout
+    before :mod:`wdanalysis.loaders.formats.stacked_experts` presents it per expert)."""
+    return (
+        len(shape) == 3
+        and not key.endswith(".weight")
+        and leaf in _EXPERT_LEAVES
+        and ".experts" in key
+    )
+
+
+def _stacked_refusal(key: str, shape, config: dict | None, file: Path) -> WDAnalysisError:
+    model_type = None if config is None else model_type_of(config)
+    return WDAnalysisError(
+        f"stacked expert parameter {key!r} {list(shape)}: its per-expert layout "
+        f"((experts, in, out) or (experts, out, in), parts interleaved or not) is not known for "
+        f"model_type {model_type!r}",
+        file if config is not None else file.parent,
+        "only gpt-oss's stacked experts are read; save the model with one weight per expert",
+    )
 
 
 def _leaf(key: str) -> str:
@@ -123,51 +179,15 @@ def _leaf(key: str) -> str:
 
 
 def _split(config: dict, key: str, leaf: str, out: int) -> tuple[Part, ...]:
-    model_type = config.get("model_type")
+    model_type = model_type_of(config)
     rule = _RULES.get((model_type, leaf))
     if rule is None:
         raise _Missing(f"the layout of {leaf!r} in model_type {model_type!r} is not known")
-    groups, pattern = rule(config, key)
+    groups, pattern = rule({**config, STORED_OUT: out}, key)
     total = groups * sum(size for _, size in pattern)
     if total != out:
         raise _Missing(f"config.json gives {total} output features for it but the weight has {out}")
     return _interleave(groups, pattern)
-
-
-def _interleave(groups: int, pattern: Sequence[tuple[str, int]]) -> tuple[Part, ...]:
-    """``groups`` repetitions of ``pattern`` (name, size) along the output features."""
-    runs: dict[str, list[tuple[int, int]]] = {name: [] for name, _ in pattern}
-    offset = 0
-    for _ in range(groups):
-        for name, size in pattern:
-            if runs[name] and runs[name][-1][1] == offset:  # adjacent: one range
-                runs[name][-1] = (runs[name][-1][0], offset + size)
-            else:
-                runs[name].append((offset, offset + size))
-            offset += size
-    return tuple(Part(name, tuple(r)) for name, r in runs.items())
-
-
-def _int(config: dict, *names: str, default: int | None = None) -> int:
-    """The first of ``names`` present in ``config`` (aliases of one field), as an int."""
-    for name in names:
-        value = config.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    if default is not None:
-        return default
-    raise _Missing(f"config.json has no {' / '.join(names)}")
-
-
-def _heads(config: dict, hidden: int, *names: str) -> tuple[int, int]:
-    heads = _int(config, *names)
-    if hidden % heads:
-        raise _Missing(f"hidden size {hidden} is not a multiple of {heads} heads")
-    return heads, hidden // heads
-
-
-def _qkv(q: int, kv: int) -> list[tuple[str, int]]:
-    return [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
 
 
 def _gpt2(config: dict, key: str):
@@ -276,4 +296,5 @@ _RULES: dict[tuple[str | None, str], Callable] = {
     ("RefinedWebModel", "query_key_value"): _refined_web,
     ("mpt", "Wqkv"): _mpt,
     ("dbrx", "Wqkv"): _dbrx,
+    **MODERN_RULES,
 }

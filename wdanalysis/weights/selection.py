@@ -10,6 +10,7 @@ of the paper; any list of leaf module names can be asked for. Fused projections 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,18 @@ QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "to_q")
 VALUE_NAMES = ("v_proj", "value", "v", "v_lin", "wv", "value_proj", "to_v")
 # Fused q/k/v leaves (split by weights.fused; refused when they cannot be). Mamba's
 # ``in_proj`` (x | z) is not attention and is not among them.
-FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv", "W_pack")
+FUSED_QKV_NAMES = (
+    "c_attn",
+    "query_key_value",
+    "qkv_proj",
+    "Wqkv",
+    "wqkv",
+    "qkv",
+    "to_qkv",
+    "linear_qkv",
+    "W_pack",
+    "kv_b_proj",
+)
 # Leaf names that only mean "attention projection" inside an attention block.
 _SHORT_NAMES = {"q", "v", "wq", "wv", "qkv"}
 _ATTENTION_HINT = re.compile(r"attn|attention", re.IGNORECASE)
@@ -66,6 +78,7 @@ def select_targets(
     modules: Sequence[str] | None,
     source: str,
     fused: FusedLayouts,
+    whole: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, tuple[Part, ...]]]:
     """Base keys to analyse, in file order, and the parts chosen of the fused ones.
 
@@ -74,9 +87,11 @@ def select_targets(
     (:func:`part_key`), and naming the fused weight itself takes all its parts. ``None``
     selects query and value projections, the parts of fused weights too. A fused weight
     that cannot be split (:class:`~wdanalysis.weights.fused.FusedLayouts` ``refused``)
-    raises its one-line error when it is asked for by name, or when nothing else was found.
+    raises its one-line error when it is asked for by name, or when nothing else was found;
+    left out of the default selection, it is named in a warning. ``whole``: fused weights
+    asked for unsplit (``--whole``), selected as stored.
     """
-    candidates = [k for k, shape in shapes.items() if _is_candidate(k, shape)]
+    candidates = [k for k, s in shapes.items() if _is_candidate(k, s) or k in fused.refused]
     if modules:
         wanted = lambda key: _requested(key, modules)  # noqa: E731
     else:
@@ -92,9 +107,10 @@ def select_targets(
         elif key in fused.refused:
             if modules and _requested(key, modules):
                 raise fused.refused[key]
-        elif wanted(key):
+        elif wanted(key) or (whole and _requested(key, whole)):
             chosen.append(key)
     if chosen:
+        _warn_left_out(candidates, modules, fused)
         return chosen, parts
     refused = [k for k in candidates if k in fused.refused]
     attention = [k for k in refused if _leaf_matches(k, FUSED_QKV_NAMES)]
@@ -112,6 +128,22 @@ def select_targets(
         source,
         f"name them with --modules; leaf names here include: {names}",
     )
+
+
+def _warn_left_out(candidates: list[str], modules, fused: FusedLayouts) -> None:
+    """The default selection leaves fused attention weights it cannot split: say so."""
+    left = [k for k in candidates if k in fused.refused and _leaf_matches(k, FUSED_QKV_NAMES)]
+    if left and not modules:
+        warnings.warn(
+            f"{len(left)} fused attention weight(s) cannot be split and are left out, e.g. "
+            f"{left[0]!r}: {fused.refused[left[0]]}",
+            stacklevel=4,
+        )
+
+
+def requested(key: str, modules: Sequence[str]) -> bool:
+    """Whether ``key`` is named by ``modules`` (leaf names, module paths or regexes)."""
+    return _requested(key, modules)
 
 
 def _requested(key: str, modules: Sequence[str]) -> bool:
