@@ -39,7 +39,7 @@ HANDLED = frozenset(
         "init_lora_weights",  # by value: base_init()
         "kasa_config",  # lora_diag and the truncated base: loaders.lora_inits
         "alora_invocation_tokens",  # s·B@A, active only after the invocation: a note
-        "target_parameters",  # ``….weight`` parameters merge as their module would
+        "target_parameters",  # ``….weight`` as their module; stacked experts: formats
         "use_bdlora",  # block-diagonal factors expanded: loaders.bdlora
         # lora_B.bias changes only the layer's bias (PEFT's merge adds s·lora_B.bias to
         # base_layer.bias): checked and kept apart from the weight (loaders.peft_adapter)
@@ -187,16 +187,8 @@ def check_lora_fields(raw: dict, where: Path) -> list[str]:
             "if it does not, delete it from adapter_config.json; else merge with PEFT "
             "(merge_and_unload) and analyse the full model",
         )
-    params = raw.get("target_parameters") or []
-    params = params if isinstance(params, list) else [params]
-    odd = [p for p in params if not (isinstance(p, str) and p.endswith("weight"))]
-    if odd:  # PEFT's ParamWrapper on e.g. MoE experts (E, in, out): an einsum over experts
-        raise CheckpointFormatError(
-            f"target_parameters {odd[0]!r}: LoRA on a raw parameter (e.g. stacked MoE experts) "
-            "is not read here, only on .weight parameters",
-            where,
-            _MERGE_FIRST,
-        )
+    # target_parameters other than ``….weight`` (PEFT's ParamWrapper on stacked experts) are
+    # read by loaders.formats.stacked_experts against the base, or refused there
     notes = []
     if is_set(raw.get("alora_invocation_tokens")):
         notes.append(

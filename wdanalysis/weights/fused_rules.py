@@ -126,6 +126,8 @@ def _timm(config: dict, key: str):
 
 
 MLA_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+# transformers converts these checkpoints with its Mixtral mapping (w1 | w3 → gate_up_proj)
+MIXTRAL_TYPES = ("mixtral", "minimax", "minimax_m2")
 MODERN_RULES: dict[tuple[str | None, str], Callable] = {
     ("modernbert", "Wqkv"): _modernbert,
     ("modernbert", "Wi"): _modernbert,
@@ -135,7 +137,7 @@ MODERN_RULES: dict[tuple[str | None, str], Callable] = {
     ("jina_embeddings_v3", "Wqkv"): _thirds,
     **{(t, leaf): _mla for t in MLA_TYPES for leaf in ("q_b_proj", "kv_b_proj")},
     **{(t, "kv_a_proj_with_mqa"): _mla for t in MLA_TYPES},
-    **{("mixtral", leaf): _mixtral for leaf in ("w1", "w2", "w3")},
+    **{(t, leaf): _mixtral for t in MIXTRAL_TYPES for leaf in ("w1", "w2", "w3")},
     ("gpt_oss", "gate_up_proj"): _gpt_oss,
     ("timm", "qkv"): _timm,
 }

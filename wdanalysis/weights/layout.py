@@ -49,8 +49,11 @@ def stored_transposed(
             adapted = (m.name for m in ckpt.adapter.modules.values() if m.embedding)
             embeddings.update(filter(None, (aligner.find(n + ".weight") for n in adapted)))
     infos = base.store.infos
+    in_out = getattr(base.store, "in_out", frozenset())  # stacked experts stored (in, out)
     return lambda key: (
-        key in embeddings or (key in infos and len(infos[key].shape) == 2 and rule(key))
+        key in embeddings
+        or key in in_out
+        or (key in infos and len(infos[key].shape) == 2 and rule(key))
     )
 
 

@@ -8,7 +8,15 @@ import warnings
 from pathlib import Path
 
 from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint
-from wdanalysis.loaders.formats import diffusers, kohya, mlx, moe, openclip, torchtune
+from wdanalysis.loaders.formats import (
+    diffusers,
+    kohya,
+    mlx,
+    moe,
+    openclip,
+    stacked_experts,
+    torchtune,
+)
 from wdanalysis.loaders.formats.foreign import ForeignAdapter
 from wdanalysis.loaders.key_alignment import KeyAligner
 from wdanalysis.storage.tensor_store import TensorStore, open_tensor_file
@@ -73,6 +81,7 @@ def prepare_base(base, runs: list) -> None:
     """What the base must settle before selection and layout: stacked expert weights that
     an adapter adapts are presented per expert (:mod:`.moe`), and mlx-lm factors are told
     apart as Linear or Embedding ones by the base shapes (:func:`.mlx.orient`)."""
+    stacked_experts.present_stacked(base, runs)  # gpt-oss (experts, in, out) parameters
     moe.split_experts(base, runs)
     openclip.present_as_clip(base, runs)  # fused q/k/v of SD2.x/SDXL single files
     adapters = [

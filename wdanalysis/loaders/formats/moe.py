@@ -15,6 +15,7 @@ which is not); full fine-tuned checkpoints that hold the same stack are split al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -47,9 +48,18 @@ class ExpertStore(TensorStore):
     reads_as_stored: ClassVar[bool] = False  # an expert is a part of a stored tensor
     source: TensorStore | None = None
     experts: dict[str, tuple[str, int]] = field(default_factory=dict)
+    in_out: frozenset[str] = frozenset()  # virtual keys stored (in, out) (gpt-oss experts)
 
     @classmethod
-    def split(cls, source: TensorStore, stacks: set[str]) -> ExpertStore:
+    def split(
+        cls,
+        source: TensorStore,
+        stacks: set[str],
+        namer: Callable[[str, int], str] = expert_key,
+        in_out: bool = False,
+    ) -> ExpertStore:
+        """``source`` with each key of ``stacks`` presented as one key per expert, named
+        by ``namer(key, expert)``; ``in_out``: the experts are stored (in, out)."""
         infos: dict[str, TensorInfo] = {}
         experts: dict[str, tuple[str, int]] = {}
         for key, info in source.infos.items():
@@ -57,7 +67,7 @@ class ExpertStore(TensorStore):
                 infos[key] = info
                 continue
             for e in range(info.shape[0]):
-                virtual = expert_key(key, e)
+                virtual = namer(key, e)
                 if virtual in source.infos:
                     raise CheckpointFormatError(
                         f"cannot present {key!r} per expert: {virtual!r} already exists",
@@ -66,7 +76,19 @@ class ExpertStore(TensorStore):
                 # no ``name``: the virtual key has no extent of its own in the file
                 infos[virtual] = TensorInfo(tuple(info.shape[1:]), info.dtype, info.file)
                 experts[virtual] = (key, e)
-        return cls(source.path, source.format, infos, source=source, experts=experts)
+        transposed = frozenset(experts) if in_out else frozenset()
+        if isinstance(source, ExpertStore):  # already split: one level, not nested
+            experts = {**{k: v for k, v in source.experts.items() if k in infos}, **experts}
+            transposed |= source.in_out
+            source = source.source
+        return cls(
+            source.path,
+            source.format,
+            infos,
+            source=source,
+            experts=experts,
+            in_out=transposed,
+        )
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.experts:

@@ -1,0 +1,171 @@
+"""Issue 33: gpt-oss stacked experts, DeepSeek MLA, ModernBERT, Mixtral, timm, ``--whole``.
+
+Every model is a tiny one built by transformers 5 from its config and saved with
+``save_pretrained``; adapters are PEFT's (``merge_and_unload`` on a float64 copy is the
+truth). Which output features form each part is read from the model's own forward where it
+can be (a one-token cache, a probe of the layer's gate), and ΔM/ΔD of those float64 slices
+(``builders.reference_delta``) must equal the table's rows. Shapes are non-square.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from builders import check_table, finetuned, make_peft_adapter, reference_delta
+
+from wdanalysis import compare
+from wdanalysis.errors import WDAnalysisError
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+EXPERTS, HIDDEN, INNER = 3, 16, 12
+
+
+def _noisy(model, seed: int = 0):
+    """Weights well away from zero (every parameter, the stacked experts too)."""
+    with torch.no_grad():
+        for i, (_, param) in enumerate(model.named_parameters()):
+            param.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(seed + i))
+    return model.eval()
+
+
+def _moved(state: dict, seed: int) -> dict:
+    """A fine-tuning step on every float tensor, the 3-D stacks included."""
+    gen = torch.Generator().manual_seed(seed)
+    out = finetuned(state, seed)
+    for key, value in state.items():
+        if value.is_floating_point() and value.dim() == 3:
+            rows = 1 + 0.05 * torch.randn(*value.shape[:2], 1, generator=gen)
+            out[key] = value * rows + 0.01 * torch.randn(value.shape, generator=gen)
+    return out
+
+
+def _save(model, folder: Path, state=None) -> Path:
+    model = copy.deepcopy(model)
+    if state is not None:
+        model.load_state_dict(state)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _row(table, parameter: str, module: str, run=None):
+    rows = table[(table["parameter"] == parameter) & (table["module"] == module)]
+    if run is not None:
+        rows = rows[rows["run"] == run]
+    assert len(rows) == 1, f"{len(rows)} rows for {parameter} {module}"
+    return rows
+
+
+# ---------------------------------------------------------------- gpt-oss stacked experts
+
+
+def gpt_oss():
+    import transformers as tf
+
+    config = tf.GptOssConfig(
+        hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=EXPERTS,
+        num_experts_per_tok=2, vocab_size=32, layer_types=["full_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return _noisy(tf.AutoModelForCausalLM.from_config(config))
+
+
+def gate_columns(experts) -> torch.Tensor:
+    """The columns of ``x @ gate_up_proj[e]`` that the model's own ``_apply_gate`` takes as
+    the gate: alone non-zero, they give a non-zero output (the up half alone gives
+    ``(up + 1)·glu(0) = 0``)."""
+    gates = []
+    for j in range(2 * INNER):
+        probe = torch.zeros(1, 2 * INNER)
+        probe[0, j] = 1.0
+        if experts._apply_gate(probe).abs().sum() > 0:
+            gates.append(j)
+    return torch.tensor(gates)
+
+
+def expert_expected(base_state, new_state, experts, run, layer=0) -> dict:
+    """(ΔM, ΔD) of every expert's gate/up/down, (out, in) slices of the stored (in, out)."""
+    gate = gate_columns(experts)
+    up = torch.tensor([j for j in range(2 * INNER) if j not in set(gate.tolist())])
+    assert len(gate) == len(up) == INNER
+    stem = f"model.layers.{layer}.mlp.experts"
+    expected = {}
+    for e in range(EXPERTS):
+        for leaf, part, cols in (
+            ("gate_up_proj", "gate_proj", gate),
+            ("gate_up_proj", "up_proj", up),
+            ("down_proj", "down_proj", None),
+        ):
+            w0, wt = base_state[f"{stem}.{leaf}"][e], new_state[f"{stem}.{leaf}"][e]
+            if cols is not None:
+                w0, wt = w0[:, cols], wt[:, cols]
+            key = f"{stem}.{e}.{leaf}.weight"
+            expected[(run, part, key)] = reference_delta(w0.T, wt.T)
+    return expected
+
+
+def check_rows(table, expected: dict, rtol=1e-9) -> None:
+    for (run, module, key), value in expected.items():
+        check_table(_row(table, key, module, run), {(None, None, key): value}, rtol=rtol)
+
+
+def test_gpt_oss_experts_fine_tuned_per_expert_gate_up_down(tmp_path):
+    model = gpt_oss()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ft_state = _moved(base_state, seed=1)
+    base, ft = _save(model, tmp_path / "base"), _save(model, tmp_path / "ft", ft_state)
+    modules = ["gate_proj", "up_proj", "down_proj"]
+    table = compare(base, {"ft": ft}, modules=modules, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    expected = expert_expected(base_state, ft_state, experts, "ft")
+    assert len(table) == len(expected) == 3 * EXPERTS
+    check_rows(table, expected)
+    assert set(table["layer"]) == {0}
+    default = compare(base, {"ft": ft}, progress=False)  # the query/value default: attention
+    assert sorted(default["module"]) == ["q_proj", "v_proj"]
+
+
+def test_gpt_oss_peft_target_parameters_and_q_v_lora(tmp_path):
+    """PEFT's ``ParamWrapper`` LoRA on both stacked parameters, beside a q/v LoRA in the
+    same adapter: every expert's parts and q/v equal PEFT's own float64 merge."""
+    model = gpt_oss()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = make_peft_adapter(
+        model, tmp_path / "adapter", r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3},
+    )  # fmt: skip
+    base = _save(model, tmp_path / "base")
+    modules = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    table = compare(base, tmp_path / "adapter", modules=modules, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    expected = expert_expected(base_state, merged, experts, None)
+    for leaf in ("q_proj", "v_proj"):
+        key = f"model.layers.0.self_attn.{leaf}.weight"
+        expected[(None, leaf, key)] = reference_delta(base_state[key], merged[key])
+    assert len(table) == len(expected)
+    check_rows(table, expected, rtol=1e-8)
+    assert set(table["method"]) == {"LoRA"}
+    default = compare(base, tmp_path / "adapter", progress=False)
+    assert sorted(default["module"]) == ["q_proj", "v_proj"]
+
+
+def test_stacked_experts_of_an_unknown_model_are_refused_when_selected(tmp_path):
+    model = gpt_oss()
+    base = _save(model, tmp_path / "base")
+    ft = _save(model, tmp_path / "ft", _moved(model.state_dict(), seed=2))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "other_moe"}))
+    with pytest.raises(WDAnalysisError, match="stacked expert parameter.*other_moe") as error:
+        compare(base, ft, modules=["gate_up_proj"], progress=False)
+    assert "\n" not in str(error.value)
+    table = compare(base, ft, modules=["q_proj"], progress=False)  # others still work
+    assert list(table["module"]) == ["q_proj"]
