@@ -169,3 +169,103 @@ def test_stacked_experts_of_an_unknown_model_are_refused_when_selected(tmp_path)
     assert "\n" not in str(error.value)
     table = compare(base, ft, modules=["q_proj"], progress=False)  # others still work
     assert list(table["module"]) == ["q_proj"]
+
+
+# --------------------------------------------------------------------- DeepSeek MLA
+
+
+def deepseek(version: int, q_lora_rank):
+    import transformers as tf
+
+    cls = tf.DeepseekV3Config if version == 3 else tf.DeepseekV2Config
+    extra = dict(n_group=1, topk_group=1) if version == 3 else {}
+    config = cls(
+        hidden_size=32, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=10,
+        qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, n_routed_experts=2,
+        num_experts_per_tok=1, first_k_dense_replace=1, vocab_size=32, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return _noisy(model)
+
+
+_SEEN: dict[str, torch.Tensor] = {}
+
+
+def _capture(module, query, key, value, attention_mask, **kwargs):
+    """An attention function that keeps the q, k, v the model's forward hands it."""
+    _SEEN.update(q=query.detach(), k=key.detach(), v=value.detach())
+    return torch.zeros_like(value.transpose(1, 2)).contiguous(), None
+
+
+def forward_features(model, module_path: str) -> dict[str, torch.Tensor]:
+    """Output features of ``module_path`` that the model's own forward hands its attention
+    as query, key and value (one token: rotary embeddings are the identity at position 0,
+    up to the order of the rope dims, which a set of features does not see)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("wdanalysis_capture", _capture)
+    model = copy.deepcopy(model)
+    model.set_attn_implementation("wdanalysis_capture")
+    seen = {}
+    module = model.get_submodule(module_path)
+    hook = module.register_forward_hook(lambda m, i, out: seen.setdefault("y", out.detach()))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[5]]))
+    finally:
+        hook.remove()
+    y = seen["y"].reshape(-1)
+    found = {}
+    for name in ("q", "k", "v"):
+        distance = (y[:, None] - _SEEN[name].reshape(-1)[None, :]).abs().min(dim=1).values
+        found[name] = torch.nonzero(distance < 1e-6).reshape(-1)
+    return found
+
+
+@pytest.mark.parametrize(("version", "q_lora_rank"), [(3, 12), (2, None)])
+def test_mla_query_value_and_kv_parts(tmp_path, version, q_lora_rank):
+    model = deepseek(version, q_lora_rank)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ft_state = finetuned(base_state, seed=3)
+    base, ft = _save(model, tmp_path / "base"), _save(model, tmp_path / "ft", ft_state)
+    stem = "model.layers.0.self_attn"
+    kv_b = forward_features(model, f"{stem}.kv_b_proj")
+    kv_a = forward_features(model, f"{stem}.kv_a_proj_with_mqa")
+    assert len(kv_b["v"]) == 4 * 5 and len(kv_b["k"]) == 4 * 6 and len(kv_a["k"]) == 4
+    rope = set(kv_a["k"].tolist())
+    latent = torch.tensor([i for i in range(10 + 4) if i not in rope])
+    query = f"{stem}.{'q_b_proj' if q_lora_rank else 'q_proj'}.weight"
+    parts = {
+        (query, "q_proj"): None,
+        (f"{stem}.kv_b_proj.weight", "v_proj"): kv_b["v"],
+        (f"{stem}.kv_b_proj.weight", "k_nope"): kv_b["k"],
+        (f"{stem}.kv_a_proj_with_mqa.weight", "k_rope"): kv_a["k"],
+        (f"{stem}.kv_a_proj_with_mqa.weight", "kv_latent"): latent,
+    }
+    names = ["q_proj", "v_proj", "k_nope", "k_rope", "kv_latent"]
+    table = compare(base, ft, modules=names, progress=False)
+    assert len(table) == len(parts)
+    for (key, part), rows in parts.items():
+        w0, wt = base_state[key], ft_state[key]
+        if rows is not None:
+            w0, wt = w0[rows], wt[rows]
+        check_table(_row(table, key, part), {(None, None, key): reference_delta(w0, wt)})
+    default = compare(base, ft, progress=False)  # the paper's query/value on MLA
+    assert sorted(default["module"]) == ["q_proj", "v_proj"]
+    assert set(default["parameter"]) == {query, f"{stem}.kv_b_proj.weight"}
+
+
+def test_mla_peft_lora_on_kv_b_proj(tmp_path):
+    model = deepseek(3, 12)
+    merged = make_peft_adapter(
+        model, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_b_proj", "kv_b_proj"]
+    )
+    base = _save(model, tmp_path / "base")
+    table = compare(base, tmp_path / "adapter", progress=False)
+    key = "model.layers.0.self_attn.kv_b_proj.weight"
+    values = forward_features(model, "model.layers.0.self_attn.kv_b_proj")["v"]
+    w0 = model.state_dict()[key]
+    expected = reference_delta(w0[values], merged[key][values])
+    check_table(_row(table, key, "v_proj"), {(None, None, key): expected}, rtol=1e-8)
