@@ -269,3 +269,188 @@ def test_mla_peft_lora_on_kv_b_proj(tmp_path):
     w0 = model.state_dict()[key]
     expected = reference_delta(w0[values], merged[key][values])
     check_table(_row(table, key, "v_proj"), {(None, None, key): expected}, rtol=1e-8)
+
+
+# ------------------------------------------------------------------------- ModernBERT
+
+
+def modernbert():
+    import transformers as tf
+
+    ids = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0)
+    config = tf.ModernBertConfig(
+        hidden_size=32, intermediate_size=20, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=64, global_attn_every_n_layers=1, **ids,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return _noisy(tf.AutoModel.from_config(config, attn_implementation="eager"))
+
+
+def test_modernbert_wqkv_and_wi_parts(tmp_path):
+    model = modernbert()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ft_state = finetuned(base_state, seed=4)
+    base, ft = _save(model, tmp_path / "base"), _save(model, tmp_path / "ft", ft_state)
+    merged = make_peft_adapter(
+        model, tmp_path / "dora", r=2, lora_alpha=4, target_modules=["Wqkv", "Wi"], use_dora=True
+    )
+    qkv = forward_features(model, "layers.0.attn.Wqkv")
+    mlp, size = model.layers[0].mlp, 20
+    x = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the forward: act(first half) * second half
+        y = mlp.Wi(x)
+        assert torch.allclose(mlp.Wo(mlp.act(y[..., :size]) * y[..., size:]), mlp(x), atol=1e-6)
+    rows = {
+        ("layers.0.attn.Wqkv.weight", "q_proj"): qkv["q"],
+        ("layers.0.attn.Wqkv.weight", "v_proj"): qkv["v"],
+        ("layers.0.mlp.Wi.weight", "gate_proj"): torch.arange(size),
+        ("layers.0.mlp.Wi.weight", "up_proj"): torch.arange(size, 2 * size),
+    }
+    modules = ["q_proj", "v_proj", "gate_proj", "up_proj"]
+    runs = {"ft": ft, "dora": tmp_path / "dora"}
+    table = compare(base, runs, modules=modules, progress=False)
+    assert len(table) == 2 * len(rows)
+    for run, state in (("ft", ft_state), ("dora", merged)):
+        for (key, part), index in rows.items():
+            expected = reference_delta(base_state[key][index], state[key][index])
+            check_table(_row(table, key, part, run), {(None, None, key): expected}, rtol=1e-8)
+    mlp_only = compare(base, ft, modules=["gate_proj", "up_proj"], progress=False)
+    assert sorted(mlp_only["module"]) == ["gate_proj", "up_proj"]  # Wqkv blocks nothing
+
+
+# --------------------------------------------------------------------------- Mixtral
+
+
+def test_mixtral_w1_w3_w2_answer_to_gate_up_down(tmp_path):
+    import transformers as tf
+
+    config = tf.MixtralConfig(
+        hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, vocab_size=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _noisy(tf.AutoModelForCausalLM.from_config(config))
+    base = _save(model, tmp_path / "base")
+    from safetensors.torch import load_file
+
+    base_state = load_file(base / "model.safetensors")  # as saved: experts.N.w1/w2/w3
+    ft_state = finetuned(base_state, seed=5)
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(ft_state, ft / "model.safetensors", metadata={"format": "pt"})
+    (ft / "config.json").write_text((base / "config.json").read_text())
+    loaded = tf.AutoModelForCausalLM.from_pretrained(ft).model.layers[0].mlp.experts
+    stem = "model.layers.0.block_sparse_moe.experts"
+    for e in range(2):  # transformers' own conversion: gate_up = w1 | w3, down = w2
+        gate, up = loaded.gate_up_proj[e].chunk(2, dim=0)
+        assert torch.equal(gate, ft_state[f"{stem}.{e}.w1.weight"])
+        assert torch.equal(up, ft_state[f"{stem}.{e}.w3.weight"])
+        assert torch.equal(loaded.down_proj[e], ft_state[f"{stem}.{e}.w2.weight"])
+    table = compare(base, ft, modules=["gate_proj", "up_proj", "down_proj"], progress=False)
+    assert len(table) == 6
+    for e in range(2):
+        for leaf, part in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            key = f"{stem}.{e}.{leaf}.weight"
+            expected = reference_delta(base_state[key], ft_state[key])
+            check_table(_row(table, key, part), {(None, None, key): expected})
+
+
+# ------------------------------------------------------------------ timm, --whole, refusals
+
+
+def timm_checkpoint(folder: Path, architecture: str, state: dict) -> Path:
+    """A checkpoint laid out as timm's ``save_for_hf`` writes it: ``config.json`` naming
+    ``architecture`` (no ``model_type``) and ``model.safetensors`` with timm's keys."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    config = {"architecture": architecture, "num_classes": 10, "num_features": 16}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def timm_state(seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"attn.qkv.weight": (48, 16), "attn.proj.weight": (16, 16), "mlp.fc1.weight": (24, 16)}
+    return {
+        f"blocks.{i}.{name}": torch.randn(shape, generator=gen) * 0.2
+        for i in range(2)
+        for name, shape in shapes.items()
+    }
+
+
+def test_timm_vit_qkv_thirds_and_unknown_family_whole_only(tmp_path):
+    state = timm_state()
+    moved = finetuned(state, seed=6)
+    base = timm_checkpoint(tmp_path / "base", "vit_tiny_patch16_224.augreg_in21k", state)
+    ft = timm_checkpoint(tmp_path / "ft", "vit_tiny_patch16_224.augreg_in21k", moved)
+    table = compare(base, ft, progress=False)
+    assert len(table) == 4
+    for i in range(2):
+        key = f"blocks.{i}.attn.qkv.weight"
+        for part, rows in (("q_proj", slice(0, 16)), ("v_proj", slice(32, 48))):
+            expected = reference_delta(state[key][rows], moved[key][rows])
+            check_table(_row(table, key, part), {(None, None, key): expected})
+
+    other = timm_checkpoint(tmp_path / "mvit", "mvitv2_tiny", state)
+    other_ft = timm_checkpoint(tmp_path / "mvit_ft", "mvitv2_tiny", moved)
+    with pytest.raises(WDAnalysisError, match="qkv.*mvitv2_tiny.*--whole qkv") as error:
+        compare(other, other_ft, progress=False)
+    assert "\n" not in str(error.value)
+    fc1 = compare(other, other_ft, modules=["fc1"], progress=False)  # qkv blocks nothing else
+    assert list(fc1["module"]) == ["fc1", "fc1"]
+
+    from wdanalysis.cli.entry_point import main
+
+    out = tmp_path / "out"
+    argv = ["compare", other, other_ft, "--whole", "qkv", "--out", out, "--no-figures", "--quiet"]
+    assert main([str(a) for a in argv]) == 0
+    import pandas as pd
+
+    whole = pd.read_csv(out / "deltas.csv")
+    assert list(whole["module"]) == ["qkv", "qkv"]
+    key = "blocks.0.attn.qkv.weight"
+    expected = reference_delta(state[key], moved[key])
+    check_table(whole, {(None, None, key): expected})
+    assert json.loads((out / "run.json").read_text())["options"]["whole"] == ["qkv"]
+
+
+def test_real_timm_vit_and_peft_lora_on_qkv(tmp_path, monkeypatch):
+    """With timm importable (it needs a torchvision built for the installed torch): the
+    q/v features are those timm's own forward hands ``scaled_dot_product_attention``."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    model = _noisy(model)
+    save_for_hf(model, tmp_path / "base", safe_serialization=True)
+    attn, seen = model.blocks[0].attn, {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def capture(q, k, v, *args, **kwargs):
+        seen.update(q=q.detach(), v=v.detach())
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", capture)
+    monkeypatch.setattr(attn, "fused_attn", True)
+    hook = attn.qkv.register_forward_hook(lambda m, i, out: seen.setdefault("y", out.detach()))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    hook.remove()
+    y = seen["y"][0, 0]  # the first token's qkv output features
+    index = {}
+    for name in ("q", "v"):
+        target = seen[name][0, :, 0].reshape(-1)  # (heads, head_dim) of the first token
+        distance = (y[:, None] - target[None, :]).abs().min(dim=1).values
+        index[name] = torch.nonzero(distance < 1e-6).reshape(-1)
+    merged = make_peft_adapter(model, tmp_path / "lora", r=2, lora_alpha=4, target_modules=["qkv"])
+    table = compare(tmp_path / "base", tmp_path / "lora", progress=False)
+    key = "blocks.0.attn.qkv.weight"
+    w0 = model.state_dict()[key]
+    for part, rows in (("q_proj", index["q"]), ("v_proj", index["v"])):
+        assert len(rows) == w0.shape[0] // 3
+        expected = reference_delta(w0[rows], merged[key][rows])
+        check_table(_row(table, key, part), {(None, None, key): expected}, rtol=1e-8)
