@@ -28,7 +28,7 @@ from pathlib import Path
 
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.weights.fused_parts import Missing as _Missing
-from wdanalysis.weights.fused_parts import Part
+from wdanalysis.weights.fused_parts import Part, requested
 from wdanalysis.weights.fused_parts import config_int as _int
 from wdanalysis.weights.fused_parts import heads_of as _heads
 from wdanalysis.weights.fused_parts import interleave as _interleave
@@ -110,7 +110,7 @@ def fused_layouts(
     for key, shape in shapes.items():
         leaf = _leaf(key)
         renamed = leaf in _RENAMED_LEAVES and config is not None
-        if whole and _named(key, whole):
+        if whole and requested(key, whole):
             continue
         if _stacked_expert(key, leaf, shape):
             refused[key] = _stacked_refusal(key, shape, config, file)
@@ -143,12 +143,6 @@ def fused_layouts(
                 f"{_FIX}; {_WHOLE.format(leaf=leaf)}",
             )
     return FusedLayouts(parts, refused)
-
-
-def _named(key: str, names: Sequence[str]) -> bool:
-    from wdanalysis.weights.selection import requested  # selection imports this module
-
-    return requested(key, names)
 
 
 def _stacked_expert(key: str, leaf: str, shape) -> bool:

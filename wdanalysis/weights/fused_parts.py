@@ -4,12 +4,13 @@ and the helpers that read head counts from a ``config.json``."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Missing", "Part", "config_int", "heads_of", "interleave", "qkv"]
+__all__ = ["Missing", "Part", "config_int", "heads_of", "interleave", "qkv", "requested"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,16 @@ def heads_of(config: dict, hidden: int, *names: str) -> tuple[int, int]:
 
 def qkv(q: int, kv: int) -> list[tuple[str, int]]:
     return [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
+
+
+def requested(key: str, modules: Sequence[str]) -> bool:
+    """Whether ``key`` is named by ``modules``: a leaf name, a module path (or its tail), or
+    a regular expression searched in the module path."""
+    path = key[: -len(".weight")] if key.endswith(".weight") else key
+    leaf = path.rsplit(".", 1)[-1]
+    for name in modules:
+        if name == leaf or name == path or path.endswith("." + name):
+            return True
+        if any(ch in name for ch in "*[]()|+?\\^$") and re.search(name, path):
+            return True
+    return False

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.weights.fused import FusedLayouts, Part
+from wdanalysis.weights.fused_parts import requested
 
 QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "to_q")
 VALUE_NAMES = ("v_proj", "value", "v", "v_lin", "wv", "value_proj", "to_v")
@@ -141,20 +142,7 @@ def _warn_left_out(candidates: list[str], modules, fused: FusedLayouts) -> None:
         )
 
 
-def requested(key: str, modules: Sequence[str]) -> bool:
-    """Whether ``key`` is named by ``modules`` (leaf names, module paths or regexes)."""
-    return _requested(key, modules)
-
-
-def _requested(key: str, modules: Sequence[str]) -> bool:
-    path = module_path(key)
-    leaf = path.rsplit(".", 1)[-1]
-    for name in modules:
-        if name == leaf or name == path or path.endswith("." + name):
-            return True
-        if any(ch in name for ch in "*[]()|+?\\^$") and re.search(name, path):
-            return True
-    return False
+_requested = requested  # fused_parts.requested: a leaf, a module path or a regex
 
 
 def _leaf_examples(keys: Iterable[str], fused: FusedLayouts, limit: int = 12) -> list[str]:
