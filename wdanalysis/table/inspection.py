@@ -7,7 +7,7 @@ from pathlib import Path
 
 from wdanalysis.engine import c_kernel as kernel
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.loaders.formats import openclip
+from wdanalysis.loaders.formats import openclip, stacked_experts
 from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, open_run
 from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.selection import module_path, select_targets
@@ -34,9 +34,11 @@ def inspect(path: str | Path) -> dict:
 
 def _describe_full(ckpt: FullModel) -> dict:
     fused = openclip.present_as_clip(ckpt, [])  # what compare reads: q/k/v apart
+    stacked_experts.present_stacked(ckpt, [])  # gpt-oss experts: one (out, in) each
     store = ckpt.store
     shapes = {k: store.shape(k) for k in store.keys()}
-    layouts = fused_layouts(ckpt.path, shapes, ckpt.transposed)
+    in_out = getattr(store, "in_out", frozenset())
+    layouts = fused_layouts(ckpt.path, shapes, lambda k: k in in_out or ckpt.transposed(k))
     try:
         selected, parts = select_targets(shapes, None, str(ckpt.path), layouts)
     except WDAnalysisError:
@@ -99,6 +101,9 @@ def _describe_adapter(ckpt: AdapterCheckpoint) -> dict:
         info["weight"] = _INIT_WEIGHTS[config.base_init]
     if config.notes:
         info["notes"] = list(config.notes)
+    wrapped = stacked_experts.wrapped_parameters(adapter)
+    if wrapped:  # PEFT ParamWrapper: one factor pair over all experts, r·experts rows
+        info["target_parameters"] = wrapped + ["(LoRA per expert of stacked experts)"]
     if config.format == "dora-vlbart":
         info["scaling"] = "1.0 (VL-BART code applies B@A unscaled)"
     else:

@@ -68,13 +68,13 @@ def present_stacked(base: FullModel, runs: list) -> None:
             own = {mapping[k] for k in stacks if k in mapping}
             if own:
                 ckpt.store = ExpertStore.split(ckpt.store, own, expert_key, in_out=True)
-        elif isinstance(ckpt, AdapterCheckpoint) and _wrapped_parameters(ckpt.adapter):
+        elif isinstance(ckpt, AdapterCheckpoint) and wrapped_parameters(ckpt.adapter):
             _present_factors(ckpt.adapter, shapes, aligner)
     if stacks:
         base.store = ExpertStore.split(base.store, stacks, expert_key, in_out=True)
 
 
-def _wrapped_parameters(adapter) -> list[str]:
+def wrapped_parameters(adapter) -> list[str]:
     """A PEFT LoRA config's ``target_parameters`` other than ``….weight`` ones."""
     raw = getattr(adapter.config, "raw", None) or {}
     params = raw.get("target_parameters") or []
@@ -84,7 +84,7 @@ def _wrapped_parameters(adapter) -> list[str]:
 
 def _present_factors(adapter, stacks: dict[str, tuple], aligner: KeyAligner) -> None:
     """Replace the adapter's ``ParamWrapper`` modules by one LoRA module per expert."""
-    targets = _wrapped_parameters(adapter)
+    targets = wrapped_parameters(adapter)
     for target in targets:
         if not any(key == target or key.endswith("." + target) for key in stacks):
             raise AdapterMismatchError(
