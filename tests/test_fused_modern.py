@@ -17,7 +17,7 @@ import pytest
 import torch
 from builders import check_table, finetuned, make_peft_adapter, reference_delta
 
-from wdanalysis import compare
+from wdanalysis import compare, inspect
 from wdanalysis.errors import WDAnalysisError
 
 pytestmark = [
@@ -131,6 +131,8 @@ def test_gpt_oss_experts_fine_tuned_per_expert_gate_up_down(tmp_path):
     assert set(table["layer"]) == {0}
     default = compare(base, {"ft": ft}, progress=False)  # the query/value default: attention
     assert sorted(default["module"]) == ["q_proj", "v_proj"]
+    described = inspect(base)["fused_projections"]  # inspect reads the experts as compare
+    assert described == f"{EXPERTS} split by config.json into gate_proj, up_proj"
 
 
 def test_gpt_oss_peft_target_parameters_and_q_v_lora(tmp_path):
@@ -454,3 +456,44 @@ def test_real_timm_vit_and_peft_lora_on_qkv(tmp_path, monkeypatch):
         assert len(rows) == w0.shape[0] // 3
         expected = reference_delta(w0[rows], merged[key][rows])
         check_table(_row(table, key, part), {(None, None, key): expected}, rtol=1e-8)
+
+
+def test_nomic_bert_wqkv_and_fc11_fc12_as_transformers_saves_them(tmp_path):
+    """transformers 5 saves NomicBERT in its original layout (``attn.Wqkv``, ``fc11``,
+    ``fc12``); which stored rows are the live model's q/v and gate/up is read by matching
+    them to the live ``q_proj``/``v_proj``/``gate_proj``/``up_proj`` weights."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    config = tf.NomicBertConfig(
+        hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=32, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _noisy(tf.AutoModel.from_config(config))
+    base = _save(model, tmp_path / "base")
+    base_state = load_file(base / "model.safetensors")
+    ft_state = finetuned(base_state, seed=7)
+    (tmp_path / "ft").mkdir()
+    save_file(ft_state, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "ft" / "config.json").write_text((base / "config.json").read_text())
+    live = dict(model.named_parameters())
+    stored = {"Wqkv": "encoder.layers.0.attn.Wqkv.weight"}
+    stored |= {leaf: f"encoder.layers.0.mlp.{leaf}.weight" for leaf in ("fc11", "fc12")}
+    expected = {}
+    for part, leaf, live_name in (
+        ("q_proj", "Wqkv", "layers.0.self_attn.q_proj.weight"),
+        ("v_proj", "Wqkv", "layers.0.self_attn.v_proj.weight"),
+        ("gate_proj", "fc12", "layers.0.mlp.gate_proj.weight"),
+        ("up_proj", "fc11", "layers.0.mlp.up_proj.weight"),
+    ):
+        w, target = base_state[stored[leaf]], live[live_name].detach()
+        rows = torch.tensor([i for i in range(len(w)) if (w[i] == target).all(dim=1).any()])
+        assert len(rows) == len(target)
+        key = stored[leaf]
+        expected[(part, key)] = reference_delta(w[rows], ft_state[key][rows])
+    modules = ["q_proj", "v_proj", "gate_proj", "up_proj"]
+    table = compare(base, tmp_path / "ft", modules=modules, progress=False)
+    assert len(table) == len(expected)
+    for (part, key), value in expected.items():
+        check_table(_row(table, key, part), {(None, None, key): value})
