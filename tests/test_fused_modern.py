@@ -91,7 +91,7 @@ def gate_columns(experts) -> torch.Tensor:
     return torch.tensor(gates)
 
 
-def expert_expected(base_state, new_state, experts, run, layer=0) -> dict:
+def expert_expected(base_state, new_state, experts, run, layer=0, axis="out") -> dict:
     """(ΔM, ΔD) of every expert's gate/up/down, (out, in) slices of the stored (in, out)."""
     gate = gate_columns(experts)
     up = torch.tensor([j for j in range(2 * INNER) if j not in set(gate.tolist())])
@@ -108,7 +108,7 @@ def expert_expected(base_state, new_state, experts, run, layer=0) -> dict:
             if cols is not None:
                 w0, wt = w0[:, cols], wt[:, cols]
             key = f"{stem}.{e}.{leaf}.weight"
-            expected[(run, part, key)] = reference_delta(w0.T, wt.T)
+            expected[(run, part, key)] = reference_delta(w0.T, wt.T, axis)
     return expected
 
 
@@ -131,6 +131,8 @@ def test_gpt_oss_experts_fine_tuned_per_expert_gate_up_down(tmp_path):
     assert set(table["layer"]) == {0}
     default = compare(base, {"ft": ft}, progress=False)  # the query/value default: attention
     assert sorted(default["module"]) == ["q_proj", "v_proj"]
+    by_input = compare(base, {"ft": ft}, modules=modules, axis="in", progress=False)
+    check_rows(by_input, expert_expected(base_state, ft_state, experts, "ft", axis="in"))
     described = inspect(base)["fused_projections"]  # inspect reads the experts as compare
     assert described == f"{EXPERTS} split by config.json into gate_proj, up_proj"
 

@@ -157,12 +157,22 @@ def _stacked_expert(key: str, leaf: str, shape) -> bool:
 
 
 def _stacked_refusal(key: str, shape, config: dict | None, file: Path) -> WDAnalysisError:
+    from wdanalysis.loaders.formats.stacked_experts import STACKED_IN_OUT
+
     model_type = None if config is None else model_type_of(config)
+    where = file if config is not None else file.parent
+    if model_type in STACKED_IN_OUT:  # compare presents them per expert; this path did not
+        return WDAnalysisError(
+            f"stacked expert parameter {key!r} {list(shape)} is read per expert by compare "
+            "only (live tracking reads no stacked experts)",
+            where,
+            "compare saved checkpoints, or track the attention weights",
+        )
     return WDAnalysisError(
         f"stacked expert parameter {key!r} {list(shape)}: its per-expert layout "
         f"((experts, in, out) or (experts, out, in), parts interleaved or not) is not known for "
         f"model_type {model_type!r}",
-        file if config is not None else file.parent,
+        where,
         "only gpt-oss's stacked experts are read; save the model with one weight per expert",
     )
 
