@@ -386,6 +386,25 @@ def timm_state(seed: int = 0) -> dict:
     }
 
 
+def _timm_like_lora(state: dict, folder: Path) -> dict:
+    """PEFT LoRA on ``qkv`` of a module tree named as timm names a ViT's blocks."""
+    from torch import nn
+
+    def block():
+        attn = nn.Module()
+        attn.qkv, attn.proj = nn.Linear(16, 48, bias=False), nn.Linear(16, 16, bias=False)
+        mlp = nn.Module()
+        mlp.fc1 = nn.Linear(16, 24, bias=False)
+        module = nn.Module()
+        module.attn, module.mlp = attn, mlp
+        return module
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([block(), block()])
+    model.load_state_dict(state)
+    return make_peft_adapter(model, folder, r=2, lora_alpha=4, target_modules=["qkv"])
+
+
 def test_timm_vit_qkv_thirds_and_unknown_family_whole_only(tmp_path):
     state = timm_state()
     moved = finetuned(state, seed=6)
@@ -398,6 +417,14 @@ def test_timm_vit_qkv_thirds_and_unknown_family_whole_only(tmp_path):
         for part, rows in (("q_proj", slice(0, 16)), ("v_proj", slice(32, 48))):
             expected = reference_delta(state[key][rows], moved[key][rows])
             check_table(_row(table, key, part), {(None, None, key): expected})
+
+    lora = _timm_like_lora(state, tmp_path / "lora")  # PEFT LoRA on the qkv modules
+    table = compare(base, tmp_path / "lora", progress=False)
+    for i in range(2):
+        key = f"blocks.{i}.attn.qkv.weight"
+        for part, rows in (("q_proj", slice(0, 16)), ("v_proj", slice(32, 48))):
+            expected = reference_delta(state[key][rows], lora[key][rows])
+            check_table(_row(table, key, part), {(None, None, key): expected}, rtol=1e-8)
 
     other = timm_checkpoint(tmp_path / "mvit", "mvitv2_tiny", state)
     other_ft = timm_checkpoint(tmp_path / "mvit_ft", "mvitv2_tiny", moved)

@@ -134,6 +134,7 @@ def plan_comparison(
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
     notices.check_options(modules, None)
+    whole = [whole] if isinstance(whole, str) else list(whole or ())
     notices.check_options(whole, None)
     run_list = _open_runs(runs, labels)
     notices.note_quantized_training(run_list)
