@@ -526,3 +526,32 @@ def test_nomic_bert_wqkv_and_fc11_fc12_as_transformers_saves_them(tmp_path):
     assert len(table) == len(expected)
     for (part, key), value in expected.items():
         check_table(_row(table, key, part), {(None, None, key): value})
+
+
+def test_jina_embeddings_v3_mixer_wqkv_as_transformers_saves_it(tmp_path):
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    config = tf.JinaEmbeddingsV3Config(
+        hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=32, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _noisy(tf.AutoModel.from_config(config))
+    base = _save(model, tmp_path / "base")
+    moved = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    ft = _save(model, tmp_path / "ft", moved)
+    base_state, ft_state = (
+        load_file(base / "model.safetensors"),
+        load_file(ft / "model.safetensors"),
+    )
+    key = "encoder.layers.0.mixer.Wqkv.weight"
+    table = compare(base, ft, progress=False)  # the default: query and value
+    assert sorted(table["module"]) == ["q_proj", "v_proj"]
+    for part in ("q_proj", "v_proj"):  # the stored rows equal to the live model's q / v
+        target = model.get_submodule(f"layers.0.self_attn.{part}").weight.detach()
+        w = base_state[key]
+        rows = torch.tensor([i for i in range(len(w)) if (w[i] == target).all(dim=1).any()])
+        assert len(rows) == len(target)
+        expected = reference_delta(w[rows], ft_state[key][rows])
+        check_table(_row(table, key, part), {(None, None, key): expected})
