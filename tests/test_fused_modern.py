@@ -1,178 +1,31 @@
-"""Issue 33: gpt-oss stacked experts, DeepSeek MLA, ModernBERT, Mixtral, timm, ``--whole``.
+"""Issue 33: DeepSeek MLA, ModernBERT, NomicBERT, Jina-v3, timm, ``--whole`` (experts:
+``test_fused_experts.py``).
 
 Every model is a tiny one built by transformers 5 from its config and saved with
 ``save_pretrained``; adapters are PEFT's (``merge_and_unload`` on a float64 copy is the
-truth). Which output features form each part is read from the model's own forward where it
-can be (a one-token cache, a probe of the layer's gate), and ΔM/ΔD of those float64 slices
+truth). Which output features form each part is read from the model itself where it can be
+(the q, k, v its forward hands its attention; the live modules' own weights, where
+transformers saves the fused layout), and ΔM/ΔD of those float64 slices
 (``builders.reference_delta``) must equal the table's rows. Shapes are non-square.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from builders import check_table, finetuned, make_peft_adapter, reference_delta
+from fused_builders import forward_features, noisy, one_row, save
 
-from wdanalysis import compare, inspect
+from wdanalysis import compare
 from wdanalysis.errors import WDAnalysisError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
-
-EXPERTS, HIDDEN, INNER = 3, 16, 12
-
-
-def _noisy(model, seed: int = 0):
-    """Weights well away from zero (every parameter, the stacked experts too)."""
-    with torch.no_grad():
-        for i, (_, param) in enumerate(model.named_parameters()):
-            param.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(seed + i))
-    return model.eval()
-
-
-def _moved(state: dict, seed: int) -> dict:
-    """A fine-tuning step on every float tensor, the 3-D stacks included."""
-    gen = torch.Generator().manual_seed(seed)
-    out = finetuned(state, seed)
-    for key, value in state.items():
-        if value.is_floating_point() and value.dim() == 3:
-            rows = 1 + 0.05 * torch.randn(*value.shape[:2], 1, generator=gen)
-            out[key] = value * rows + 0.01 * torch.randn(value.shape, generator=gen)
-    return out
-
-
-def _save(model, folder: Path, state=None) -> Path:
-    model = copy.deepcopy(model)
-    if state is not None:
-        model.load_state_dict(state)
-    model.save_pretrained(folder)
-    return folder
-
-
-def _row(table, parameter: str, module: str, run=None):
-    rows = table[(table["parameter"] == parameter) & (table["module"] == module)]
-    if run is not None:
-        rows = rows[rows["run"] == run]
-    assert len(rows) == 1, f"{len(rows)} rows for {parameter} {module}"
-    return rows
-
-
-# ---------------------------------------------------------------- gpt-oss stacked experts
-
-
-def gpt_oss():
-    import transformers as tf
-
-    config = tf.GptOssConfig(
-        hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=EXPERTS,
-        num_experts_per_tok=2, vocab_size=32, layer_types=["full_attention"],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return _noisy(tf.AutoModelForCausalLM.from_config(config))
-
-
-def gate_columns(experts) -> torch.Tensor:
-    """The columns of ``x @ gate_up_proj[e]`` that the model's own ``_apply_gate`` takes as
-    the gate: alone non-zero, they give a non-zero output (the up half alone gives
-    ``(up + 1)·glu(0) = 0``)."""
-    gates = []
-    for j in range(2 * INNER):
-        probe = torch.zeros(1, 2 * INNER)
-        probe[0, j] = 1.0
-        if experts._apply_gate(probe).abs().sum() > 0:
-            gates.append(j)
-    return torch.tensor(gates)
-
-
-def expert_expected(base_state, new_state, experts, run, layer=0, axis="out") -> dict:
-    """(ΔM, ΔD) of every expert's gate/up/down, (out, in) slices of the stored (in, out)."""
-    gate = gate_columns(experts)
-    up = torch.tensor([j for j in range(2 * INNER) if j not in set(gate.tolist())])
-    assert len(gate) == len(up) == INNER
-    stem = f"model.layers.{layer}.mlp.experts"
-    expected = {}
-    for e in range(EXPERTS):
-        for leaf, part, cols in (
-            ("gate_up_proj", "gate_proj", gate),
-            ("gate_up_proj", "up_proj", up),
-            ("down_proj", "down_proj", None),
-        ):
-            w0, wt = base_state[f"{stem}.{leaf}"][e], new_state[f"{stem}.{leaf}"][e]
-            if cols is not None:
-                w0, wt = w0[:, cols], wt[:, cols]
-            key = f"{stem}.{e}.{leaf}.weight"
-            expected[(run, part, key)] = reference_delta(w0.T, wt.T, axis)
-    return expected
-
-
-def check_rows(table, expected: dict, rtol=1e-9) -> None:
-    for (run, module, key), value in expected.items():
-        check_table(_row(table, key, module, run), {(None, None, key): value}, rtol=rtol)
-
-
-def test_gpt_oss_experts_fine_tuned_per_expert_gate_up_down(tmp_path):
-    model = gpt_oss()
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    ft_state = _moved(base_state, seed=1)
-    base, ft = _save(model, tmp_path / "base"), _save(model, tmp_path / "ft", ft_state)
-    modules = ["gate_proj", "up_proj", "down_proj"]
-    table = compare(base, {"ft": ft}, modules=modules, progress=False)
-    experts = model.model.layers[0].mlp.experts
-    expected = expert_expected(base_state, ft_state, experts, "ft")
-    assert len(table) == len(expected) == 3 * EXPERTS
-    check_rows(table, expected)
-    assert set(table["layer"]) == {0}
-    default = compare(base, {"ft": ft}, progress=False)  # the query/value default: attention
-    assert sorted(default["module"]) == ["q_proj", "v_proj"]
-    by_input = compare(base, {"ft": ft}, modules=modules, axis="in", progress=False)
-    check_rows(by_input, expert_expected(base_state, ft_state, experts, "ft", axis="in"))
-    described = inspect(base)["fused_projections"]  # inspect reads the experts as compare
-    assert described == f"{EXPERTS} split by config.json into gate_proj, up_proj"
-
-
-def test_gpt_oss_peft_target_parameters_and_q_v_lora(tmp_path):
-    """PEFT's ``ParamWrapper`` LoRA on both stacked parameters, beside a q/v LoRA in the
-    same adapter: every expert's parts and q/v equal PEFT's own float64 merge."""
-    model = gpt_oss()
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = make_peft_adapter(
-        model, tmp_path / "adapter", r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3},
-    )  # fmt: skip
-    base = _save(model, tmp_path / "base")
-    modules = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
-    table = compare(base, tmp_path / "adapter", modules=modules, progress=False)
-    experts = model.model.layers[0].mlp.experts
-    expected = expert_expected(base_state, merged, experts, None)
-    for leaf in ("q_proj", "v_proj"):
-        key = f"model.layers.0.self_attn.{leaf}.weight"
-        expected[(None, leaf, key)] = reference_delta(base_state[key], merged[key])
-    assert len(table) == len(expected)
-    check_rows(table, expected, rtol=1e-8)
-    assert set(table["method"]) == {"LoRA"}
-    default = compare(base, tmp_path / "adapter", progress=False)
-    assert sorted(default["module"]) == ["q_proj", "v_proj"]
-
-
-def test_stacked_experts_of_an_unknown_model_are_refused_when_selected(tmp_path):
-    model = gpt_oss()
-    base = _save(model, tmp_path / "base")
-    ft = _save(model, tmp_path / "ft", _moved(model.state_dict(), seed=2))
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "model_type": "other_moe"}))
-    with pytest.raises(WDAnalysisError, match="stacked expert parameter.*other_moe") as error:
-        compare(base, ft, modules=["gate_up_proj"], progress=False)
-    assert "\n" not in str(error.value)
-    table = compare(base, ft, modules=["q_proj"], progress=False)  # others still work
-    assert list(table["module"]) == ["q_proj"]
 
 
 # --------------------------------------------------------------------- DeepSeek MLA
@@ -191,41 +44,7 @@ def deepseek(version: int, q_lora_rank):
     )  # fmt: skip
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    return _noisy(model)
-
-
-_SEEN: dict[str, torch.Tensor] = {}
-
-
-def _capture(module, query, key, value, attention_mask, **kwargs):
-    """An attention function that keeps the q, k, v the model's forward hands it."""
-    _SEEN.update(q=query.detach(), k=key.detach(), v=value.detach())
-    return torch.zeros_like(value.transpose(1, 2)).contiguous(), None
-
-
-def forward_features(model, module_path: str) -> dict[str, torch.Tensor]:
-    """Output features of ``module_path`` that the model's own forward hands its attention
-    as query, key and value (one token: rotary embeddings are the identity at position 0,
-    up to the order of the rope dims, which a set of features does not see)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("wdanalysis_capture", _capture)
-    model = copy.deepcopy(model)
-    model.set_attn_implementation("wdanalysis_capture")
-    seen = {}
-    module = model.get_submodule(module_path)
-    hook = module.register_forward_hook(lambda m, i, out: seen.setdefault("y", out.detach()))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([[5]]))
-    finally:
-        hook.remove()
-    y = seen["y"].reshape(-1)
-    found = {}
-    for name in ("q", "k", "v"):
-        distance = (y[:, None] - _SEEN[name].reshape(-1)[None, :]).abs().min(dim=1).values
-        found[name] = torch.nonzero(distance < 1e-6).reshape(-1)
-    return found
+    return noisy(model)
 
 
 @pytest.mark.parametrize(("version", "q_lora_rank"), [(3, 12), (2, None)])
@@ -233,7 +52,7 @@ def test_mla_query_value_and_kv_parts(tmp_path, version, q_lora_rank):
     model = deepseek(version, q_lora_rank)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     ft_state = finetuned(base_state, seed=3)
-    base, ft = _save(model, tmp_path / "base"), _save(model, tmp_path / "ft", ft_state)
+    base, ft = save(model, tmp_path / "base"), save(model, tmp_path / "ft", ft_state)
     stem = "model.layers.0.self_attn"
     kv_b = forward_features(model, f"{stem}.kv_b_proj")
     kv_a = forward_features(model, f"{stem}.kv_a_proj_with_mqa")
@@ -255,7 +74,7 @@ def test_mla_query_value_and_kv_parts(tmp_path, version, q_lora_rank):
         w0, wt = base_state[key], ft_state[key]
         if rows is not None:
             w0, wt = w0[rows], wt[rows]
-        check_table(_row(table, key, part), {(None, None, key): reference_delta(w0, wt)})
+        check_table(one_row(table, key, part), {(None, None, key): reference_delta(w0, wt)})
     default = compare(base, ft, progress=False)  # the paper's query/value on MLA
     assert sorted(default["module"]) == ["q_proj", "v_proj"]
     assert set(default["parameter"]) == {query, f"{stem}.kv_b_proj.weight"}
@@ -266,13 +85,13 @@ def test_mla_peft_lora_on_kv_b_proj(tmp_path):
     merged = make_peft_adapter(
         model, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_b_proj", "kv_b_proj"]
     )
-    base = _save(model, tmp_path / "base")
+    base = save(model, tmp_path / "base")
     table = compare(base, tmp_path / "adapter", progress=False)
     key = "model.layers.0.self_attn.kv_b_proj.weight"
     values = forward_features(model, "model.layers.0.self_attn.kv_b_proj")["v"]
     w0 = model.state_dict()[key]
     expected = reference_delta(w0[values], merged[key][values])
-    check_table(_row(table, key, "v_proj"), {(None, None, key): expected}, rtol=1e-8)
+    check_table(one_row(table, key, "v_proj"), {(None, None, key): expected}, rtol=1e-8)
 
 
 # ------------------------------------------------------------------------- ModernBERT
@@ -287,14 +106,14 @@ def modernbert():
         vocab_size=64, global_attn_every_n_layers=1, **ids,
     )  # fmt: skip
     torch.manual_seed(0)
-    return _noisy(tf.AutoModel.from_config(config, attn_implementation="eager"))
+    return noisy(tf.AutoModel.from_config(config, attn_implementation="eager"))
 
 
 def test_modernbert_wqkv_and_wi_parts(tmp_path):
     model = modernbert()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     ft_state = finetuned(base_state, seed=4)
-    base, ft = _save(model, tmp_path / "base"), _save(model, tmp_path / "ft", ft_state)
+    base, ft = save(model, tmp_path / "base"), save(model, tmp_path / "ft", ft_state)
     merged = make_peft_adapter(
         model, tmp_path / "dora", r=2, lora_alpha=4, target_modules=["Wqkv", "Wi"], use_dora=True
     )
@@ -317,48 +136,9 @@ def test_modernbert_wqkv_and_wi_parts(tmp_path):
     for run, state in (("ft", ft_state), ("dora", merged)):
         for (key, part), index in rows.items():
             expected = reference_delta(base_state[key][index], state[key][index])
-            check_table(_row(table, key, part, run), {(None, None, key): expected}, rtol=1e-8)
+            check_table(one_row(table, key, part, run), {(None, None, key): expected}, rtol=1e-8)
     mlp_only = compare(base, ft, modules=["gate_proj", "up_proj"], progress=False)
     assert sorted(mlp_only["module"]) == ["gate_proj", "up_proj"]  # Wqkv blocks nothing
-
-
-# --------------------------------------------------------------------------- Mixtral
-
-
-def test_mixtral_w1_w3_w2_answer_to_gate_up_down(tmp_path):
-    import transformers as tf
-
-    config = tf.MixtralConfig(
-        hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, vocab_size=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = _noisy(tf.AutoModelForCausalLM.from_config(config))
-    base = _save(model, tmp_path / "base")
-    from safetensors.torch import load_file
-
-    base_state = load_file(base / "model.safetensors")  # as saved: experts.N.w1/w2/w3
-    ft_state = finetuned(base_state, seed=5)
-    ft = tmp_path / "ft"
-    ft.mkdir()
-    from safetensors.torch import save_file
-
-    save_file(ft_state, ft / "model.safetensors", metadata={"format": "pt"})
-    (ft / "config.json").write_text((base / "config.json").read_text())
-    loaded = tf.AutoModelForCausalLM.from_pretrained(ft).model.layers[0].mlp.experts
-    stem = "model.layers.0.block_sparse_moe.experts"
-    for e in range(2):  # transformers' own conversion: gate_up = w1 | w3, down = w2
-        gate, up = loaded.gate_up_proj[e].chunk(2, dim=0)
-        assert torch.equal(gate, ft_state[f"{stem}.{e}.w1.weight"])
-        assert torch.equal(up, ft_state[f"{stem}.{e}.w3.weight"])
-        assert torch.equal(loaded.down_proj[e], ft_state[f"{stem}.{e}.w2.weight"])
-    table = compare(base, ft, modules=["gate_proj", "up_proj", "down_proj"], progress=False)
-    assert len(table) == 6
-    for e in range(2):
-        for leaf, part in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            key = f"{stem}.{e}.{leaf}.weight"
-            expected = reference_delta(base_state[key], ft_state[key])
-            check_table(_row(table, key, part), {(None, None, key): expected})
 
 
 # ------------------------------------------------------------------ timm, --whole, refusals
@@ -416,7 +196,7 @@ def test_timm_vit_qkv_thirds_and_unknown_family_whole_only(tmp_path):
         key = f"blocks.{i}.attn.qkv.weight"
         for part, rows in (("q_proj", slice(0, 16)), ("v_proj", slice(32, 48))):
             expected = reference_delta(state[key][rows], moved[key][rows])
-            check_table(_row(table, key, part), {(None, None, key): expected})
+            check_table(one_row(table, key, part), {(None, None, key): expected})
 
     lora = _timm_like_lora(state, tmp_path / "lora")  # PEFT LoRA on the qkv modules
     table = compare(base, tmp_path / "lora", progress=False)
@@ -424,7 +204,7 @@ def test_timm_vit_qkv_thirds_and_unknown_family_whole_only(tmp_path):
         key = f"blocks.{i}.attn.qkv.weight"
         for part, rows in (("q_proj", slice(0, 16)), ("v_proj", slice(32, 48))):
             expected = reference_delta(state[key][rows], lora[key][rows])
-            check_table(_row(table, key, part), {(None, None, key): expected}, rtol=1e-8)
+            check_table(one_row(table, key, part), {(None, None, key): expected}, rtol=1e-8)
 
     other = timm_checkpoint(tmp_path / "mvit", "mvitv2_tiny", state)
     other_ft = timm_checkpoint(tmp_path / "mvit_ft", "mvitv2_tiny", moved)
@@ -456,7 +236,7 @@ def test_real_timm_vit_and_peft_lora_on_qkv(tmp_path, monkeypatch):
     from timm.models._hub import save_for_hf
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
-    model = _noisy(model)
+    model = noisy(model)
     save_for_hf(model, tmp_path / "base", safe_serialization=True)
     attn, seen = model.blocks[0].attn, {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -484,7 +264,7 @@ def test_real_timm_vit_and_peft_lora_on_qkv(tmp_path, monkeypatch):
     for part, rows in (("q_proj", index["q"]), ("v_proj", index["v"])):
         assert len(rows) == w0.shape[0] // 3
         expected = reference_delta(w0[rows], merged[key][rows])
-        check_table(_row(table, key, part), {(None, None, key): expected}, rtol=1e-8)
+        check_table(one_row(table, key, part), {(None, None, key): expected}, rtol=1e-8)
 
 
 def test_nomic_bert_wqkv_and_fc11_fc12_as_transformers_saves_them(tmp_path):
@@ -499,8 +279,8 @@ def test_nomic_bert_wqkv_and_fc11_fc12_as_transformers_saves_them(tmp_path):
         vocab_size=32, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = _noisy(tf.AutoModel.from_config(config))
-    base = _save(model, tmp_path / "base")
+    model = noisy(tf.AutoModel.from_config(config))
+    base = save(model, tmp_path / "base")
     base_state = load_file(base / "model.safetensors")
     ft_state = finetuned(base_state, seed=7)
     (tmp_path / "ft").mkdir()
@@ -525,7 +305,7 @@ def test_nomic_bert_wqkv_and_fc11_fc12_as_transformers_saves_them(tmp_path):
     table = compare(base, tmp_path / "ft", modules=modules, progress=False)
     assert len(table) == len(expected)
     for (part, key), value in expected.items():
-        check_table(_row(table, key, part), {(None, None, key): value})
+        check_table(one_row(table, key, part), {(None, None, key): value})
 
 
 def test_jina_embeddings_v3_mixer_wqkv_as_transformers_saves_it(tmp_path):
@@ -537,10 +317,10 @@ def test_jina_embeddings_v3_mixer_wqkv_as_transformers_saves_it(tmp_path):
         vocab_size=32, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = _noisy(tf.AutoModel.from_config(config))
-    base = _save(model, tmp_path / "base")
+    model = noisy(tf.AutoModel.from_config(config))
+    base = save(model, tmp_path / "base")
     moved = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
-    ft = _save(model, tmp_path / "ft", moved)
+    ft = save(model, tmp_path / "ft", moved)
     base_state, ft_state = (
         load_file(base / "model.safetensors"),
         load_file(ft / "model.safetensors"),
@@ -554,4 +334,4 @@ def test_jina_embeddings_v3_mixer_wqkv_as_transformers_saves_it(tmp_path):
         rows = torch.tensor([i for i in range(len(w)) if (w[i] == target).all(dim=1).any()])
         assert len(rows) == len(target)
         expected = reference_delta(w[rows], ft_state[key][rows])
-        check_table(_row(table, key, part), {(None, None, key): expected})
+        check_table(one_row(table, key, part), {(None, None, key): expected})
