@@ -31,6 +31,7 @@ from wdanalysis.loaders.runs import (
     open_base,
     open_run,
     refuse_quantized,
+    refuse_unreadable,
 )
 from wdanalysis.table import notices
 from wdanalysis.table.schema import COLUMNS, deltas_row
@@ -223,6 +224,7 @@ def _unique_names(runs: list[Run]) -> None:
 
 def _check_base_dtypes(base: FullModel, selected: list[str]) -> None:
     for key in selected:
+        refuse_unreadable(base.store, key)
         if not is_float(base.store.dtype(key)):
             raise NumericalError(
                 f"weight {key!r} has dtype {_dtype_name(base.store.dtype(key))}; quantized or "
@@ -274,6 +276,7 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
             "pass the base model this run was fine-tuned from",
         )
     for key in selected:
+        refuse_unreadable(ckpt.store, mapping[key])
         shape = ckpt.store.shape(mapping[key])
         if shape != tuple(shapes[key]) and not vocabulary_rows_added(key, shapes[key], shape):
             raise AdapterMismatchError(

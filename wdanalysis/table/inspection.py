@@ -7,7 +7,7 @@ from pathlib import Path
 
 from wdanalysis.engine import c_kernel as kernel
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.loaders.formats import openclip
+from wdanalysis.loaders.formats import fp8quant, openclip
 from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, open_run
 from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.selection import module_path, select_targets
@@ -55,6 +55,7 @@ def _describe_full(ckpt: FullModel) -> dict:
         "default_modules": sorted(names),
         "default_weights": sum(len(parts.get(k, [k])) for k in selected),
         **({"notes": [_OPENCLIP_NOTE]} if fused else {}),
+        **(store.describe() if isinstance(store, fp8quant.Fp8Store) else {}),
         **({"fused_projections": _fused_note(layouts)} if layouts.parts or layouts.refused else {}),
     }
 
