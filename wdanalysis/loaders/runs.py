@@ -25,6 +25,7 @@ from wdanalysis.loaders.peft_adapter import (
     group_adapter_keys,
     read_adapter_config,
 )
+from wdanalysis.loaders.peft_config import refuse_missing_magnitude
 from wdanalysis.storage.hub_cache import resolve_model_path
 from wdanalysis.storage.tensor_store import (
     TensorStore,
@@ -166,6 +167,7 @@ def _adapter(path: Path, store: TensorStore, config: AdapterConfig, step) -> Ada
         return peft_tuners.open_tuner(path, store, config, step)
     lora = config.format == "peft" and str(config.raw.get("peft_type", "LORA")).upper() == "LORA"
     modules = group_adapter_keys(store.keys(), path, config.raw if lora else None)
+    refuse_missing_magnitude(config, modules, path)
     return AdapterCheckpoint(path, Adapter(path, store, config, modules), step)
 
 
