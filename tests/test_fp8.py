@@ -11,6 +11,7 @@ Non-square weights (v_proj 100×200, up_proj 328×200) with partial blocks throu
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -307,3 +308,34 @@ def test_fp8_per_tensor_without_config(tmp_path):
     ft = _write_full({V: ref[V] + 0.01}, model, tmp_path / "ft")
     table = wdanalysis.compare(folder, tmp_path / "ft", modules=["v_proj"], progress=False)
     assert check_table(table, {(None, None, V): reference_delta(ref[V], ft[V])}) == 1
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_adapter_on_fp8_base(tmp_path, dora):
+    """A PEFT LoRA/DoRA trained on the FP8 model (its float64 values): rows equal PEFT's
+    float64 merge, the base rows streamed from the FP8 file."""
+    peft = pytest.importorskip("peft")
+    model = _llama()
+    ref = _write_fp8(model, tmp_path / "base")
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for key in (V, UP):
+            exact.get_parameter(key).copy_(torch.from_numpy(ref[key]))
+    config = peft.LoraConfig(target_modules=SELECT, r=4, lora_alpha=8, use_dora=dora)
+    tuned = peft.get_peft_model(exact, config)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=gen).double())
+    tuned.save_pretrained(tmp_path / "adapter")
+    merged = copy.deepcopy(tuned).merge_and_unload()
+    expected = {
+        (None, None, k): reference_delta(ref[k], merged.get_parameter(k).detach().numpy())
+        for k in (V, UP)
+    }
+    table = wdanalysis.compare(
+        tmp_path / "base", tmp_path / "adapter", modules=SELECT, progress=False
+    )
+    assert set(table["method"]) == {"DoRA" if dora else "LoRA"}
+    assert check_table(table, expected, rtol=1e-9) == 2

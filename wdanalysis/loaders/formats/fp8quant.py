@@ -159,7 +159,7 @@ def dequantized(store: TensorStore, folder: Path) -> TensorStore:
     """``store`` with its FP8 tensors presented dequantized (``store`` itself when it has
     none); how each scale is read comes from ``folder``'s ``config.json``."""
     fp8 = [k for k in store.keys() if is_fp8(store.dtype(k))]
-    if not fp8:
+    if not fp8 or type(store) is not TensorStore:  # another view's FP8: refused as quantized
         return store
     config_file = folder / "config.json"
     method, layouts = _config_layouts(config_file)
