@@ -49,11 +49,12 @@ def base(tmp_path_factory):
 
 
 def _moved(tuned, seed=1):
-    """Every trainable tensor moved off its init (PEFT's inits often leave W unchanged)."""
+    """Every adapter tensor moved off its init (PEFT's inits often leave W unchanged)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for parameter in tuned.parameters():
-            if parameter.requires_grad and parameter.is_floating_point():
+        for name, parameter in tuned.named_parameters():
+            trained = parameter.requires_grad or "lora_" in name  # inactive adapters too
+            if trained and parameter.is_floating_point():
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=gen))
     return tuned
 
@@ -182,3 +183,21 @@ def test_missing_peft_type_refused(base, tmp_path, capsys):
         peft.PeftConfig.from_pretrained(folder)
     err = _one_line_refusal(capsys, base_folder, folder, tmp_path / "out")
     assert "names no peft_type" in err
+
+
+def test_named_adapters_in_every_checkpoint(base, tmp_path):
+    """A Trainer run whose checkpoint-N folders each hold two named adapters: two runs."""
+    model, base_folder = base
+    tuned = _peft(model, peft.LoraConfig(target_modules=QV, r=4, lora_alpha=8))
+    tuned.add_adapter("other", peft.LoraConfig(target_modules=["q_proj"], r=2))
+    for step in (1, 2):
+        _moved(tuned, seed=10 + step)
+        tuned.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+    table = wdanalysis.compare(base_folder, tmp_path / "run", modules=QV, progress=False)
+    assert set(zip(table["run"], table["step"], strict=True)) == {
+        (run, step) for run in ("run/default", "run/other") for step in (1, 2)
+    }
+    last = tmp_path / "run" / "checkpoint-2"
+    expected = _reference(model, last / "other", adapter_name="other")
+    rows = table[(table["step"] == 2) & table["parameter"].isin(expected)]
+    _check(rows, expected, run="run/other")
