@@ -339,3 +339,48 @@ def test_peft_adapter_on_fp8_base(tmp_path, dora):
     )
     assert set(table["method"]) == {"DoRA" if dora else "LoRA"}
     assert check_table(table, expected, rtol=1e-9) == 2
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+def test_transformers_fp8_quantize_written(tmp_path, scale_fmt):
+    """Weights quantized by transformers' own FineGrainedFP8 writer (``Fp8Quantize``, what
+    its ``save_pretrained`` runs; float32 or UE8M0 ``weight_scale_inv``), read against
+    its own ``_dequantize_fp8_weight`` run in float64 (its load-time ``Fp8Dequantize``
+    multiplies in float32)."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize, _dequantize_fp8_weight
+
+    config = FineGrainedFP8Config(weight_block_size=(128, 128), scale_fmt=scale_fmt)
+    quantizer = type("Quantizer", (), {"quantization_config": config})()
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=256,
+            intermediate_size=384,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=32,
+        )  # fmt: skip
+    )
+    model.save_pretrained(tmp_path / "plain")
+    state, reference = {}, {}
+    for key, value in model.state_dict().items():
+        written = Fp8Quantize(quantizer).convert({key: value.detach()})
+        state.update(written)
+        scale = written.get(key.removesuffix(".weight") + ".weight_scale_inv")
+        if scale is not None:
+            exact = _dequantize_fp8_weight(written[key], scale, [128, 128], torch.float64)
+            reference[key] = exact.numpy()
+    assert state[V].dtype == torch.float8_e4m3fn
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    assert (state[V + "_scale_inv"].dtype == e8m0) == (scale_fmt == "ue8m0")
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    raw = json.loads((tmp_path / "plain" / "config.json").read_text())
+    raw["quantization_config"] = config.to_dict()
+    (folder / "config.json").write_text(json.dumps(raw))
+    w0 = {k: model.get_parameter(k).detach().double().numpy() for k in (V, UP)}
+    table = wdanalysis.compare(tmp_path / "plain", folder, modules=SELECT, progress=False)
+    expected = {(None, None, k): reference_delta(w0[k], reference[k]) for k in (V, UP)}
+    assert check_table(table, expected, rtol=1e-9) == 2
