@@ -384,3 +384,29 @@ def test_transformers_fp8_quantize_written(tmp_path, scale_fmt):
     table = wdanalysis.compare(tmp_path / "plain", folder, modules=SELECT, progress=False)
     expected = {(None, None, k): reference_delta(w0[k], reference[k]) for k in (V, UP)}
     assert check_table(table, expected, rtol=1e-9) == 2
+
+
+def test_fp8_in_a_torch_bin_file(tmp_path):
+    """FP8 tensors saved by torch.save (pytorch_model.bin), one scale per output row."""
+    model = _llama(5)
+    folder = tmp_path / "base"
+    model.save_pretrained(folder)
+    state, reference = {}, {}
+    for key, value in model.state_dict().items():
+        if key in (V, UP):
+            scale = value.abs().amax(1, keepdim=True) / 448.0
+            state[key] = (value / scale).to(torch.float8_e5m2)
+            state[key + "_scale"] = scale
+            reference[key] = state[key].double().numpy() * scale.double().numpy()
+        else:
+            state[key] = value
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
+    (folder / "config.json").write_text(json.dumps(raw))
+    ft = _write_full({k: reference[k] * 1.5 + 0.001 for k in (V, UP)}, model, tmp_path / "ft")
+    table = wdanalysis.compare(folder, tmp_path / "ft", modules=SELECT, progress=False)
+    expected = {(None, None, k): reference_delta(reference[k], ft[k]) for k in (V, UP)}
+    assert check_table(table, expected, rtol=1e-9) == 2
+    assert "per output channel (weight_scale)" in wdanalysis.inspect(folder)["fp8"]

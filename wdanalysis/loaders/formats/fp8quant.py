@@ -26,17 +26,19 @@ is refused in one line when it is selected (:meth:`Fp8Store.refusal`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError
 
 from wdanalysis.errors import CheckpointFormatError
 from wdanalysis.storage.row_blocks import RowBlocks
+from wdanalysis.storage.row_reader import Extent, open_for_reading, read_at, read_error
 from wdanalysis.storage.tensor_store import TensorInfo, TensorStore, real_key
 
 FP8_NAMES = {
@@ -79,6 +81,7 @@ class Fp8Store(TensorStore):
     stored: dict[str, TensorInfo] = field(default_factory=dict)  # FP8 weights as on disk
     hidden: dict[str, TensorInfo] = field(default_factory=dict)  # scales, input scales
     refused: dict[str, CheckpointFormatError] = field(default_factory=dict)
+    extents: dict[str, Extent] = field(default_factory=dict)  # FP8 bytes in safetensors
     method: str = ""  # what the config says, for inspect
 
     def refusal(self, key: str) -> CheckpointFormatError | None:
@@ -111,17 +114,20 @@ class Fp8Store(TensorStore):
         return dequantize_rows(q, scale, scaling.block, start, info.shape)
 
     def _stored_rows(self, key: str, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        if info.file.suffix != ".safetensors":
+        """The FP8 rows as stored: one positioned read of their bytes (safetensors, no
+        mapping that would stay in memory), else from the tensor the file format loads."""
+        extent = self.extents.get(key)
+        if extent is None:
             return self.read(key, info)[start:stop]
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = extent.nbytes // max(rows, 1)
+        out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
         try:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                from safetensors import safe_open
-
-                handle = self._handles[info.file] = safe_open(str(info.file), "pt", "cpu")
-            return handle.get_slice(real_key(info, key))[start:stop]
-        except (SafetensorError, OSError, RuntimeError) as error:
-            raise CheckpointFormatError(f"cannot read tensor {key!r}: {error}", info.file) from None
+            with open_for_reading(extent.file) as handle:
+                read_at(handle, memoryview(out.numpy()), extent.offset + start * row_bytes)
+        except OSError as error:
+            raise read_error(key, extent, error) from None
+        return out.view(extent.dtype).reshape(stop - start, *info.shape[1:])
 
     def describe(self) -> dict:
         """For ``inspect``: which weights are FP8 and how their scales are read."""
@@ -177,7 +183,29 @@ def dequantized(store: TensorStore, folder: Path) -> TensorStore:
             result.refused[key] = error
             continue
         infos[key] = TensorInfo(info.shape, torch.float64, info.file, info.name)
+        extent = _extent(info, key)
+        if extent is not None:
+            result.extents[key] = extent
     return result
+
+
+def _extent(info: TensorInfo, key: str) -> Extent | None:
+    """Where the FP8 tensor's bytes lie in its safetensors file (header parsed once)."""
+    if info.file.suffix != ".safetensors":
+        return None
+    try:
+        start, header = _header(info.file, info.file.stat().st_mtime_ns)
+        begin, end = header[real_key(info, key)]["data_offsets"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # read through the file format instead
+    return Extent(info.file, start + begin, end - begin, info.dtype, info.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _header(file: Path, _mtime: int) -> tuple[int, dict]:
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return 8 + length, json.loads(handle.read(length))
 
 
 def _companions(store: TensorStore, key: str) -> list[str]:
