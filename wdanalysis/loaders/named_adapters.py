@@ -18,11 +18,16 @@ from wdanalysis.storage.hub_cache import resolve_model_path
 
 CONFIG = "adapter_config.json"
 DEFAULT = "default"  # the adapter PEFT saves in the folder itself
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 def adapter_names(folder: Path) -> list[str]:
-    """Names of the adapters saved in sub-folders of ``folder`` (step folders excluded)."""
+    """Names of the adapters saved in sub-folders of ``folder`` (step folders excluded):
+    beside an adapter of the folder itself, or in a folder that holds no model of its own
+    (a diffusers pipeline's components are not named adapters)."""
     if not folder.is_dir():
+        return []
+    if not (folder / CONFIG).is_file() and _holds_a_model(folder):
         return []
     return sorted(
         child.name
@@ -54,6 +59,15 @@ def open_runs(path: str | Path, name: str | None = None) -> list[Run]:
     for adapter in names:
         runs.append(_named_run(folder, steps, adapter, f"{name}/{adapter}"))
     return runs
+
+
+def _holds_a_model(folder: Path) -> bool:
+    own = ("model_index.json", "config.json")
+    return any(
+        child.name in own or child.suffix in _WEIGHT_SUFFIXES
+        for child in folder.iterdir()
+        if child.is_file()
+    )
 
 
 def _has_default(folder: Path, steps: list[tuple[int, Path]]) -> bool:
