@@ -146,16 +146,17 @@ class Fp8Store(TensorStore):
 def dequantize_rows(q, scale, block, start: int, shape) -> torch.Tensor:
     """``q · s`` in float64 for stored rows ``start:start+len(q)`` of a weight of ``shape``,
     each entry of the 2-D ``scale`` covering a ``block`` of the weight (edge blocks partial)."""
-    values = q.to(torch.float64)
+    values = q.to(torch.float64)  # a new tensor: scaled in place below
     if scale.numel() == 1:
-        return values * scale.reshape(())
+        return values.mul_(scale.reshape(()))
     b0, b1 = block
     scale = scale.reshape(-(-shape[0] // b0), -(-shape[1] // b1))
-    stop = start + values.shape[0]
-    first = start // b0
-    rows = scale[first : -(-stop // b0)].repeat_interleave(b0, dim=0)
-    rows = rows[start - first * b0 : stop - first * b0]
-    return values * rows.repeat_interleave(b1, dim=1)[:, : shape[1]]
+    rows = scale[torch.arange(start, start + values.shape[0]) // b0]  # (n, column blocks)
+    full = shape[1] // b1  # whole column blocks; a last partial one after them
+    values[:, : full * b1].unflatten(1, (full, b1)).mul_(rows[:, :full, None])
+    if full * b1 < shape[1]:
+        values[:, full * b1 :].mul_(rows[:, full:])
+    return values
 
 
 # ------------------------------------------------------------------------------ opening
