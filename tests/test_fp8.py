@@ -187,7 +187,7 @@ def test_fp8_streams_rows_in_blocks(tmp_path, monkeypatch):
 def test_compressed_tensors_fp8(tmp_path, strategy):
     """An FP8 model written by compressed-tensors itself, read against its own
     ``dequantize`` in float64."""
-    ct = pytest.importorskip("compressed_tensors")
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -213,7 +213,6 @@ def test_compressed_tensors_fp8(tmp_path, strategy):
     compressor.compress_model(model)
     model.save_pretrained(tmp_path / "fp8")
     compressor.update_config(tmp_path / "fp8")
-    assert ct  # the file holds what compressed-tensors wrote
     with safe_open(str(tmp_path / "fp8" / "model.safetensors"), "pt") as f:
         assert f.get_slice(V).get_dtype() == "F8_E4M3"
         reference = {
