@@ -696,14 +696,14 @@ def test_gptq_checkpoint(capsys, tmp_path, base):
     assert_user_error(code, err, ft / "model.safetensors", "GPTQ/AWQ", "not supported")
 
 
-def test_fp8_scaled_checkpoint(capsys, tmp_path, base):
+def test_fp8_checkpoint_without_scale(capsys, tmp_path, base):
+    """FP8 with its scales is read (tests/test_fp8.py); without a scale it is refused."""
     state = tuned(base_state(), 1)
     for key in [k for k in state if "self_attn" in k]:
         state[key] = state[key].to(torch.float8_e4m3fn)
-        state[key + "_scale"] = torch.ones(1)
     ft = save_model(tmp_path / "ft", state)
     code, _, err = compare_cli(capsys, tmp_path, base, ft)
-    assert_user_error(code, err, ft / "model.safetensors", "fp8", "not supported")
+    assert_user_error(code, err, ft / "model.safetensors", "F8_E4M3", "has no scale")
 
 
 # ------------------------------------------------------------------------------ configs

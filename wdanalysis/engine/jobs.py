@@ -25,6 +25,7 @@ from wdanalysis.engine.decomposition import DecompositionChange, accumulate_sums
 from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint
 from wdanalysis.loaders.layer_shapes import factor_matrices
 from wdanalysis.loaders.peft_adapter import AdapterModule
+from wdanalysis.storage.row_blocks import RowBlocks
 from wdanalysis.storage.row_reader import Extent, extent_of
 from wdanalysis.storage.store_protocol import WeightStore
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
@@ -65,7 +66,23 @@ class DenseJob(Job):
 
     def read(self, shape: tuple[int, int]) -> None:
         """Read the matrix, as the engine streams it (``shape``: stream rows × columns)."""
-        self.matrix = as_matrix(self.load()).reshape(shape)
+        self.matrix = stream_matrix(self.load(), shape)
+
+
+def stream_matrix(loaded, shape: tuple[int, int]):
+    """A stored tensor as the ``shape`` matrix the engine slices rows of: the tensor itself,
+    or rows read a block at a time where its store reads them so (:class:`RowBlocks`)."""
+    if isinstance(loaded, RowBlocks):
+        return loaded.view(*shape)
+    return as_matrix(loaded).reshape(shape)
+
+
+def dense_source(store: WeightStore, key: str):
+    """What :func:`stream_matrix` takes for ``key``: its row blocks where the store offers
+    them (FP8 dequantized on read), else the whole tensor."""
+    row_blocks = getattr(store, "row_blocks", None)
+    blocks = row_blocks(key) if row_blocks is not None else None
+    return blocks if blocks is not None else store.get(key)
 
 
 @dataclass(eq=False)
@@ -190,7 +207,7 @@ def _stored(index: int, store: WeightStore, key: str, added: int = 0) -> Job:
         return FileJob(index, _first_rows(extent, extent.shape[0] - added) if added else extent)
     if added:
         return DenseJob(index, lambda: store.get(key)[: store.shape(key)[0] - added])
-    return DenseJob(index, lambda: store.get(key))
+    return DenseJob(index, lambda: dense_source(store, key))
 
 
 def _first_rows(extent: Extent, rows: int) -> Extent:

@@ -34,11 +34,7 @@ import torch
 
 from wdanalysis.engine import c_kernel as kernel
 from wdanalysis.engine import part_sums
-from wdanalysis.engine.decomposition import (
-    DecompositionChange,
-    as_matrix,
-    vector_mode,
-)
+from wdanalysis.engine.decomposition import DecompositionChange, vector_mode
 from wdanalysis.engine.jobs import (
     AdapterJob,
     DenseJob,
@@ -47,7 +43,9 @@ from wdanalysis.engine.jobs import (
     MergedJob,
     TokenJob,
     UnchangedJob,
+    dense_source,
     plan_job,
+    stream_matrix,
 )
 from wdanalysis.engine.row_pieces import Geometry, accumulate_block, geometry, itemsize
 from wdanalysis.errors import NumericalError, WDAnalysisError
@@ -214,7 +212,7 @@ class Engine:
         base_extent = extent_of(self.base.store, key)
         base_dense = None
         if base_extent is None:
-            base_dense = as_matrix(self.base.store.get(key)).reshape(rows, cols)
+            base_dense = stream_matrix(dense_source(self.base.store, key), (rows, cols))
         for start in range(0, rows, per_block):
             n = min(per_block, rows - start)
             block = _Block(key, start, n, cols, mode, transposed, shape.pieces)

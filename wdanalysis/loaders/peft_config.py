@@ -87,7 +87,14 @@ def read_adapter_config(path: Path) -> AdapterConfig:
         raise CheckpointFormatError(
             "malformed adapter_config.json: not a JSON object", path, _FIX_CONFIG
         )
-    peft_type = str(raw.get("peft_type", "LORA")).upper()
+    if "peft_type" not in raw:  # PEFT reads the adapter's kind from it, and refuses too
+        raise CheckpointFormatError(
+            "adapter_config.json names no peft_type, so the kind of adapter is not known "
+            "(PEFT itself refuses to load such a config)",
+            path,
+            'add the peft_type it was trained with, e.g. "peft_type": "LORA"',
+        )
+    peft_type = str(raw["peft_type"]).upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
         # PEFT's other tuners: merged by PEFT itself (wdanalysis.loaders.peft_tuners), or
         # refused here in one line saying why
@@ -183,6 +190,24 @@ def _check_patterns(raw: dict, path: Path) -> None:
                     path,
                     _FIX_CONFIG,
                 ) from None
+
+
+def refuse_missing_magnitude(config: AdapterConfig, modules: dict, where: Path) -> None:
+    """``use_dora: true`` but a LoRA module without its ``lora_magnitude_vector``: PEFT would
+    merge it with the magnitude of its init (the base's norms), neither DoRA as trained
+    nor LoRA, so it is refused."""
+    if config.format != "peft" or not config.use_dora:
+        return
+    missing = [name for name, m in modules.items() if m.lora_b and not m.magnitude]
+    if missing:
+        raise CheckpointFormatError(
+            f"use_dora is true but {len(missing)} adapted module(s) have no "
+            f"lora_magnitude_vector in the file, e.g. {missing[0]!r}: PEFT would merge them "
+            "with the magnitude of its init, not as trained",
+            where,
+            "re-save the DoRA adapter with its magnitudes, or set use_dora to false if it "
+            "was trained as plain LoRA",
+        )
 
 
 VLBART_CONFIG = AdapterConfig(format="dora-vlbart", r=None, lora_alpha=None, use_dora=True)

@@ -150,6 +150,7 @@ def merge_module(config, name: str, layer: nn.Module, saved: dict, where: Path) 
             where,
             "check the adapter config against the adapter's tensors",
         )
+    holder.eval()  # as merge_and_unload runs (VB-LoRA's top-k logits refuse training mode)
     with torch.no_grad(), _quiet():
         try:
             layers[0].merge(adapter_names=[ADAPTER])

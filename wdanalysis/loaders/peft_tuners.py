@@ -13,11 +13,15 @@ refused: :mod:`wdanalysis.loaders.tuner_kinds`.
 
 from __future__ import annotations
 
+import copy
+import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
 from wdanalysis.loaders import peft_merge, tuner_kinds
@@ -76,7 +80,7 @@ class TunerAdapter(Adapter):
 
     def bind(self, aligner: KeyAligner, shapes: dict, transposed) -> dict:
         bound: dict[str, AdapterModule] = {}
-        unmatched = []
+        unmatched, norms = [], []
         for name, module in self.modules.items():
             base_key = aligner.find(name + ".weight")
             if base_key is None and module.replacement and not module.tensors:
@@ -88,6 +92,9 @@ class TunerAdapter(Adapter):
                 continue
             if base_key is None:
                 unmatched.append(name)
+                continue
+            if len(shapes[base_key]) < 2 and self.peft_type == "LN_TUNING":
+                norms.append(name)  # a norm's trained copy: a vector, not a weight matrix
                 continue
             if len(shapes[base_key]) < 2:
                 raise AdapterMismatchError(
@@ -105,6 +112,15 @@ class TunerAdapter(Adapter):
                 self.path,
                 hint,
             )
+        if norms:
+            warnings.warn(
+                f"{self.path}: the LN Tuning adapter trains {len(norms)} vector weight(s) "
+                f"(norms, e.g. {norms[0]!r}), which are not weight matrices and are not "
+                "analysed; the matrices it leaves alone are unchanged",
+                stacklevel=3,
+            )
+        if getattr(self.peft_config, "proportional_parameters", False):
+            self.peft_config = proportional_config(self.peft_config, bound, shapes)
         return bound
 
     def effective_weight(self, module, w0: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -185,3 +201,31 @@ def _saved_whole(key: str, parts: list[str], saved_whole: set, name: str, prefix
         path,
         "unknown tensors are refused; re-save the adapter with PEFT",
     )
+
+
+def proportional_config(config, bound: dict, shapes: dict):
+    """WaveFT's ``proportional_parameters``: each module's ``n_frequency`` is its share of
+    a budget over every target module of the whole model, so a one-module merge would
+    get another count. PEFT's own allocation is run on meta ``Linear`` layers of the base
+    shapes, at the names of the adapted modules (every target module of the model is in
+    the adapter), and the counts are given to each module as its ``n_frequency_pattern``."""
+    from peft.tuners.waveft.model import WaveFTModel
+
+    root = nn.Module()
+    for base_key, module in bound.items():
+        if not getattr(module, "tensors", ()):
+            continue  # a modules_to_save weight: not a target
+        out, n_in = shapes[base_key][0], math.prod(shapes[base_key][1:])
+        node = root
+        *parents, leaf = module.name.split(".")
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        node.add_module(leaf, nn.Linear(n_in, out, bias=False, device="meta"))
+    counts = WaveFTModel._calculate_proportional_parameters(None, root, config)
+    config = copy.deepcopy(config)
+    config.proportional_parameters = False
+    ordered = sorted(counts, key=len, reverse=True)  # a longer name matches first
+    config.n_frequency_pattern = {re.escape(name): counts[name] for name in ordered}
+    return config

@@ -16,7 +16,7 @@ import torch
 from wdanalysis.errors import CheckpointFormatError, NumericalError
 from wdanalysis.loaders import formats, peft_tuners
 from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint, FullModel
-from wdanalysis.loaders.formats import mlxquant, pipeline
+from wdanalysis.loaders.formats import fp8quant, mlxquant, pipeline
 from wdanalysis.loaders.key_alignment import KeyAligner
 from wdanalysis.loaders.peft_adapter import (
     VLBART_CONFIG,
@@ -25,6 +25,7 @@ from wdanalysis.loaders.peft_adapter import (
     group_adapter_keys,
     read_adapter_config,
 )
+from wdanalysis.loaders.peft_config import refuse_missing_magnitude
 from wdanalysis.storage.hub_cache import resolve_model_path
 from wdanalysis.storage.tensor_store import (
     TensorStore,
@@ -145,6 +146,7 @@ def _open_file(path: Path, step: int | None) -> Checkpoint:
 def _full(path: Path, store: TensorStore, step: int | None) -> FullModel:
     folder = path if path.is_dir() else path.parent
     store = mlxquant.dequantized(store, folder)  # mlx -q models: exact float64 on read
+    store = fp8quant.dequantized(store, folder)  # FP8 with scales: exact float64 on read
     return FullModel(path, store, _model_type(folder), step)
 
 
@@ -165,6 +167,7 @@ def _adapter(path: Path, store: TensorStore, config: AdapterConfig, step) -> Ada
         return peft_tuners.open_tuner(path, store, config, step)
     lora = config.format == "peft" and str(config.raw.get("peft_type", "LORA")).upper() == "LORA"
     modules = group_adapter_keys(store.keys(), path, config.raw if lora else None)
+    refuse_missing_magnitude(config, modules, path)
     return AdapterCheckpoint(path, Adapter(path, store, config, modules), step)
 
 
@@ -261,7 +264,17 @@ def aligner_for(base: FullModel) -> KeyAligner:
 
 
 def is_float(dtype: torch.dtype | str) -> bool:
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    """A float dtype the analysis computes with (FP8 only once dequantized with its scale)."""
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point and not fp8quant.is_fp8(dtype)
+
+
+def refuse_unreadable(store: TensorStore, key: str) -> None:
+    """Raise why ``key`` cannot be read, if its store says so (an FP8 weight whose scale
+    is missing or not understood: :mod:`wdanalysis.loaders.formats.fp8quant`)."""
+    refusal = getattr(store, "refusal", None)
+    error = refusal(key) if refusal is not None else None
+    if error is not None:
+        raise error
 
 
 # Companion tensors that quantization schemes save beside (or instead of) ``.weight``.

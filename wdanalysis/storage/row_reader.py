@@ -86,9 +86,11 @@ def extent_of(store: WeightStore, key: str) -> Extent | None:
     if info is None or info.file.suffix != ".safetensors":
         return None
     try:
-        return safetensors_layout(info.file).get(real_key(info, key))
+        extent = safetensors_layout(info.file).get(real_key(info, key))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    # a store that presents the tensor otherwise (FP8 dequantized on read) reads it itself
+    return extent if extent is None or extent.dtype == info.dtype else None
 
 
 # ----------------------------------------------------------------------------- reader

@@ -22,6 +22,7 @@ from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisEr
 from wdanalysis.loaders.auto_base import base_named_by, is_auto
 from wdanalysis.loaders.formats import prepare_base
 from wdanalysis.loaders.key_alignment import KeyAligner
+from wdanalysis.loaders.named_adapters import open_runs
 from wdanalysis.loaders.runs import (
     AdapterCheckpoint,
     FullModel,
@@ -29,8 +30,8 @@ from wdanalysis.loaders.runs import (
     aligner_for,
     is_float,
     open_base,
-    open_run,
     refuse_quantized,
+    refuse_unreadable,
 )
 from wdanalysis.table import notices
 from wdanalysis.table.schema import COLUMNS, deltas_row
@@ -211,10 +212,14 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
         raise WDAnalysisError("no runs given: pass at least one run folder or checkpoint")
     if labels is not None and len(labels) != len(runs):
         raise WDAnalysisError(f"got {len(labels)} labels for {len(runs)} runs")
-    opened = [open_run(path) for path in runs]
+    opened = []
+    for path, label in zip(runs, labels or [None] * len(runs), strict=True):
+        group = open_runs(path)  # several for a folder of named PEFT adapters
+        for run in group:
+            if len(group) == 1 or label is not None:
+                run.label = label if len(group) == 1 else f"{label}/{run.label}"
+            opened.append(run)
     _unique_names(opened)
-    for run, label in zip(opened, labels or [None] * len(opened), strict=True):
-        run.label = label
     return opened
 
 
@@ -229,6 +234,7 @@ def _unique_names(runs: list[Run]) -> None:
 
 def _check_base_dtypes(base: FullModel, selected: list[str]) -> None:
     for key in selected:
+        refuse_unreadable(base.store, key)
         if not is_float(base.store.dtype(key)):
             raise NumericalError(
                 f"weight {key!r} has dtype {_dtype_name(base.store.dtype(key))}; quantized or "
@@ -280,6 +286,7 @@ def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
             "pass the base model this run was fine-tuned from",
         )
     for key in selected:
+        refuse_unreadable(ckpt.store, mapping[key])
         shape = ckpt.store.shape(mapping[key])
         if shape != tuple(shapes[key]) and not vocabulary_rows_added(key, shapes[key], shape):
             raise AdapterMismatchError(

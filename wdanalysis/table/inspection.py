@@ -7,8 +7,9 @@ from pathlib import Path
 
 from wdanalysis.engine import c_kernel as kernel
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.loaders.formats import openclip, stacked_experts
-from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel, open_run
+from wdanalysis.loaders.formats import fp8quant, openclip, stacked_experts
+from wdanalysis.loaders.named_adapters import open_runs
+from wdanalysis.loaders.runs import AdapterCheckpoint, FullModel
 from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.selection import module_path, select_targets
 
@@ -18,7 +19,8 @@ def inspect(path: str | Path) -> dict:
 
     ``path`` may be a cached hub id ``org/name[@revision]`` (:mod:`wdanalysis.storage.hub_cache`).
     """
-    run = open_run(path)
+    runs = open_runs(path)  # a folder of named PEFT adapters: one run each
+    run = runs[0]
     first = run.checkpoints[0]
     info = {
         "path": str(path),
@@ -28,6 +30,8 @@ def inspect(path: str | Path) -> dict:
         "skipped": [f"{p.name}: {why}" for p, why in run.skipped],
     }
     info.update(_describe_full(first) if isinstance(first, FullModel) else _describe_adapter(first))
+    if len(runs) > 1:  # each is analysed as its own run, labelled by its name
+        info["adapters"] = [f"{r.label} ({r.method})" for r in runs]
     info["sums_backend"] = kernel.describe()  # what compare would run on this machine's CPU
     return info
 
@@ -57,6 +61,7 @@ def _describe_full(ckpt: FullModel) -> dict:
         "default_modules": sorted(names),
         "default_weights": sum(len(parts.get(k, [k])) for k in selected),
         **({"notes": [_OPENCLIP_NOTE]} if fused else {}),
+        **(store.describe() if isinstance(store, fp8quant.Fp8Store) else {}),
         **({"fused_projections": _fused_note(layouts)} if layouts.parts or layouts.refused else {}),
     }
 
