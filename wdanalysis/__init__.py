@@ -20,7 +20,7 @@ from importlib import import_module
 from wdanalysis import old_paths
 from wdanalysis.errors import WDAnalysisError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 old_paths.install()
 
