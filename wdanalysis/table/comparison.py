@@ -156,9 +156,11 @@ def plan_comparison(
     for key in selected:  # an undecidable layout is refused now, not mid-computation
         transposed(key)
     bound = [
-        _bind(run, ckpt, shapes, selected, aligner, transposed)
+        checkpoint
         for run in run_list
-        for ckpt in run.checkpoints
+        for checkpoint in notices.once_per_run(
+            run, lambda ckpt, run=run: _bind(run, ckpt, shapes, selected, aligner, transposed)
+        )
     ]
     notices.warn_rows_added(bound, selected, shapes)
     return ComparisonPlan(
