@@ -30,6 +30,7 @@ _LAZY = {
     "COLUMNS": "wdanalysis.table.schema",
     "compare": "wdanalysis.table.comparison",
     "inspect": "wdanalysis.table.inspection",
+    "format_inspection": "wdanalysis.table.inspection",
     "decomposition_change": "wdanalysis.engine.decomposition",
     "fit_lines": "wdanalysis.stats.fits",
     "compare_correlations": "wdanalysis.stats.fits",
