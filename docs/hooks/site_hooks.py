@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from mkdocs.structure.files import File, Files
@@ -40,6 +41,8 @@ def cli_reference() -> str:
 
     The help is formatted 100 columns wide whatever the terminal, so builds agree.
     """
+    if str(ROOT) not in sys.path:  # the checkout's own package, installed or not
+        sys.path.insert(0, str(ROOT))
     from wdanalysis.cli import build_parser
     from wdanalysis.cli.command_index import COMMANDS
 
