@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # a multi-GB CUDA build. Installing it first makes the project's torch>=2.3 a no-op.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup demo figures test lint
+.PHONY: setup demo figures test lint docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,3 +31,7 @@ test: figures
 lint: setup
 	$(VENV)/bin/ruff check wdanalysis tests benchmarks
 	$(VENV)/bin/ruff format --check wdanalysis tests benchmarks
+
+# the documentation site into site/ (strict: a broken link or reference fails the build)
+docs: setup
+	$(VENV)/bin/mkdocs build --strict

@@ -384,7 +384,6 @@ def test_python_dash_m_wdanalysis_version():
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     from importlib.metadata import version

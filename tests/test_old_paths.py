@@ -95,8 +95,10 @@ def test_the_root_exports_resolve():
 
 
 def _shown_imports() -> list[str]:
-    """Every ``from wdanalysis… import …`` line of the README, the notebooks and scripts/."""
+    """Every ``from wdanalysis… import …`` line of the README, the docs, the notebooks and
+    scripts/."""
     texts = [(REPO / "README.md").read_text()]
+    texts += [p.read_text() for p in sorted((REPO / "docs").rglob("*.md"))]
     texts += [p.read_text() for p in sorted((REPO / "scripts").glob("*.py"))]
     for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
         cells = json.loads(notebook.read_text())["cells"]

@@ -50,7 +50,7 @@ def sharded_run(tmp_path_factory):
             env=env,
             capture_output=True,
             text=True,
-            timeout=240,
+            timeout=1500,  # a hang, not a slow machine: the collectives time out at 30 min
         )
     except subprocess.TimeoutExpired:
         pytest.fail("the sharded run hung")

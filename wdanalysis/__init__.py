@@ -20,7 +20,7 @@ from importlib import import_module
 from wdanalysis import old_paths
 from wdanalysis.errors import WDAnalysisError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 old_paths.install()
 
@@ -30,6 +30,7 @@ _LAZY = {
     "COLUMNS": "wdanalysis.table.schema",
     "compare": "wdanalysis.table.comparison",
     "inspect": "wdanalysis.table.inspection",
+    "format_inspection": "wdanalysis.table.inspection",
     "decomposition_change": "wdanalysis.engine.decomposition",
     "fit_lines": "wdanalysis.stats.fits",
     "compare_correlations": "wdanalysis.stats.fits",

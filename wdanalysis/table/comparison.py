@@ -76,35 +76,45 @@ def compare(
 ) -> pd.DataFrame:
     """ΔM and ΔD of every selected weight, for every checkpoint of every run.
 
-    Parameters
-    ----------
-    base: the pretrained model every run started from: a file or folder, a hub id
-        ``org/name[@revision]`` found in the local Hugging Face cache (never downloaded), or
-        ``"auto"``: the base the runs' adapters name in ``base_model_name_or_path``.
-    runs: one path, a list of paths, or ``{label: path}``. A path is a run folder of
-        ``checkpoint-N`` sub-folders or a single checkpoint (full model or adapter), or a
-        cached hub id.
-    modules: leaf module names (``q_proj``) or paths/regexes; default: attention query
-        and value projections. Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, …)
-        are split by the base's ``config.json`` into ``q_proj``/``k_proj``/``v_proj``
-        (``gate_proj``/``up_proj``) rows (:mod:`wdanalysis.weights.fused`).
-    labels: display names replacing the inferred method (``FT``/``LoRA``/``DoRA``).
-    axis: ``"out"`` (default): one magnitude per output feature, as DoRA implementations
-        store it; ``"in"``: one per input feature.
-    fan_in_fan_out: force (True) or forbid (False) the (in, out) GPT-2 ``Conv1D`` layout;
-        ``None`` infers it from ``config.json``, key names and adapter configs.
-    device: where the ΔM/ΔD sums are computed: ``"cpu"`` (fused one-pass kernel when a C
-        compiler is available, else torch) or ``"cuda"``. Both use float64 arithmetic.
-    workers: threads computing the checkpoints of one block in parallel (1: one compute
-        thread beside the reader thread). ``None``: 2 where there are 2 or more cores, which
-        kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did not.
-    whole: fused weights (leaf names, paths or regexes) to analyse unsplit, one row each,
-        their parts' rows averaged: a fused weight with no known split is otherwise
-        refused (``--whole NAME``; ``docs/guides/architectures.md``).
+    Args:
+        base: The pretrained model every run started from: a file or folder, a hub id
+            ``org/name[@revision]`` found in the local Hugging Face cache (never
+            downloaded), or ``"auto"``: the base the runs' adapters name in
+            ``base_model_name_or_path``.
+        runs: One path, a list of paths, or ``{label: path}``. A path is a run folder of
+            ``checkpoint-N`` sub-folders or a single checkpoint (full model or adapter), or
+            a cached hub id.
+        modules: Leaf module names (``q_proj``) or paths/regexes; default: attention query
+            and value projections. Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``,
+            …) are split by the base's ``config.json`` into ``q_proj``/``k_proj``/``v_proj``
+            (``gate_proj``/``up_proj``) rows (``wdanalysis.weights.fused``).
+        labels: Display names replacing the inferred method (``FT``/``LoRA``/``DoRA``).
+        axis: ``"out"`` (default): one magnitude per output feature, as DoRA
+            implementations store it; ``"in"``: one per input feature.
+        fan_in_fan_out: Force (True) or forbid (False) the (in, out) GPT-2 ``Conv1D``
+            layout; ``None`` infers it from ``config.json``, key names and adapter configs.
+        progress: Show a progress bar.
+        device: Where the ΔM/ΔD sums are computed: ``"cpu"`` (fused one-pass kernel when a
+            C compiler is available, else torch) or ``"cuda"``. Both use float64
+            arithmetic.
+        workers: Threads computing the checkpoints of one block in parallel (1: one compute
+            thread beside the reader thread). ``None``: 2 where there are 2 or more cores,
+            which kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did
+            not.
+        whole: Fused weights (leaf names, paths or regexes) to analyse unsplit, one row
+            each, their parts' rows averaged: a fused weight with no known split is
+            otherwise refused (``--whole NAME``; ``docs/guides/architectures.md``).
 
-    Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
-    ``table.attrs["backend"]`` says which backend computed the sums (the fused C kernel and
-    its file, or torch and why), as ``run.json`` beside ``deltas.csv`` records it.
+    Returns:
+        A long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
+        ``table.attrs["backend"]`` says which backend computed the sums (the fused C kernel
+        and its file, or torch and why), as ``run.json`` beside ``deltas.csv`` records it.
+
+    Raises:
+        WDAnalysisError: An input is missing, malformed or not understood (one line naming
+            the file and the problem); nothing was computed.
+        PartialResultError: Some checkpoints failed while computing; its ``table`` holds
+            every other checkpoint's rows, complete.
     """
     notices.check_options(modules, workers)
     plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, whole)
@@ -153,9 +163,11 @@ def plan_comparison(
     for key in selected:  # an undecidable layout is refused now, not mid-computation
         transposed(key)
     bound = [
-        _bind(run, ckpt, shapes, selected, aligner, transposed)
+        checkpoint
         for run in run_list
-        for ckpt in run.checkpoints
+        for checkpoint in notices.once_per_run(
+            run, lambda ckpt, run=run: _bind(run, ckpt, shapes, selected, aligner, transposed)
+        )
     ]
     notices.warn_rows_added(bound, selected, shapes)
     return ComparisonPlan(

@@ -134,6 +134,8 @@ _INIT_WEIGHTS = {
 
 
 def format_inspection(info: dict) -> str:
+    """The description :func:`inspect` returns as aligned text, one ``field  value`` a line
+    (what ``wdanalysis inspect`` prints)."""
     width = max(len(k) for k in info)
     lines = []
     for key, value in info.items():

@@ -1,11 +1,12 @@
 """The one-line notices and refusals ``compare`` gives before reading any matrix: bad
-options, QLoRA runs compared against a full-precision base, resized vocabularies."""
+options, QLoRA runs compared against a full-precision base, resized vocabularies, and a
+warning every checkpoint of a run repeats, said once for the run."""
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.quantized_training import quantized_base
@@ -27,6 +28,27 @@ def check_options(modules: Sequence[str] | None, workers: int | None) -> None:
                 raise WDAnalysisError(
                     f"--modules {name!r} is not a valid regular expression: {error}"
                 ) from None
+
+
+def once_per_run(run: Run, bind: Callable) -> list:
+    """``bind(checkpoint)`` for every checkpoint of ``run``, in order.
+
+    A warning that several checkpoints repeat (the same text but for the checkpoint's own
+    path, e.g. a saved classifier the base lacks) is said once, with how many more
+    checkpoints of the run it concerns, instead of once per checkpoint.
+    """
+    results, said = [], {}
+    for ckpt in run.checkpoints:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results.append(bind(ckpt))
+        for w in caught:
+            key = (w.category, str(w.message).replace(str(ckpt.path), "\0"))
+            said.setdefault(key, [str(w.message), 0])[1] += 1
+    for (category, _), (text, count) in said.items():
+        more = f" (the same in {count - 1} more checkpoint(s) of {run.name})" if count > 1 else ""
+        warnings.warn(text + more, category, stacklevel=3)
+    return results
 
 
 def note_quantized_training(runs: list[Run]) -> None:

@@ -1,12 +1,14 @@
 """``WeightDecompositionCallback``: live ΔM/ΔD for a ``transformers.Trainer``.
 
-A thin shell over :class:`wdanalysis.tracking.tracker.Tracker`::
+A thin shell over :class:`wdanalysis.tracking.tracker.Tracker`:
 
-    from wdanalysis import WeightDecompositionCallback
+```python
+from wdanalysis import WeightDecompositionCallback
 
-    trainer = Trainer(model, args, ..., callbacks=[
-        WeightDecompositionCallback("path/to/base", every=50, out="run/tracking.csv")
-    ])
+trainer = Trainer(model, args, ..., callbacks=[
+    WeightDecompositionCallback("path/to/base", every=50, out="run/tracking.csv")
+])
+```
 
 A tracking problem never ends the training: every hook is guarded, and a setup that
 cannot be tracked (a wrong base, an unreadable table, a model not understood) is said once,
