@@ -17,6 +17,7 @@ import io
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,8 @@ class Reader:
         self._requests = requests
         self._files: dict[Path, io.FileIO] = {}
         self._stop = threading.Event()
+        self.cpu_seconds = 0.0  # the reader thread's CPU time in reads (engine.cpu_profile)
+        self.bytes_read = 0
         self._thread = threading.Thread(target=self._run, name="wdanalysis-reader", daemon=True)
         self._thread.start()
 
@@ -130,12 +133,16 @@ class Reader:
                         buf = self._free.get(timeout=0.1)
                     except queue.Empty:
                         continue
+                start = time.thread_time()
                 try:
                     self._read_into(buf, path, offset, nbytes)
+                    self.bytes_read += nbytes
                 except OSError as error:  # this request only: handed to the consumer
                     self._ready.put((buf, error))
                 else:
                     self._ready.put((buf, None))
+                finally:
+                    self.cpu_seconds += time.thread_time() - start
         except BaseException as error:  # the schedule itself broke: stop the consumer
             self._ready.put((None, error))
         finally:
