@@ -6,14 +6,15 @@ blocks of rows, and each block is compared with the same rows of every checkpoin
 run before the next block is read. Memory therefore holds a few blocks (a fixed budget,
 whatever the model or matrix size), never a whole state dict, and never the base twice.
 
-* Full checkpoints in safetensors are read with ``pread`` straight into a small pool of
-  reusable buffers by a background thread (:mod:`wdanalysis.storage.row_reader`), so the disk keeps
-  streaming while the kernel runs. ``.bin`` checkpoints go through
-  :class:`~wdanalysis.storage.tensor_store.TensorStore` (mmap); in-memory weights (a model being
-  trained) are compared where they lie, block by block against the base read from disk.
-* LoRA/DoRA adapters never materialise ``W'``: the update ``d = s·B[rows]@A`` is formed in
-  float64 for the rows at hand, so nothing cancels. A DoRA merge ``m·V/‖V‖`` rescales each
-  output row to norm ``|m|`` without turning it, so on the output axis its ΔD is that of
+* Full checkpoints in safetensors are read with ``pread`` (``O_DIRECT`` for large uncached
+  files) into a small pool of reusable buffers by a background thread
+  (:mod:`wdanalysis.storage.row_reader`), so the disk keeps streaming while the kernel runs.
+  ``.bin`` checkpoints go through :class:`~wdanalysis.storage.tensor_store.TensorStore`
+  (mmap); in-memory weights (a model being trained) are compared where they lie.
+* LoRA/DoRA adapters never materialise ``W'`` nor even ``d = s·B@A``: ``Σa·d`` and ``Σd²``
+  come from the factors and one float64 projection of the base rows
+  (:mod:`wdanalysis.engine.adapter_sums`). A DoRA merge ``m·V/‖V‖`` rescales each output row
+  to norm ``|m|`` without turning it, so on the output axis its ΔD is that of
   ``V = W0 + s·B@A`` and its ΔM is ``| |m| − ‖W0‖ |``, both exact.
 * Per vector (per part of a fused weight: :mod:`wdanalysis.engine.part_sums`) the sums
   ``Σa², Σa·d, Σd²`` are accumulated in float64 (``decomposition.accumulate_sums``).
@@ -66,7 +67,6 @@ from wdanalysis.weights.fused import Part
 MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
 MAX_BLOCK = 32 << 20  # largest single read
 MIN_BLOCK = 4 << 20
-
 
 # on_result(base key, checkpoint, its change or None: that checkpoint failed)
 OnResult = Callable[[str, BoundCheckpoint, DecompositionChange | None], None]
@@ -222,9 +222,10 @@ class Engine:
             n = min(per_block, rows - start)
             block = _Block(key, start, n, cols, mode, transposed, shape.pieces)
             base_buf, a = self._base_block(reader, block, base_extent, base_dense)
-            with self.profile.timed("base", a.numel() * a.element_size()):
-                self._accumulate(a, a, base_sums, block, True)
+            args = (a, base_sums, block)  # the base's own sums: beside the jobs' in a pool
+            pending = pool.submit(self._base_sums, *args) if pool else self._base_sums(*args)
             held = self._compare_block(block, a, jobs, reader, pool)
+            _ = pending.result() if pending is not None else None
             for buf in held if base_buf is None else [*held, base_buf]:
                 reader.release(buf)
         if not torch.isfinite(base_sums).all():
@@ -237,6 +238,10 @@ class Engine:
             job.release()
             failed = [None] * len(self._key_parts or [None])
             yield from ((job, c) for c in (failed if job.index in self.failures else job.changes))
+
+    def _base_sums(self, a, base_sums, block: _Block) -> None:
+        with self.profile.timed("base", a.numel() * a.element_size()):
+            self._accumulate(a, a, base_sums, block, True)
 
     def _prepare_jobs(self, jobs: list[Job], shape: Geometry, mode: str, transposed) -> None:
         """Zero each job's sums; load what is read whole (.bin matrices, adapter factors)."""
