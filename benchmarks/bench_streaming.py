@@ -329,6 +329,7 @@ def run_child(args) -> None:
     import safetensors.torch  # noqa: F401  (imports are not part of the timed work)
 
     import wdanalysis
+    import wdanalysis.table.comparison  # noqa: F401  (pandas & co.: not the timed work)
     from wdanalysis.engine import c_kernel as kernel
 
     kernel.load()

@@ -155,3 +155,29 @@ def test_cpu_profile_sums_per_path():
     table = profile.per_gb()
     assert table["read"] == {"core_s": 0.5, "gb": 1.0, "core_s_per_gb": 0.5}
     assert table["ft"]["gb"] == 2.0 and table["ft"]["core_s"] > 0
+
+
+def test_engine_profile_counts_the_bytes_and_restores_torch_threads(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from wdanalysis import compare
+
+    gen = torch.Generator().manual_seed(0)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base = {key: torch.randn(48, 40, generator=gen).bfloat16()}
+    for name, state in (("base", base), ("ft", {key: base[key] * 1.01})):
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compare(tmp_path / "base", tmp_path / "ft", progress=False)
+        assert torch.get_num_threads() == 2  # one torch thread during the run only
+    finally:
+        torch.set_num_threads(before)
+    table = cpu_profile.last.per_gb()
+    assert round(table["ft"]["gb"] * 1e9) == 48 * 40 * 2 == round(table["base"]["gb"] * 1e9)
+    assert round(table["read"]["gb"] * 1e9) == 2 * 48 * 40 * 2  # base and checkpoint

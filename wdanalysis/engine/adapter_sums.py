@@ -24,6 +24,7 @@ same sums (its ΔD is that of ``V = W0 + s·B@A``); DoRA on the input axis needs
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from wdanalysis.engine import c_kernel as kernel
@@ -61,7 +62,11 @@ class LowRankSums:
                 self.projected += x.T @ self.left[rows][s : s + x.shape[0]]
             return "torch"
         projected, used = self._project(a)
-        sums[1, rows] += (projected * self.left[rows]).sum(dim=1)
+        if projected.device.type == "cpu":  # numpy: torch would start its thread pool
+            ad = np.einsum("ij,ij->i", projected.numpy(), self.left[rows].numpy())
+            sums[1, rows] += torch.from_numpy(ad)
+        else:
+            sums[1, rows] += (projected * self.left[rows]).sum(dim=1)
         return used
 
     def finish(self, sums: torch.Tensor, base_aa: torch.Tensor) -> None:
@@ -78,7 +83,9 @@ class LowRankSums:
         if fused is not None and fused.supports(a.dtype) and _rows_contiguous(a):
             if self._packed is None:
                 self._packed = kernel.pack_directions(self.directions)
-            out = torch.zeros(a.shape[0], self._packed.shape[0] * 8, dtype=torch.float64)
+            # numpy's zeros: a per-block torch fill would wake torch's thread pool, whose
+            # spinning cost more than the projection itself on a busy 2-core machine
+            out = torch.from_numpy(np.zeros((a.shape[0], self._packed.shape[0] * 8)))
             fused.project(a, self._packed, out)
             return out[:, :r], "fused"
         out = torch.empty(a.shape[0], r, dtype=torch.float64, device=a.device)

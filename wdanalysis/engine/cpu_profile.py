@@ -58,5 +58,30 @@ class CpuProfile:
         return out
 
 
+def one_torch_thread(device) -> int | None:
+    """Set torch's intra-op threads to 1 for an engine run on CPU; returns the number to
+    restore (``None``: nothing changed).
+
+    The engine's parallelism is its own workers (and the C kernel); its torch operations
+    are small per-block ones, for which torch's OpenMP pool only wakes threads that then
+    spin: measured on the busy 2-core VM, one worker with torch's 2 threads took 15-21 s
+    and 4.2-5.7 core-s where one thread took 5.9 s and 1.8 core-s.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if getattr(device, "type", str(device)) != "cpu" or threads == 1:
+        return None
+    torch.set_num_threads(1)
+    return threads
+
+
+def restore_torch_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 #: the profile of the engine run that finished last in this process (benchmarks read it)
 last: CpuProfile | None = None

@@ -138,8 +138,6 @@ class Engine:
         )
         return geometry(self.base.store.shape(key), MAX_BLOCK, splittable)
 
-    # -- running --------------------------------------------------------------------
-
     def run(self, keys: list[str], on_result: OnResult) -> dict[int, WDAnalysisError]:
         """Compare every checkpoint on every weight of ``keys``; returns the failures.
 
@@ -164,11 +162,13 @@ class Engine:
         pin = self.device.type == "cuda"
         reader = Reader(requests, n_buffers, size, pin)
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        threads = cpu_profile.one_torch_thread(self.device)  # the workers are the threads
         try:
             for (key, jobs), rows_per_block in zip(plans, blocks, strict=True):
                 for job, change in self._run_key(key, jobs, rows_per_block, reader, pool):
                     on_result(key, self.bound[job.index], change)  # change None: failed
         finally:
+            cpu_profile.restore_torch_threads(threads)
             reader.close()
             if pool is not None:
                 pool.shutdown()
