@@ -2,21 +2,27 @@
 
 One command, e.g.::
 
-    python benchmarks/bench_streaming.py                 # ~3.4 GB per checkpoint
-    python benchmarks/bench_streaming.py --layers 14     # ~6.2 GB per checkpoint
+    python benchmarks/bench_streaming.py                 # 2.14 GB per checkpoint, 8.6 GB
+    python benchmarks/bench_streaming.py --layers 1 --profile   # CPU by path, 3.7 GB
 
 It writes a LLaMA-shaped bf16 checkpoint set (base, ``--ft-steps`` full fine-tuning
 checkpoints, a PEFT LoRA and a PEFT DoRA adapter on every linear layer) under
 ``--workdir``, then, each in a fresh subprocess and each after evicting the files from the
 page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``, after ``fsync``):
 
-1. raw read: the same files read sequentially in 16 MB ``read`` calls (what ``cat`` does);
+1. raw read: the same files read sequentially in 16 MB ``read`` calls (what ``cat`` does),
+   then with ``O_DIRECT`` (no page cache); the faster is the disk's speed ("vs raw");
 2. wdanalysis: ``compare()`` on every 2-D weight of every checkpoint (one or more settings);
 3. naive: whole state dicts (``safetensors.torch.load_file``), ``.float()``, adapters merged
    into a copy of the whole base state dict per checkpoint (``merge_and_unload`` style),
    ΔM/ΔD with plain float32 torch ops.
 
 Throughput is the total size of the files over wall time (the same bytes for all three).
+Core-seconds are the process's CPU time (``getrusage``: every thread, user + system), per GB
+read; the wdanalysis phase also reports them per path (``wdanalysis.engine.cpu_profile``:
+FT checkpoints, LoRA, DoRA, the base's own sums, the reader thread), and from them the
+cores needed to keep up with a 3 and a 7 GB/s disk. ``--out FILE`` writes it all as JSON
+with the machine (CPU model, cores, load average).
 Peak RSS is the subprocess's ``VmHWM``; anonymous and file-backed RSS are sampled from
 ``/proc/self/status`` every 20 ms. Files are deleted at the end unless ``--keep``.
 """
@@ -448,8 +454,8 @@ def report_profile(res: dict, total: int) -> dict:
     for rate, need in cores.items():
         print(
             f"cores to keep up with a {rate} disk: {need['this mix']:.1f} for this mix "
-            f"(FT checkpoints alone: {need['FT checkpoints only']:.1f}); --workers is that "
-            "minus one for the reader thread's share"
+            f"(FT checkpoints alone: {need['FT checkpoints only']:.1f}); pass --workers of "
+            "at least that, rounded up (the reader thread's share is in it)"
         )
     return {"rest_core_s": rest, "core_s_per_gb_read": per_gb, "cores_needed": cores}
 
