@@ -2,21 +2,27 @@
 
 One command, e.g.::
 
-    python benchmarks/bench_streaming.py                 # ~3.4 GB per checkpoint
-    python benchmarks/bench_streaming.py --layers 14     # ~6.2 GB per checkpoint
+    python benchmarks/bench_streaming.py                 # 2.14 GB per checkpoint, 8.6 GB
+    python benchmarks/bench_streaming.py --layers 1 --profile   # CPU by path, 3.7 GB
 
 It writes a LLaMA-shaped bf16 checkpoint set (base, ``--ft-steps`` full fine-tuning
 checkpoints, a PEFT LoRA and a PEFT DoRA adapter on every linear layer) under
 ``--workdir``, then, each in a fresh subprocess and each after evicting the files from the
 page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``, after ``fsync``):
 
-1. raw read: the same files read sequentially in 16 MB ``read`` calls (what ``cat`` does);
+1. raw read: the same files read sequentially in 16 MB ``read`` calls (what ``cat`` does),
+   then with ``O_DIRECT`` (no page cache); the faster is the disk's speed ("vs raw");
 2. wdanalysis: ``compare()`` on every 2-D weight of every checkpoint (one or more settings);
 3. naive: whole state dicts (``safetensors.torch.load_file``), ``.float()``, adapters merged
    into a copy of the whole base state dict per checkpoint (``merge_and_unload`` style),
    ΔM/ΔD with plain float32 torch ops.
 
 Throughput is the total size of the files over wall time (the same bytes for all three).
+Core-seconds are the process's CPU time (``getrusage``: every thread, user + system), per GB
+read; the wdanalysis phase also reports them per path (``wdanalysis.engine.cpu_profile``:
+FT checkpoints, LoRA, DoRA, the base's own sums, the reader thread), and from them the
+cores needed to keep up with a 3 and a 7 GB/s disk. ``--out FILE`` writes it all as JSON
+with the machine (CPU model, cores, load average).
 Peak RSS is the subprocess's ``VmHWM``; anonymous and file-backed RSS are sampled from
 ``/proc/self/status`` every 20 ms. Files are deleted at the end unless ``--keep``.
 """
@@ -25,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
+import resource
 import shutil
 import struct
 import subprocess
@@ -36,6 +44,9 @@ import time
 from pathlib import Path
 
 import torch
+
+# the package of this checkout, not whichever one the environment has installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LINEAR = {
     "self_attn.q_proj": ("h", "h"),
@@ -230,25 +241,44 @@ class RssSampler:
         return {**self.peak, "VmHWM": self._read()["VmHWM"]}
 
 
-def child_raw(work: Path) -> dict:
-    buf = bytearray(16 << 20)
+def child_raw(work: Path, direct: bool = False) -> dict:
+    """Every file read in 16 MB calls: buffered (what ``cat`` does) or with ``O_DIRECT``
+    (the disk's speed without the page cache's CPU cost; a page-aligned buffer)."""
+    buf = mmap.mmap(-1, 16 << 20)  # page aligned, as O_DIRECT needs
     view = memoryview(buf)
     total = 0
     for path in all_files(work):
-        with open(path, "rb", buffering=0) as handle:
-            while n := handle.readinto(view):
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:
+            offset = 0
+            while n := os.preadv(fd, [view], offset):
                 total += n
+                offset += n
+                if n < len(view):  # the end (a direct read must not restart unaligned)
+                    break
+        finally:
+            os.close(fd)
     return {"bytes": total}
 
 
 def child_wdanalysis(work: Path, workers: int, device: str) -> dict:
     from wdanalysis import compare
+    from wdanalysis.engine import cpu_profile
 
     runs = [work / "ft", work / "lora", work / "dora"]
     table = compare(
-        work / "base", runs, modules=[".*"], progress=False, workers=workers, device=device
+        work / "base",
+        runs,
+        modules=[".*"],
+        progress=False,
+        workers=workers or None,  # 0: compare's default
+        device=device,
     )
-    return {"rows": len(table), "summary": _summary(table)}
+    return {
+        "rows": len(table),
+        "summary": _summary(table),
+        "profile": cpu_profile.last.per_gb(),
+    }
 
 
 def child_naive(work: Path) -> dict:
@@ -294,25 +324,32 @@ def _summary(table) -> dict:
     return {run: [float(v) for v in row] for run, row in last.iterrows()}
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import safetensors.torch  # noqa: F401  (imports are not part of the timed work)
 
     import wdanalysis
+    import wdanalysis.table.comparison  # noqa: F401  (pandas & co.: not the timed work)
     from wdanalysis.engine import c_kernel as kernel
 
     kernel.load()
     del wdanalysis
     sampler = RssSampler()
-    t = time.perf_counter()
-    if args.child == "raw":
-        out = child_raw(args.workdir)
+    t, cpu = time.perf_counter(), _cpu_seconds()
+    if args.child in ("raw", "raw-direct"):
+        out = child_raw(args.workdir, direct=args.child == "raw-direct")
     elif args.child == "wdanalysis":
         out = child_wdanalysis(args.workdir, args.workers, args.device)
     else:
         out = child_naive(args.workdir)
     out["seconds"] = time.perf_counter() - t
+    out["core_seconds"] = _cpu_seconds() - cpu  # every thread of the process, user + system
     out.update(sampler.stop())
     print("RESULT " + json.dumps(out))
 
@@ -345,7 +382,7 @@ def phase(args, name: str, files, workers=1, threads=0) -> dict:
 # ------------------------------------------------------------------------------------ main
 
 
-def machine() -> str:
+def machine() -> dict:
     mem = next((ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), "0")
     model = next(
         (
@@ -356,12 +393,71 @@ def machine() -> str:
         platform.processor(),
     )
     disk = shutil.disk_usage("/")
-    return (
-        f"{os.cpu_count()} cores ({model}), {int(mem) / 2**20:.1f} GiB RAM, "
-        f"disk {disk.total / 1e9:.0f} GB ({disk.free / 1e9:.0f} GB free); "
-        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
-        f"Python {platform.python_version()}"
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(int(mem) / 2**20, 1),
+        "disk": f"{disk.total / 1e9:.0f} GB ({disk.free / 1e9:.0f} GB free)",
+        "load_average_before": os.getloadavg(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def parse_variants(text: str) -> list[tuple[int, int]]:
+    """``dflt`` (compare's default workers) or ``WORKERSxTORCH_THREADS``, comma-separated."""
+    out = []
+    for variant in text.split(","):
+        if variant == "dflt":
+            out.append((0, 0))
+        else:
+            workers, threads = (int(x) for x in variant.split("x"))
+            out.append((workers, threads))
+    return out
+
+
+PATHS = {
+    "ft": "FT checkpoints (per GB read)",
+    "lora": "LoRA adapters (per GB of weights adapted)",
+    "dora": "DoRA adapters (per GB of weights adapted)",
+    "base": "base's own sums (per GB of base)",
+    "read": "the read itself (reader thread, per GB)",
+    "tokens": "trainable tokens",
+}
+
+
+def report_profile(res: dict, total: int) -> dict:
+    """Print core-s/GB by path and the cores needed for a 3 and 7 GB/s disk."""
+    profile = res["profile"]
+    accounted = sum(p["core_s"] for p in profile.values())
+    rest = res["core_seconds"] - accounted
+    print(f"\n{'CPU by path (thread CPU time)':<46}{'core-s':>8}{'GB':>8}{'core-s/GB':>11}")
+    for path, p in profile.items():
+        print(
+            f"{PATHS.get(path, path):<46}{p['core_s']:>8.2f}{p['gb']:>8.2f}"
+            f"{p['core_s_per_gb']:>11.3f}"
+        )
+    print(f"{'the rest (main thread: planning, Python per block)':<46}{rest:>8.2f}")
+    per_gb = res["core_seconds"] / (total / 1e9)
+    print(
+        f"{'whole process (getrusage), per GB read':<46}{res['core_seconds']:>8.2f}"
+        f"{total / 1e9:>8.2f}{per_gb:>11.3f}"
     )
+    ft_gb = profile.get("ft", {}).get("core_s_per_gb", 0) + profile["read"]["core_s_per_gb"]
+    cores = {
+        f"{rate} GB/s": {
+            "this mix": round(rate * per_gb, 2),
+            "FT checkpoints only": round(rate * ft_gb, 2),
+        }
+        for rate in (3, 7)
+    }
+    for rate, need in cores.items():
+        print(
+            f"cores to keep up with a {rate} disk: {need['this mix']:.1f} for this mix "
+            f"(FT checkpoints alone: {need['FT checkpoints only']:.1f}); pass --workers of "
+            "at least that, rounded up (the reader thread's share is in it)"
+        )
+    return {"rest_core_s": rest, "core_s_per_gb_read": per_gb, "cores_needed": cores}
 
 
 def main() -> None:
@@ -369,7 +465,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--layers", type=int, default=7, help="7: ~3.4 GB per checkpoint")
+    parser.add_argument("--layers", type=int, default=4, help="4: 8.6 GB in all")
     parser.add_argument("--ft-steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wdanalysis-bench"))
@@ -383,11 +479,19 @@ def main() -> None:
     )
     parser.add_argument(
         "--variants",
-        default="1x0,2x1",
-        help="wdanalysis settings WORKERSxTORCH_THREADS (0: torch's default)",
+        default="dflt,1x0",
+        help="wdanalysis settings: dflt (compare's default workers) or WORKERSxTORCH_THREADS",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only the profile: one cold wdanalysis run with the default workers",
+    )
+    parser.add_argument("--out", type=Path, help="JSON results (default: none)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--child", choices=["raw", "wdanalysis", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["raw", "raw-direct", "wdanalysis", "naive"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -395,7 +499,8 @@ def main() -> None:
         return run_child(args)
 
     work = args.workdir
-    print(f"machine: {machine()}")
+    results = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    print(f"machine: {json.dumps(results['machine'])}")
     if not args.reuse or not (work / "base").is_dir():
         shutil.rmtree(work, ignore_errors=True)
         gen = generate(args, work)
@@ -403,66 +508,100 @@ def main() -> None:
     files = all_files(work)
     total = sum(p.stat().st_size for p in files)
     ckpt = (work / "base" / "model.safetensors").stat().st_size
+    results["data"] = {"total_bytes": total, "checkpoint_bytes": ckpt, "files": len(files)}
     print(
         f"checkpoints: base + {args.ft_steps} FT of {ckpt / 1e9:.2f} GB each "
         f"({args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
         f"bf16) + LoRA and DoRA adapters (r={args.rank}, all linear layers); "
         f"{len(files)} files, {total / 1e9:.2f} GB in all"
     )
-    gb = 1e9
     try:
-        raw = phase(args, "raw", files)
-        raw_tp = total / raw["seconds"] / gb
-        print(
-            f"\n{'path':<34}{'time s':>8}{'GB/s':>8}{'vs raw':>8}{'peak RSS':>11}"
-            f"{'anon':>9}{'file':>9}"
-        )
-
-        def line(name, res, extra=""):
-            tp = total / res["seconds"] / gb
-            print(
-                f"{name:<34}{res['seconds']:>8.1f}{tp:>8.2f}{tp / raw_tp:>8.0%}"
-                f"{res['VmHWM'] / 2**20:>8.0f} MiB{res['RssAnon'] / 2**20:>5.0f} M"
-                f"{res['RssFile'] / 2**20:>7.0f} M{extra}"
-            )
-            return tp
-
-        line("raw read (16 MB reads, cold)", raw)
-        best = None
-        for variant in args.variants.split(","):
-            workers, threads = (int(x) for x in variant.split("x"))
-            res = phase(args, "wdanalysis", files, workers, threads)
-            label = f"wdanalysis workers={workers} thr={threads or 'dflt'}"
-            tp = line(label, res)
-            best = res if best is None or res["seconds"] < best["seconds"] else best
-        free = next(
-            int(ln.split()[1]) * 1024
-            for ln in open("/proc/meminfo")
-            if ln.startswith("MemAvailable")
-        )
-        run_naive = args.naive == "yes" or (args.naive == "auto" and 2.2 * ckpt < free)
-        if run_naive:
-            naive = phase(args, "naive", files)
-            line("naive (whole state dicts, f32)", naive)
-            print(
-                f"\nspeed-up over naive: {naive['seconds'] / best['seconds']:.1f}x "
-                "(best wdanalysis setting)"
-            )
-        else:
-            print(
-                f"\nnaive path skipped: 2.2 x {ckpt / 1e9:.1f} GB would not fit in "
-                f"{free / 1e9:.1f} GB of available memory"
-            )
-        for key in ("resident_before",):
-            print(
-                f"page cache: evicted before every phase (posix_fadvise DONTNEED); "
-                f"resident bytes after eviction: {best[key]}"
-            )
-        print(f"ΔM/ΔD means per run (wdanalysis): {json.dumps(best['summary'])}")
-        del tp
+        run_phases(args, files, total, ckpt, results)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {args.out}")
+
+
+def run_phases(args, files, total: int, ckpt: int, results: dict) -> None:
+    gb = 1e9
+    variants = [(0, 0)] if args.profile else parse_variants(args.variants)
+    raw = None if args.profile else phase(args, "raw", files)
+    direct = None
+    if not args.profile and hasattr(os, "O_DIRECT"):
+        direct = phase(args, "raw-direct", files)
+    # the disk's cold speed: the faster of the buffered and the direct raw read
+    fastest = min((r for r in (raw, direct) if r), key=lambda r: r["seconds"], default=None)
+    raw_tp = total / fastest["seconds"] / gb if fastest else float("nan")
+    print(
+        f"\n{'path':<34}{'time s':>8}{'GB/s':>8}{'vs raw':>8}{'core-s/GB':>10}{'peak RSS':>11}"
+        f"{'anon':>9}{'file':>9}"
+    )
+
+    def line(name, res):
+        tp = total / res["seconds"] / gb
+        res["GB_per_s"], res["vs_raw"] = tp, tp / raw_tp
+        res["core_s_per_gb"] = res["core_seconds"] / (total / gb)
+        print(
+            f"{name:<34}{res['seconds']:>8.1f}{tp:>8.2f}{tp / raw_tp:>8.0%}"
+            f"{res['core_s_per_gb']:>10.2f}"
+            f"{res['VmHWM'] / 2**20:>8.0f} MiB{res['RssAnon'] / 2**20:>5.0f} M"
+            f"{res['RssFile'] / 2**20:>7.0f} M"
+        )
+
+    if raw:
+        line("raw read (16 MB reads, cold)", raw)
+        results["raw"] = raw
+    if direct:
+        line("raw read (16 MB O_DIRECT, cold)", direct)
+        results["raw_direct"] = direct
+    results["raw_GB_per_s"] = raw_tp
+    runs = {}
+    for workers, threads in variants:
+        res = phase(args, "wdanalysis", files, workers, threads)
+        label = f"wdanalysis workers={workers or 'dflt'} thr={threads or 'dflt'}"
+        line(label, res)
+        runs[label] = res
+    results["wdanalysis"] = runs
+    default = next(iter(runs.values()))
+    free = next(
+        int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable")
+    )
+    run_naive = not args.profile and (
+        args.naive == "yes" or (args.naive == "auto" and 2.2 * ckpt < free)
+    )
+    if run_naive:
+        naive = phase(args, "naive", files)
+        line("naive (whole state dicts, f32)", naive)
+        results["naive"] = naive
+        results["speed_up_over_naive"] = naive["seconds"] / default["seconds"]
+        print(f"\nspeed-up over naive: {results['speed_up_over_naive']:.1f}x (default workers)")
+    elif not args.profile:
+        print(
+            f"\nnaive path skipped: 2.2 x {ckpt / 1e9:.1f} GB would not fit in "
+            f"{free / 1e9:.1f} GB of available memory"
+        )
+    print(
+        "page cache: evicted before every phase (fsync + posix_fadvise DONTNEED); "
+        f"bytes still resident after eviction: {default['resident_before']}"
+    )
+    results["profile"] = report_profile(default, total)
+    goals = {  # None: not measured in this run (--profile, naive skipped)
+        "vs_raw >= 0.90": default["vs_raw"] >= 0.90 if fastest else None,
+        "core-s/GB <= 0.7 on every path": all(
+            p["core_s_per_gb"] <= 0.7 for p in default["profile"].values() if p["gb"]
+        ),
+        "peak RSS < 1 GiB": default["VmHWM"] < 2**30,
+        "speed-up over naive >= 5": (
+            results["speed_up_over_naive"] >= 5 if "speed_up_over_naive" in results else None
+        ),
+    }
+    results["goals"] = goals
+    print(f"goals (default workers): {json.dumps(goals)}")
+    print(f"ΔM/ΔD means per run (wdanalysis): {json.dumps(default['summary'])}")
 
 
 if __name__ == "__main__":

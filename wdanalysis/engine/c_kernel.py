@@ -45,112 +45,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define WD_SIMD 1
-#endif
-
-static inline double s_bf16(const uint16_t *p) {
-  union { uint32_t u; float f; } v; v.u = (uint32_t)(*p) << 16; return (double)v.f;
-}
-static inline double s_f32(const float *p) { return (double)*p; }
-static inline double s_f64(const double *p) { return *p; }
-#if defined(__F16C__)
-static inline double s_f16(const uint16_t *p) { return (double)_cvtsh_ss(*p); }
-#endif
-
-#ifdef WD_SIMD
-static inline __m256d v_bf16(const uint16_t *p) {
-  __m128i h = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)p));
-  return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(h, 16)));
-}
-static inline __m256d v_f32(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
-static inline __m256d v_f64(const double *p) { return _mm256_loadu_pd(p); }
-#if defined(__F16C__)
-static inline __m256d v_f16(const uint16_t *p) {
-  return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
-}
-#endif
-#endif
-
-/* Vectors along rows: for each row i, out_k[i] += sum_j (...).  d = b - a (DIFF) or b. */
-#ifdef WD_SIMD
-#define ROWS(NAME, TA, LA, TB, LB, DIFF)                                                  \
-  void NAME(const TA *a, const TB *b, int64_t R, int64_t C, int64_t lda, int64_t ldb,   \
-            double *aa, double *ad, double *dd) {                                       \
-    for (int64_t i = 0; i < R; i++) {                                                   \
-      const TA *ar = a + i * lda; const TB *br = b + i * ldb;                          \
-      __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, t0 = s0, t1 = s0, t2 = s0;     \
-      int64_t j = 0;                                                                    \
-      for (; j + 8 <= C; j += 8) {                                                      \
-        __m256d x = v_##LA(ar + j), y = v_##LB(br + j);                                 \
-        __m256d u = v_##LA(ar + j + 4), w = v_##LB(br + j + 4);                         \
-        if (DIFF) { y = _mm256_sub_pd(y, x); w = _mm256_sub_pd(w, u); }                  \
-        s0 = _mm256_fmadd_pd(x, x, s0); s1 = _mm256_fmadd_pd(x, y, s1);                 \
-        s2 = _mm256_fmadd_pd(y, y, s2); t0 = _mm256_fmadd_pd(u, u, t0);                 \
-        t1 = _mm256_fmadd_pd(u, w, t1); t2 = _mm256_fmadd_pd(w, w, t2);                 \
-      }                                                                                 \
-      double q0[4], q1[4], q2[4];                                                       \
-      _mm256_storeu_pd(q0, _mm256_add_pd(s0, t0));                                      \
-      _mm256_storeu_pd(q1, _mm256_add_pd(s1, t1));                                      \
-      _mm256_storeu_pd(q2, _mm256_add_pd(s2, t2));                                      \
-      double r0 = 0, r1 = 0, r2 = 0;                                                    \
-      for (; j < C; j++) {                                                              \
-        double x = s_##LA(ar + j), y = s_##LB(br + j); if (DIFF) y -= x;                \
-        r0 += x * x; r1 += x * y; r2 += y * y;                                          \
-      }                                                                                 \
-      aa[i] += ((q0[0] + q0[2]) + (q0[1] + q0[3])) + r0;                                \
-      ad[i] += ((q1[0] + q1[2]) + (q1[1] + q1[3])) + r1;                                \
-      dd[i] += ((q2[0] + q2[2]) + (q2[1] + q2[3])) + r2;                                \
-    }                                                                                   \
-  }
-#else
-#define ROWS(NAME, TA, LA, TB, LB, DIFF)                                                  \
-  void NAME(const TA *a, const TB *b, int64_t R, int64_t C, int64_t lda, int64_t ldb,   \
-            double *aa, double *ad, double *dd) {                                       \
-    for (int64_t i = 0; i < R; i++) {                                                   \
-      const TA *ar = a + i * lda; const TB *br = b + i * ldb;                          \
-      double s0[4] = {0}, s1[4] = {0}, s2[4] = {0};                                     \
-      for (int64_t j = 0; j < C; j++) {                                                 \
-        double x = s_##LA(ar + j), y = s_##LB(br + j); if (DIFF) y -= x;                \
-        s0[j & 3] += x * x; s1[j & 3] += x * y; s2[j & 3] += y * y;                     \
-      }                                                                                 \
-      aa[i] += (s0[0] + s0[2]) + (s0[1] + s0[3]);                                       \
-      ad[i] += (s1[0] + s1[2]) + (s1[1] + s1[3]);                                       \
-      dd[i] += (s2[0] + s2[2]) + (s2[1] + s2[3]);                                       \
-    }                                                                                   \
-  }
-#endif
-
-/* Vectors along columns: out_k[j] += sum_i (...), accumulated row after row. */
-#define COLS(NAME, TA, LA, TB, LB, DIFF)                                                  \
-  void NAME(const TA *a, const TB *b, int64_t R, int64_t C, int64_t lda, int64_t ldb,   \
-            double *aa, double *ad, double *dd) {                                       \
-    for (int64_t i = 0; i < R; i++) {                                                   \
-      const TA *ar = a + i * lda; const TB *br = b + i * ldb;                          \
-      for (int64_t j = 0; j < C; j++) {                                                 \
-        double x = s_##LA(ar + j), y = s_##LB(br + j); if (DIFF) y -= x;                \
-        aa[j] += x * x; ad[j] += x * y; dd[j] += y * y;                                 \
-      }                                                                                 \
-    }                                                                                   \
-  }
-
-#define BOTH(T, L, TD)                                                                  \
-  ROWS(wd_rows_##L, T, L, T, L, 1) COLS(wd_cols_##L, T, L, T, L, 1)                     \
-  ROWS(wd_rows_##L##_d, T, L, double, f64, 0) COLS(wd_cols_##L##_d, T, L, double, f64, 0)
-
-BOTH(uint16_t, bf16, 0)
-BOTH(float, f32, 0)
-BOTH(double, f64, 0)
-#if defined(__F16C__)
-BOTH(uint16_t, f16, 0)
-int wd_has_f16(void) { return 1; }
-#endif
-int wd_abi(void) { return 1; }
-"""
+from wdanalysis.engine.c_source import SOURCE as _SOURCE
 
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32", torch.float64: "f64"}
 _lock = threading.Lock()
@@ -174,6 +69,11 @@ class FusedKernel:
                     fn = getattr(lib, f"wd_{mode}_{_NAMES[dtype]}{suffix}")
                     fn.argtypes, fn.restype = args, None
                     self._fns[(dtype, mode, bool(suffix))] = fn
+            fn = getattr(lib, f"wd_proj_{_NAMES[dtype]}")
+            fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+            fn.argtypes += [ctypes.c_int64, ctypes.c_void_p]
+            fn.restype = None
+            self._fns[(dtype, "proj")] = fn
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes
@@ -199,6 +99,52 @@ class FusedKernel:
             ad.data_ptr(),
             dd.data_ptr(),
         )
+
+    def project(self, a, packed, out) -> None:
+        """Add ``a @ W`` into ``out`` (float64, ``(rows, r8)``), the directions ``W``
+        ``(cols, r8)`` given packed as ``(r8 / 8, cols, 8)`` (:func:`pack_directions`)."""
+        check_projection(a, packed, out, self.dtypes)
+        self._fns[(a.dtype, "proj")](
+            a.data_ptr(),
+            a.shape[0],
+            a.shape[1],
+            a.stride(0),
+            packed.data_ptr(),
+            out.shape[1],
+            out.data_ptr(),
+        )
+
+
+def pack_directions(w: torch.Tensor) -> torch.Tensor:
+    """``w`` ``(cols, r)`` as the projection kernel reads it: float64 ``(r8 / 8, cols, 8)``,
+    ``r8`` the multiple of 8 at or above ``r`` (the padding directions are zero)."""
+    cols, r = w.shape
+    r8 = -(-r // 8) * 8
+    padded = torch.zeros(cols, r8, dtype=torch.float64, device=w.device)
+    padded[:, :r] = w
+    return padded.reshape(cols, r8 // 8, 8).permute(1, 0, 2).contiguous()
+
+
+def check_projection(a, packed, out, dtypes) -> None:
+    """Refuse, with a ``ValueError``, a projection call the C code would misread."""
+    if a.dim() != 2 or a.dtype not in dtypes or a.device.type != "cpu":
+        raise ValueError(f"the projection takes a 2-D CPU block in {sorted(map(str, dtypes))}")
+    if a.shape[1] > 1 and a.stride(1) != 1 or a.shape[0] > 1 and a.stride(0) < a.shape[1]:
+        raise ValueError(f"a's rows must be contiguous, got strides {a.stride()}")
+    r8 = out.shape[1] if out.dim() == 2 else -1
+    want = (r8 // 8, a.shape[1], 8)
+    for name, t, shape in (("packed", packed, want), ("out", out, (a.shape[0], r8))):
+        if (
+            r8 % 8
+            or t.dtype != torch.float64
+            or t.device.type != "cpu"
+            or tuple(t.shape) != shape
+            or not t.is_contiguous()
+        ):
+            raise ValueError(
+                f"the projection's {name} must be contiguous float64 CPU {shape} with a "
+                f"multiple of 8 directions, got {t.dtype} {tuple(t.shape)}"
+            )
 
 
 def check_inputs(a, b, outs, mode: str, diff: bool, dtypes) -> None:
@@ -331,7 +277,7 @@ def load() -> FusedKernel | None:
             if not target.is_file():
                 _compile(compiler, target)
             lib = ctypes.CDLL(str(target))
-            if lib.wd_abi() != 1:
+            if lib.wd_abi() != 2:
                 _fall_back(f"{target} is a build of another version")
                 return None
             _cached = FusedKernel(lib, target)

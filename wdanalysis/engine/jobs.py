@@ -97,6 +97,10 @@ class AdapterJob(Job):
     module: AdapterModule
     dora: bool
     factors: Factors | None = field(default=None, init=False)
+    # set by the engine: the update formed per block (DoRA on the input axis, parts of a
+    # fused weight on it), or its sums from the factors (engine.adapter_sums; None: no B@A)
+    formed: bool = field(default=True, init=False)
+    low_rank: object | None = field(default=None, init=False)
 
     def load_factors(self, store: WeightStore, device: torch.device) -> None:
         """``A``, ``s·B`` and ``m`` of the module, float64 on ``device``."""
@@ -115,7 +119,7 @@ class AdapterJob(Job):
         return self.factors[2] if self.dora and self.factors else None
 
     def release(self) -> None:
-        self.factors = None
+        self.factors = self.low_rank = None
         super().release()
 
 
@@ -214,3 +218,10 @@ def _first_rows(extent: Extent, rows: int) -> Extent:
     """The leading ``rows`` of a stored matrix (row-major: one contiguous range)."""
     row_bytes = extent.nbytes // extent.shape[0]
     return replace(extent, nbytes=rows * row_bytes, shape=(rows, *extent.shape[1:]))
+
+
+def profile_path(job: Job) -> str:
+    """The path a job's CPU time is filed under (:mod:`wdanalysis.engine.cpu_profile`)."""
+    if isinstance(job, AdapterJob):
+        return "dora" if job.dora else "lora"
+    return "tokens" if isinstance(job, TokenJob) else "ft"

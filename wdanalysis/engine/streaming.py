@@ -6,14 +6,15 @@ blocks of rows, and each block is compared with the same rows of every checkpoin
 run before the next block is read. Memory therefore holds a few blocks (a fixed budget,
 whatever the model or matrix size), never a whole state dict, and never the base twice.
 
-* Full checkpoints in safetensors are read with ``pread`` straight into a small pool of
-  reusable buffers by a background thread (:mod:`wdanalysis.storage.row_reader`), so the disk keeps
-  streaming while the kernel runs. ``.bin`` checkpoints go through
-  :class:`~wdanalysis.storage.tensor_store.TensorStore` (mmap); in-memory weights (a model being
-  trained) are compared where they lie, block by block against the base read from disk.
-* LoRA/DoRA adapters never materialise ``W'``: the update ``d = s·B[rows]@A`` is formed in
-  float64 for the rows at hand, so nothing cancels. A DoRA merge ``m·V/‖V‖`` rescales each
-  output row to norm ``|m|`` without turning it, so on the output axis its ΔD is that of
+* Full checkpoints in safetensors are read with ``pread`` (``O_DIRECT`` for large uncached
+  files) into a small pool of reusable buffers by a background thread
+  (:mod:`wdanalysis.storage.row_reader`), so the disk keeps streaming while the kernel runs.
+  ``.bin`` checkpoints go through :class:`~wdanalysis.storage.tensor_store.TensorStore`
+  (mmap); in-memory weights (a model being trained) are compared where they lie.
+* LoRA/DoRA adapters never materialise ``W'`` nor even ``d = s·B@A``: ``Σa·d`` and ``Σd²``
+  come from the factors and one float64 projection of the base rows
+  (:mod:`wdanalysis.engine.adapter_sums`). A DoRA merge ``m·V/‖V‖`` rescales each output row
+  to norm ``|m|`` without turning it, so on the output axis its ΔD is that of
   ``V = W0 + s·B@A`` and its ΔM is ``| |m| − ‖W0‖ |``, both exact.
 * Per vector (per part of a fused weight: :mod:`wdanalysis.engine.part_sums`) the sums
   ``Σa², Σa·d, Σd²`` are accumulated in float64 (``decomposition.accumulate_sums``).
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wdanalysis.engine import adapter_sums, cpu_profile, part_sums
 from wdanalysis.engine import c_kernel as kernel
-from wdanalysis.engine import part_sums
 from wdanalysis.engine.decomposition import DecompositionChange, vector_mode
 from wdanalysis.engine.jobs import (
     AdapterJob,
@@ -45,6 +46,7 @@ from wdanalysis.engine.jobs import (
     UnchangedJob,
     dense_source,
     plan_job,
+    profile_path,
     stream_matrix,
 )
 from wdanalysis.engine.row_pieces import Geometry, accumulate_block, geometry, itemsize
@@ -63,8 +65,6 @@ from wdanalysis.weights.fused import Part
 MEMORY_BUDGET = 256 << 20  # bytes of read buffers in flight, whatever the model size
 MAX_BLOCK = 32 << 20  # largest single read
 MIN_BLOCK = 4 << 20
-ADAPTER_CHUNK_ELEMENTS = 1 << 20  # float64 update rows formed at a time (8 MB)
-
 
 # on_result(base key, checkpoint, its change or None: that checkpoint failed)
 OnResult = Callable[[str, BoundCheckpoint, DecompositionChange | None], None]
@@ -118,6 +118,7 @@ class Engine:
         self.backend = "auto" if self.device.type == "cpu" else "torch"
         self.backends_used: set[str] = set()  # "fused" / "torch": what the sums ran on
         self.workers = max(1, int(workers))
+        self.profile = cpu_profile.CpuProfile()  # CPU by path (engine.cpu_profile)
 
     # -- planning -------------------------------------------------------------------
 
@@ -135,8 +136,6 @@ class Engine:
         )
         return geometry(self.base.store.shape(key), MAX_BLOCK, splittable)
 
-    # -- running --------------------------------------------------------------------
-
     def run(self, keys: list[str], on_result: OnResult) -> dict[int, WDAnalysisError]:
         """Compare every checkpoint on every weight of ``keys``; returns the failures.
 
@@ -146,6 +145,7 @@ class Engine:
         dict maps a failed checkpoint's position in ``bound`` to its first error.
         """
         self.failures = {}
+        self.profile = cpu_profile.last = cpu_profile.CpuProfile()
         keys = sorted(keys, key=self._position)
         plans = [(key, self._jobs(key)) for key in keys]
         self._geometries = {key: self._geometry(key, jobs) for key, jobs in plans}
@@ -160,14 +160,17 @@ class Engine:
         pin = self.device.type == "cuda"
         reader = Reader(requests, n_buffers, size, pin)
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        threads = cpu_profile.one_torch_thread(self.device)  # the workers are the threads
         try:
             for (key, jobs), rows_per_block in zip(plans, blocks, strict=True):
                 for job, change in self._run_key(key, jobs, rows_per_block, reader, pool):
                     on_result(key, self.bound[job.index], change)  # change None: failed
         finally:
+            cpu_profile.restore_torch_threads(threads)
             reader.close()
             if pool is not None:
                 pool.shutdown()
+            self.profile.add("read", reader.cpu_seconds, reader.bytes_read)
         return self.failures
 
     def _position(self, key: str):
@@ -207,7 +210,7 @@ class Engine:
         shape = self._geometries[key]
         rows, cols = shape.stream_rows, shape.stream_cols
         self._key_parts = self.parts.get(key)
-        self._prepare_jobs(jobs, shape, mode)
+        self._prepare_jobs(jobs, shape, mode, transposed)
         base_sums = part_sums.new_sums(self._key_parts, self.axis, shape.vectors(mode), self.device)
         base_extent = extent_of(self.base.store, key)
         base_dense = None
@@ -217,8 +220,10 @@ class Engine:
             n = min(per_block, rows - start)
             block = _Block(key, start, n, cols, mode, transposed, shape.pieces)
             base_buf, a = self._base_block(reader, block, base_extent, base_dense)
-            self._accumulate(a, a, base_sums, block, True)
+            args = (a, base_sums, block)  # the base's own sums: beside the jobs' in a pool
+            pending = pool.submit(self._base_sums, *args) if pool else self._base_sums(*args)
             held = self._compare_block(block, a, jobs, reader, pool)
+            _ = pending.result() if pending is not None else None
             for buf in held if base_buf is None else [*held, base_buf]:
                 reader.release(buf)
         if not torch.isfinite(base_sums).all():
@@ -232,7 +237,11 @@ class Engine:
             failed = [None] * len(self._key_parts or [None])
             yield from ((job, c) for c in (failed if job.index in self.failures else job.changes))
 
-    def _prepare_jobs(self, jobs: list[Job], shape: Geometry, mode: str) -> None:
+    def _base_sums(self, a, base_sums, block: _Block) -> None:
+        with self.profile.timed("base", a.numel() * a.element_size()):
+            self._accumulate(a, a, base_sums, block, True)
+
+    def _prepare_jobs(self, jobs: list[Job], shape: Geometry, mode: str, transposed) -> None:
         """Zero each job's sums; load what is read whole (.bin matrices, adapter factors)."""
         for job in jobs:
             job.sums = part_sums.new_sums(
@@ -244,7 +253,10 @@ class Engine:
                 self._guard(job, job.read, (shape.stream_rows, shape.stream_cols))
             elif isinstance(job, (AdapterJob, TokenJob)):
                 store = self.bound[job.index].checkpoint.adapter.store
-                self._guard(job, job.load_factors, store, self.device)
+                with self.profile.timed(profile_path(job)):
+                    self._guard(job, job.load_factors, store, self.device)
+                    if isinstance(job, AdapterJob) and job.index not in self.failures:
+                        adapter_sums.plan(job, self.axis, mode, transposed)
 
     def _base_block(self, reader: Reader, block: _Block, extent, dense):
         """The base rows of ``block`` (and the buffer holding them, to release later)."""
@@ -293,12 +305,13 @@ class Engine:
     def _compare(self, block: _Block, a, task) -> None:
         """One job's sums for one block: a stored matrix, or an adapter's update."""
         job, b = task
-        if isinstance(job, TokenJob):
-            self.backends_used |= job.accumulate(a, block.start, block.mode, self.backend)
-        elif b is None:
-            self._adapter_block(job, a, block.mode, block.start, block.n, block.transposed)
-        else:
-            self._accumulate(a, self._to_device(b), job.sums, block, True)
+        with self.profile.timed(profile_path(job), (a if b is None else b).nbytes):
+            if isinstance(job, TokenJob):
+                self.backends_used |= job.accumulate(a, block.start, block.mode, self.backend)
+            elif b is None:
+                self._adapter_block(job, a, block.mode, block.start, block.n, block.transposed)
+            else:
+                self._accumulate(a, self._to_device(b), job.sums, block, True)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.device.type == "cpu" else t.to(self.device)
@@ -327,28 +340,13 @@ class Engine:
 
     def _adapter_block(self, job: AdapterJob, a, mode, start, n, transposed) -> None:
         """Sums for the stored rows ``start:start+n`` of an adapted weight."""
-        lora_a, lora_b, m = job.factors
-        cols = a.shape[1]
-        step = max(1, ADAPTER_CHUNK_ELEMENTS // max(cols, 1))
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            rows = slice(start + s, start + e)
-            if lora_b is None:  # magnitude only (DoRA authors' Wdecompose modules)
-                d = torch.zeros(e - s, cols, dtype=torch.float64, device=a.device)
-            elif transposed:  # stored (in, out): rows are input features
-                d = lora_a[:, rows].T @ lora_b.T
-            else:
-                d = lora_b[rows] @ lora_a
-            if job.dora and self.axis == "in":
-                # axis "in" with output rows stored as rows: W' − W0 = (c−1)·a + c·u,
-                # c = m/‖V‖ per row, (c−1) = (m − ‖V‖)/‖V‖ formed without cancellation.
-                x = a[s:e].to(torch.float64)
-                norm_v = torch.linalg.vector_norm(x + d, dim=1)
-                safe = torch.where(norm_v > 0, norm_v, torch.ones_like(norm_v))
-                c = m[rows] / safe
-                d = d * c[:, None] + x * ((m[rows] - norm_v) / safe)[:, None]
-            rows_block = _Block("", start + s, e - s, cols, mode, transposed)
-            self._accumulate(a[s:e], d.contiguous(), job.sums, rows_block, False)
+
+        def accumulate(rows, d, first):  # a formed update's sums, as a file block's
+            block = _Block("", first, rows.shape[0], rows.shape[1], mode, transposed)
+            self._accumulate(rows, d, job.sums, block, False)
+
+        used = adapter_sums.add_block(job, a, start, self.axis, transposed, accumulate)
+        self.backends_used |= used
 
     def _finish(self, key, job: Job, base_sums, mode) -> list[DecompositionChange]:
         if isinstance(job, MergedJob):
@@ -359,6 +357,8 @@ class Engine:
             sums[..., 1:, :].zero_()
         elif isinstance(job, TokenJob):  # only the trained rows moved: Σa² is the base's
             sums[..., 0, :] = base_sums[..., 0, :]
+        elif isinstance(job, AdapterJob) and not job.formed:  # Σa·d, Σd² of the factors
+            adapter_sums.complete(job, base_sums)
         magnitude = job.magnitude if isinstance(job, AdapterJob) else None
         if not torch.isfinite(sums).all() or (
             magnitude is not None and not torch.isfinite(magnitude).all()

@@ -17,6 +17,7 @@ import io
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.storage import direct_read
 from wdanalysis.storage.store_protocol import WeightStore
 from wdanalysis.storage.tensor_store import real_key
 
@@ -100,18 +102,27 @@ class Reader:
     """Reads byte ranges, in the order they will be consumed, into a pool of buffers.
 
     A single background thread issues the ``pread`` calls (they release the GIL) while the
-    caller computes; ``get`` returns them in request order; ``release`` recycles a buffer.
+    caller computes; ``get`` returns them in request order (a tensor whose first byte is
+    the request's first byte); ``release`` recycles it. Large files not in the page cache
+    are read with ``O_DIRECT`` (:mod:`wdanalysis.storage.direct_read`).
     """
 
     def __init__(self, requests: Iterator[tuple[Path, int, int]], n_buffers: int, size: int, pin):
         self._free: queue.Queue = queue.Queue()
         for _ in range(n_buffers):
-            buf = torch.empty(size, dtype=torch.uint8)
-            self._free.put(buf.pin_memory() if pin else buf)
+            raw = torch.empty(size + 3 * direct_read.ALIGN, dtype=torch.uint8)
+            raw = raw.pin_memory() if pin else raw
+            skip = -raw.data_ptr() % direct_read.ALIGN  # block-aligned, for direct reads
+            self._free.put(raw[skip : skip + size + 2 * direct_read.ALIGN])
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> buffer
         self._ready: queue.Queue = queue.Queue()
         self._requests = requests
         self._files: dict[Path, io.FileIO] = {}
+        self._direct: dict[Path, int | None] = {}  # O_DIRECT descriptor, None: buffered
         self._stop = threading.Event()
+        self.cpu_seconds = 0.0  # the reader thread's CPU time in reads (engine.cpu_profile)
+        self.bytes_read = 0
+        self.direct_bytes = 0  # of which read with O_DIRECT
         self._thread = threading.Thread(target=self._run, name="wdanalysis-reader", daemon=True)
         self._thread.start()
 
@@ -120,6 +131,22 @@ class Reader:
         if handle is None:
             handle = self._files[path] = open_for_reading(path)
         return handle
+
+    def _direct_fd(self, path: Path) -> int | None:
+        """The file's ``O_DIRECT`` descriptor, decided at its first request: a large file
+        whose middle is not in the page cache (its start is, once the header was read)."""
+        if path not in self._direct:
+            fd = None
+            handle = self._file(path)
+            size = os.fstat(handle.fileno()).st_size
+            if (
+                direct_read.enabled()
+                and size >= direct_read.DIRECT_MIN_BYTES
+                and not direct_read.is_cached(handle.fileno(), size // 2)
+            ):
+                fd = direct_read.open_direct(path)
+            self._direct[path] = fd
+        return self._direct[path]
 
     def _run(self) -> None:
         try:
@@ -132,21 +159,45 @@ class Reader:
                         buf = self._free.get(timeout=0.1)
                     except queue.Empty:
                         continue
+                start = time.thread_time()
                 try:
-                    self._read_into(buf, path, offset, nbytes)
+                    view = self._read_into(buf, path, offset, nbytes)
+                    self.bytes_read += nbytes
                 except OSError as error:  # this request only: handed to the consumer
-                    self._ready.put((buf, error))
+                    self._hand_out(buf, buf, error)
                 else:
-                    self._ready.put((buf, None))
+                    self._hand_out(buf, view, None)
+                finally:
+                    self.cpu_seconds += time.thread_time() - start
         except BaseException as error:  # the schedule itself broke: stop the consumer
             self._ready.put((None, error))
         finally:
             for handle in self._files.values():
                 handle.close()
+            for fd in self._direct.values():
+                if fd is not None:
+                    os.close(fd)
             self._files.clear()
+            self._direct.clear()
 
-    def _read_into(self, buf: torch.Tensor, path: Path, offset: int, nbytes: int) -> None:
+    def _hand_out(self, buf: torch.Tensor, view: torch.Tensor, error) -> None:
+        self._lent[view.data_ptr()] = buf
+        self._ready.put((view, error))
+
+    def _read_into(self, buf: torch.Tensor, path: Path, offset: int, nbytes: int) -> torch.Tensor:
+        """Read the request into ``buf``; returns the view of ``buf`` that holds it."""
+        fd = self._direct_fd(path)
+        begin, length, delta = direct_read.window(offset, nbytes)
+        if fd is not None and delta % 8 == 0 and length <= buf.numel():
+            try:
+                direct_read.read_direct(fd, memoryview(buf.numpy())[:length], begin, delta + nbytes)
+                self.direct_bytes += nbytes
+                return buf[delta : delta + nbytes]
+            except OSError:  # this file system refuses it after all: buffered from now on
+                os.close(fd)
+                self._direct[path] = None
         read_at(self._file(path), memoryview(buf.numpy())[:nbytes], offset)
+        return buf
 
     def get(self) -> tuple[torch.Tensor, OSError | None]:
         """The next buffer in request order, and the read error for it if any."""
@@ -156,7 +207,8 @@ class Reader:
         return buf, error
 
     def release(self, buf: torch.Tensor) -> None:
-        self._free.put(buf)
+        """Give back a tensor that :meth:`get` returned."""
+        self._free.put(self._lent.pop(buf.data_ptr(), buf))
 
     def close(self) -> None:
         self._stop.set()

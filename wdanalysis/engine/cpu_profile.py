@@ -1,0 +1,87 @@
+"""Where the engine's CPU goes: thread CPU seconds and bytes, by path.
+
+The engine times each piece of work with :func:`time.thread_time` (the CPU time of the
+thread doing it, so compute threads, the reader thread and the main thread add up to the
+process's CPU time, whatever else runs on the machine) and files it under a path:
+
+* ``"base"``: the base's own sums (``Σa²``), per GB of base weights;
+* ``"ft"``: stored checkpoints (full fine-tuning, ``modules_to_save``), per GB read;
+* ``"lora"`` / ``"dora"``: adapter updates, per GB of the base weights they change;
+* ``"tokens"``: trainable-token rows;
+* ``"read"``: the reader thread's reads (the kernel's copy out of the page cache), per GB.
+
+Wall-clock ratios on a shared machine move with the other load; core-seconds per GB much
+less. ``benchmarks/bench_streaming.py --profile`` prints them (``docs/guides/performance.md``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class CpuProfile:
+    """Thread CPU seconds and bytes, summed per path (thread safe)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.bytes: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def add(self, path: str, seconds: float, nbytes: int = 0) -> None:
+        with self._lock:
+            self.seconds[path] += seconds
+            self.bytes[path] += nbytes
+
+    @contextmanager
+    def timed(self, path: str, nbytes: int = 0) -> Iterator[None]:
+        """Add the CPU time the calling thread spends inside the block to ``path``."""
+        start = time.thread_time()
+        try:
+            yield
+        finally:
+            self.add(path, time.thread_time() - start, nbytes)
+
+    def per_gb(self) -> dict[str, dict[str, float]]:
+        """``{path: {"core_s", "gb", "core_s_per_gb"}}`` (GB = 1e9 bytes)."""
+        out = {}
+        for path, seconds in sorted(self.seconds.items()):
+            gb = self.bytes.get(path, 0) / 1e9
+            out[path] = {
+                "core_s": seconds,
+                "gb": gb,
+                "core_s_per_gb": seconds / gb if gb else float("nan"),
+            }
+        return out
+
+
+def one_torch_thread(device) -> int | None:
+    """Set torch's intra-op threads to 1 for an engine run on CPU; returns the number to
+    restore (``None``: nothing changed).
+
+    The engine's parallelism is its own workers (and the C kernel); its torch operations
+    are small per-block ones, for which torch's OpenMP pool only wakes threads that then
+    spin: measured on the busy 2-core VM, one worker with torch's 2 threads took 15-21 s
+    and 4.2-5.7 core-s where one thread took 5.9 s and 1.8 core-s.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if getattr(device, "type", str(device)) != "cpu" or threads == 1:
+        return None
+    torch.set_num_threads(1)
+    return threads
+
+
+def restore_torch_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+#: the profile of the engine run that finished last in this process (benchmarks read it)
+last: CpuProfile | None = None
