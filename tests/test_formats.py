@@ -260,7 +260,7 @@ PEFT_CASES = {
         dict(r=2, lora_alpha=5, target_modules=["query", "value"], task_type="SEQ_CLS"),
         lambda m: 2.5,
         base="bare",
-        stacks=("encoder",),  # BERT's blocks live under "encoder."
+        stacks=("",),  # BERT: "encoder." only, no encoder/decoder distinction
     ),
     "bart-dora": PeftCase(
         "bart",
