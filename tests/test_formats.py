@@ -617,14 +617,17 @@ def test_method_inference_and_labels(tmp_path, llama):
     }
     assert list(inferred["run"].unique()) == ["ft", "lora", "dora"]  # order given
 
+    assert (inferred["label"] == inferred["method"]).all()  # no labels: the label is the method
     labelled = run_compare(llama.folder, runs, labels=["full", "low-rank", "decomposed"])
-    assert labelled.groupby("run", sort=False)["method"].first().to_list() == [
+    assert labelled.groupby("run", sort=False)["label"].first().to_list() == [
         "full",
         "low-rank",
         "decomposed",
-    ]
+    ]  # labels set the label column; the method stays the inferred one
+    assert labelled.groupby("run", sort=False)["method"].first().to_list() == ["FT", "LoRA", "DoRA"]
     as_mapping = run_compare(llama.folder, {"A": ft, "B": tmp_path / "dora"})
-    assert as_mapping.groupby("run", sort=False)["method"].first().to_list() == ["A", "B"]
+    assert as_mapping.groupby("run", sort=False)["label"].first().to_list() == ["A", "B"]
+    assert as_mapping.groupby("run", sort=False)["method"].first().to_list() == ["FT", "DoRA"]
     # labels change names only, never numbers
     np.testing.assert_array_equal(inferred["delta_d"], labelled["delta_d"])
 

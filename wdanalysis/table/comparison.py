@@ -28,9 +28,9 @@ from wdanalysis.loaders.runs import (
     Run,
     aligner_for,
     is_float,
-    open_base,
     open_run,
     refuse_quantized,
+    unique_names,
 )
 from wdanalysis.table import notices
 from wdanalysis.table.schema import COLUMNS, deltas_row
@@ -86,7 +86,9 @@ def compare(
         and value projections. Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, …)
         are split by the base's ``config.json`` into ``q_proj``/``k_proj``/``v_proj``
         (``gate_proj``/``up_proj``) rows (:mod:`wdanalysis.weights.fused`).
-    labels: display names replacing the inferred method (``FT``/``LoRA``/``DoRA``).
+    labels: display names, one per run: the ``label`` column, which figures, fits and
+        printed tables name runs by; ``method`` stays the inferred one (``FT``/``LoRA``/
+        ``DoRA``). Default: the method. The keys of a ``{label: path}`` dict set it too.
     axis: ``"out"`` (default): one magnitude per output feature, as DoRA implementations
         store it; ``"in"``: one per input feature.
     fan_in_fan_out: force (True) or forbid (False) the (in, out) GPT-2 ``Conv1D`` layout;
@@ -134,7 +136,8 @@ def plan_comparison(
     notices.note_quantized_training(run_list)
     if is_auto(base):
         base = base_named_by(run_list)
-    base_model = open_base(base)
+    base_model = notices.open_base_or_say_swapped(base, run_list)
+    notices.warn_run_is_base(base_model, run_list)
     refuse_quantized(base_model.store, "base model")
     prepare_base(base_model, run_list)  # experts split, mlx-lm embeddings told apart
     shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
@@ -206,19 +209,11 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
     if labels is not None and len(labels) != len(runs):
         raise WDAnalysisError(f"got {len(labels)} labels for {len(runs)} runs")
     opened = [open_run(path) for path in runs]
-    _unique_names(opened)
+    notices.warn_duplicate_runs(opened)
+    unique_names(opened)
     for run, label in zip(opened, labels or [None] * len(opened), strict=True):
         run.label = label
     return opened
-
-
-def _unique_names(runs: list[Run]) -> None:
-    seen: dict[str, int] = {}
-    for run in runs:
-        count = seen.get(run.name, 0)
-        seen[run.name] = count + 1
-        if count:
-            run.name = f"{run.name}#{count + 1}"
 
 
 def _check_base_dtypes(base: FullModel, selected: list[str]) -> None:
@@ -254,8 +249,7 @@ def _bind(run, ckpt, shapes, selected, aligner: KeyAligner, transposed):
             for n in [vocabulary_rows_added(key, shapes[key], ckpt.store.shape(keys[key]))]
             if n
         }
-    method = run.label or ckpt.method
-    return BoundCheckpoint(run, ckpt, method, keys, added)
+    return BoundCheckpoint(run, ckpt, ckpt.method, keys, added)
 
 
 def _saved_shape(ckpt: AdapterCheckpoint, module) -> tuple[int, ...]:
@@ -338,6 +332,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
         change,
         checkpoint=str(item.checkpoint.path),
         rows_added=item.rows_added.get(name.parameter, 0),
+        label=item.run.label or item.method,
     )
 
 

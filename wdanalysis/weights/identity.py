@@ -25,8 +25,8 @@ they were one kind (``shared/reference/formats-and-pitfalls.md``, pitfall 15):
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from wdanalysis.loaders.checkpoint_kinds import FullModel
