@@ -82,7 +82,12 @@ def _register_compare(subparsers) -> None:
     parser.add_argument(
         "runs", nargs="*", metavar="RUN", help="run folders, single checkpoints or cached hub ids"
     )
-    parser.add_argument("--labels", nargs="+", help="display names, one per run (default: method)")
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        help="display names, one per run: the label column; method stays inferred "
+        "(default: the method)",
+    )
     parser.add_argument(
         "--modules",
         nargs="+",
@@ -102,17 +107,22 @@ def _register_compare(subparsers) -> None:
         help="weights stored (in, out) as GPT-2 Conv1D (default: infer)",
     )
     parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cpu", help="where ΔM/ΔD sums are computed"
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where ΔM/ΔD sums are computed (default cpu)",
     )
     parser.add_argument(
         "--workers",
         type=positive_int,
         help="compute threads, at least 1 (default: 2 on machines with 2+ cores)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
+    parser.add_argument(
+        "--no-figures", action="store_true", help="write the tables only (default: figures too)"
+    )
     _add_pool(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     parser.set_defaults(handler=run_compare)
 
 
@@ -126,7 +136,7 @@ def _register_plot(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("table", type=Path, help="deltas.csv or tracking.csv")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
     parser.add_argument("--dpi", type=float, default=200, help="PNG resolution (default 200)")
     _add_pool(parser)
     parser.set_defaults(handler=run_plot)
@@ -151,7 +161,9 @@ def _register_inspect(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("path", help="file, folder or cached hub id org/name[@revision]")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output (default: text)"
+    )
     parser.set_defaults(handler=run_inspect)
 
 
