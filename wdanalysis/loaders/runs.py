@@ -214,12 +214,13 @@ def open_run(path: str | Path, name: str | None = None) -> Run:
 
     Sub-folders that hold no complete checkpoint (a run killed mid-save) are skipped with
     a warning and listed in ``Run.skipped``; the others are kept. A cached hub id is opened
-    from its snapshot folder and named by the id.
+    from its snapshot folder and named by the id; a local path by :func:`run_name` (a
+    single checkpoint ``runs/ft/checkpoint-10`` by its run folder: ``ft``).
     """
     resolved = resolve_model_path(path)
     if not resolved.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
-    name = name or (Path(path).name if resolved == Path(path) else str(path))
+    name = name or (run_name(Path(path)) if resolved == Path(path) else str(path))
     path = resolved
     folders = step_folders(path)
     if not folders:
@@ -280,12 +281,12 @@ def unique_names(runs: list[Run]) -> None:
     for run in runs:
         by_name.setdefault(run.name, []).append(run)
     for same in by_name.values():
-        paths = list(dict.fromkeys(same_file(run.path) for run in same))
-        if len(paths) < 2 or any(Path(run.name).is_absolute() for run in same):
+        given = {same_file(run.path): str(Path(run.path).absolute()) for run in same}
+        if len(given) < 2 or any(Path(run.name).is_absolute() for run in same):
             continue
-        names = _distinct_names(paths)
+        names = _distinct_names(list(given.values()))
         for run in same:
-            run.name = names[same_file(run.path)]
+            run.name = names[given[same_file(run.path)]]
     seen: dict[str, int] = {}
     for run in runs:
         seen[run.name] = seen.get(run.name, 0) + 1

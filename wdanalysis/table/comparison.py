@@ -209,8 +209,8 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
     if labels is not None and len(labels) != len(runs):
         raise WDAnalysisError(f"got {len(labels)} labels for {len(runs)} runs")
     opened = [open_run(path) for path in runs]
-    notices.warn_duplicate_runs(opened)
     unique_names(opened)
+    notices.warn_duplicate_runs(opened)
     for run, label in zip(opened, labels or [None] * len(opened), strict=True):
         run.label = label
     return opened
