@@ -313,16 +313,21 @@ def _write_partial(partial: PartialResultError, out: Path, args: argparse.Namesp
 
 
 def summarize(deltas: pd.DataFrame) -> str:
-    """One line per run: method, steps, weights, mean ΔM and ΔD at the last step."""
+    """One line per run: label (where one differs from its method), method, steps, weights,
+    mean ΔM and ΔD at the last step."""
+    labelled = "label" in deltas and (deltas["label"].astype(str) != deltas["method"]).any()
+    head = f"{'label':<12} " if labelled else ""
     lines = [
-        f"{'run':<24} {'method':<8} {'steps':<18} {'weights':>7} {'ΔM last':>10} {'ΔD last':>10}"
+        f"{'run':<24} {head}{'method':<8} {'steps':<18} {'weights':>7} {'ΔM last':>10} "
+        f"{'ΔD last':>10}"
     ]
     for run, group in deltas.groupby("run", sort=False):
         steps = group["step"].dropna().unique()
         last = group[group["step"] == steps.max()] if len(steps) else group
         step_text = ",".join(str(s) for s in sorted(steps)) or "?"
+        label = f"{str(group['label'].iloc[0])[:12]:<12} " if labelled else ""
         lines.append(
-            f"{run[:24]:<24} {group['method'].iloc[0][:8]:<8} {step_text[:18]:<18} "
+            f"{run[:24]:<24} {label}{group['method'].iloc[0][:8]:<8} {step_text[:18]:<18} "
             f"{last['parameter'].nunique():>7} {last['delta_m'].mean():>10.3g} "
             f"{last['delta_d'].mean():>10.3g}"
         )
