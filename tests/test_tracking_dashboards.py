@@ -251,7 +251,7 @@ def test_t5_kinds_get_a_tag_each_named_by_their_full_identity(tmp_path):
     from builders import finetuned, save_model
 
     from wdanalysis import compare
-    from wdanalysis.tracking.dashboards import Dashboards, kind_tag, step_scalars
+    from wdanalysis.tracking.dashboards import Dashboards, step_scalars
 
     config = transformers.T5Config(
         vocab_size=40, d_model=24, d_kv=8, d_ff=20, num_layers=3, num_decoder_layers=3,
@@ -291,6 +291,8 @@ def test_t5_kinds_get_a_tag_each_named_by_their_full_identity(tmp_path):
     assert all(step == STEPS[-1] and shape[2] == 3 for _, step, shape in recorder.images)
     assert recorder.closed
     # a model without such distinctions (LLaMA, BERT: every identity value empty)
+    from wdanalysis.tracking.dashboards import kind_tag
+
     assert kind_tag({"component": "", "stack": "", "attention": ""}, "query") == "query"
     assert set(step_scalars(table[table["step"] == 2].assign(stack="", attention=""))) == {
         f"wdanalysis/q/{name}" for name in ("delta_m", "delta_d", "pearson_r")
