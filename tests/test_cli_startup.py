@@ -103,11 +103,11 @@ def test_quiet_everywhere_and_no_progress_kept_as_its_alias():
     from wdanalysis.cli.entry_point import parse
 
     base = ["--method", "lora", "--model", "m", "--data", "d", "--out", "o"]
-    for command, argv in (
-        ("compare", ["compare", "base", "run", "--out", "o", "--quiet"]),
-        ("demo", ["demo", "--quiet"]),
-        ("train", ["train", *base, "--quiet"]),
-        ("train", ["train", *base, "--no-progress"]),
+    for argv in (
+        ["compare", "base", "run", "--out", "o", "--quiet"],
+        ["demo", "--quiet"],
+        ["train", *base, "--quiet"],
+        ["train", *base, "--no-progress"],
     ):
         assert parse(build_parser(argv), argv).quiet is True, argv
     argv = ["train", *base]
