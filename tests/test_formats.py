@@ -180,7 +180,7 @@ def test_single_checkpoint_step_from_name_or_trainer_state(tmp_path, llama):
     table = run_compare(llama.folder, [named, final, plain])
 
     steps = table.groupby("run", sort=False)["step"].first()
-    assert steps["checkpoint-750"] == 750
+    assert steps[tmp_path.name] == 750  # a single checkpoint is named after its run folder
     assert steps["final"] == 1234
     assert pd.isna(steps["plain"])
 
@@ -260,7 +260,7 @@ PEFT_CASES = {
         dict(r=2, lora_alpha=5, target_modules=["query", "value"], task_type="SEQ_CLS"),
         lambda m: 2.5,
         base="bare",
-        stacks=("encoder",),  # BERT's blocks live under "encoder."
+        stacks=("",),  # BERT: "encoder." only, no encoder/decoder distinction
     ),
     "bart-dora": PeftCase(
         "bart",
@@ -617,14 +617,17 @@ def test_method_inference_and_labels(tmp_path, llama):
     }
     assert list(inferred["run"].unique()) == ["ft", "lora", "dora"]  # order given
 
+    assert (inferred["label"] == inferred["method"]).all()  # no labels: the label is the method
     labelled = run_compare(llama.folder, runs, labels=["full", "low-rank", "decomposed"])
-    assert labelled.groupby("run", sort=False)["method"].first().to_list() == [
+    assert labelled.groupby("run", sort=False)["label"].first().to_list() == [
         "full",
         "low-rank",
         "decomposed",
-    ]
+    ]  # labels set the label column; the method stays the inferred one
+    assert labelled.groupby("run", sort=False)["method"].first().to_list() == ["FT", "LoRA", "DoRA"]
     as_mapping = run_compare(llama.folder, {"A": ft, "B": tmp_path / "dora"})
-    assert as_mapping.groupby("run", sort=False)["method"].first().to_list() == ["A", "B"]
+    assert as_mapping.groupby("run", sort=False)["label"].first().to_list() == ["A", "B"]
+    assert as_mapping.groupby("run", sort=False)["method"].first().to_list() == ["FT", "DoRA"]
     # labels change names only, never numbers
     np.testing.assert_array_equal(inferred["delta_d"], labelled["delta_d"])
 

@@ -273,3 +273,33 @@ def test_single_file_trees_and_plain_models_by_name():
         ("", "", "", 1),
         ("", "", "", 2),
     ]
+
+
+# ---------------------------------------------------------------------------- one stack only
+
+
+def test_encoder_only_and_decoder_only_models_have_an_empty_stack(tmp_path):
+    """BERT (``encoder.layer.N``) and a decoder-only model's ``decoder.layers.N`` name no
+    encoder/decoder distinction: their rows say ``stack=""`` (as the identity columns are
+    documented), while T5, which has both stacks, keeps ``encoder``/``decoder``."""
+    from builders import tiny_model
+
+    from wdanalysis.weights.identity import describe_weight, name_weights
+
+    bert = tiny_model("bert")
+    state = save_model(bert, tmp_path / "base")
+    save_model(finetuned(state, seed=3), tmp_path / "ft", config=bert.config)
+    table = compare(tmp_path / "base", tmp_path / "ft", modules=["query", "value"])
+    assert len(table) > 0 and table["parameter"].str.contains(r"(?:^|\.)encoder\.").all()
+    assert (table["stack"] == "").all() and (table["attention"] == "").all()
+
+    opt_like = ["model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.embed.weight"]
+    assert {n.stack for n in name_weights(opt_like).values()} == {""}
+    t5_names = name_weights(t5_model().state_dict())
+    stacks = {n.stack for k, n in t5_names.items() if k.endswith(".q.weight")}
+    assert stacks == {"encoder", "decoder"}
+    # a VAE in a pipeline has both stacks inside one component: they stay apart
+    vae = ["encoder.down.0.conv.weight", "decoder.up.0.conv.weight"]
+    assert [n.stack for n in name_weights(vae).values()] == ["encoder", "decoder"]
+    # one key on its own has no model to compare with: its names say the stack
+    assert describe_weight("encoder.layer.0.attention.self.query.weight").stack == "encoder"

@@ -347,3 +347,19 @@ def test_tracking_holds_no_copy_of_the_model(base_dir, tmp_path, method):
     if method == "ft":
         assert isinstance(live.base.store, TensorStore)  # read block by block from disk
         assert all(live.base.store.infos[k].file.suffix == ".safetensors" for k in tracker.selected)
+
+
+def test_a_tracking_table_of_an_older_version_is_refused_by_name(tmp_path):
+    """A tracking.csv written before the label column cannot take new rows: one line says
+    so (not "not a wdanalysis table"); ``wdanalysis plot`` still reads it."""
+    from wdanalysis.errors import WDAnalysisError
+    from wdanalysis.table.schema import COLUMNS, read_table
+    from wdanalysis.tracking.tracker import read_steps
+
+    old = tmp_path / "tracking.csv"
+    columns = [c for c in COLUMNS if c != "label"]
+    row = {c: 0 for c in columns} | {"method": "DoRA", "run": "r", "module": "q", "step": 2}
+    pd.DataFrame([row], columns=columns).to_csv(old, index=False)
+    with pytest.raises(WDAnalysisError, match="older wdanalysis"):
+        read_steps(old)
+    assert read_table(old)["label"].tolist() == ["DoRA"]

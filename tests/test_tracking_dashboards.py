@@ -226,3 +226,80 @@ def test_a_dashboard_that_fails_is_reported_once_and_the_rows_go_on(tmp_path, mo
     assert len(said) == 1 and "disk full" in said[0]
     assert trainer.state.global_step == 4
     assert sorted(pd.read_csv(out)["step"].unique()) == STEPS
+
+
+class _Recorder:
+    """A sink that keeps what it was given (the Dashboards' sink interface)."""
+
+    def __init__(self):
+        self.values, self.images, self.closed = {}, [], False
+
+    def scalars(self, values, step):
+        self.values.update({(tag, step): value for tag, value in values.items()})
+
+    def image(self, tag, figure, pixels, step):
+        self.images.append((tag, step, pixels.shape))
+
+    def close(self):
+        self.closed = True
+
+
+def test_t5_kinds_get_a_tag_each_named_by_their_full_identity(tmp_path):
+    """T5's encoder self-, decoder self- and decoder cross-attention ``q`` are three kinds:
+    three tags (``encoder_self_q``, ``decoder_self_q``, ``decoder_cross_q``), each holding
+    its own kind's layer means and r, written out here with numpy; one figure per kind."""
+    from builders import finetuned, save_model
+
+    from wdanalysis import compare
+    from wdanalysis.tracking.dashboards import Dashboards, step_scalars
+
+    config = transformers.T5Config(
+        vocab_size=40, d_model=24, d_kv=8, d_ff=20, num_layers=3, num_decoder_layers=3,
+        num_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config)
+    state = save_model(model, tmp_path / "base")
+    for step in STEPS:
+        save_model(
+            finetuned(state, seed=step), tmp_path / "run" / f"checkpoint-{step}", config=config
+        )
+    table = compare(tmp_path / "base", tmp_path / "run", modules=["q"], progress=False)
+    table.to_csv(tmp_path / "tracking.csv", index=False)
+
+    recorder = _Recorder()
+    dashboards = Dashboards({"recorder": recorder})
+    for step in STEPS:
+        dashboards.log(table[table["step"] == step], step)
+    want = {}
+    for (stack, attention, step), group in table.groupby(["stack", "attention", "step"]):
+        prefix = f"wdanalysis/{stack}_{attention}_q"
+        assert len(group) == 3
+        want[f"{prefix}/delta_m", step] = float(np.mean(group["delta_m"]))
+        want[f"{prefix}/delta_d", step] = float(np.mean(group["delta_d"]))
+        want[f"{prefix}/pearson_r", step] = float(
+            np.corrcoef(group["delta_d"], group["delta_m"])[0, 1]
+        )
+    kinds = {tag.split("/")[1] for tag, _ in want}
+    assert kinds == {"encoder_self_q", "decoder_self_q", "decoder_cross_q"}
+    _check_close(recorder.values, want)
+
+    dashboards.finish(tmp_path / "tracking.csv")
+    assert sorted(tag for tag, _, _ in recorder.images) == sorted(
+        f"wdanalysis/{kind}/figure2" for kind in kinds
+    )
+    assert all(step == STEPS[-1] and shape[2] == 3 for _, step, shape in recorder.images)
+    assert recorder.closed
+    # a model without such distinctions (LLaMA, BERT: every identity value empty)
+    from wdanalysis.tracking.dashboards import kind_tag
+
+    assert kind_tag({"component": "", "stack": "", "attention": ""}, "query") == "query"
+    assert set(step_scalars(table[table["step"] == 2].assign(stack="", attention=""))) == {
+        f"wdanalysis/q/{name}" for name in ("delta_m", "delta_d", "pearson_r")
+    }
+
+
+def _check_close(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key

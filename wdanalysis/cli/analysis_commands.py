@@ -82,7 +82,12 @@ def _register_compare(subparsers) -> None:
     parser.add_argument(
         "runs", nargs="*", metavar="RUN", help="run folders, single checkpoints or cached hub ids"
     )
-    parser.add_argument("--labels", nargs="+", help="display names, one per run (default: method)")
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        help="display names, one per run: the label column; method stays inferred "
+        "(default: the method)",
+    )
     parser.add_argument(
         "--modules",
         nargs="+",
@@ -110,17 +115,22 @@ def _register_compare(subparsers) -> None:
         help="weights stored (in, out) as GPT-2 Conv1D (default: infer)",
     )
     parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cpu", help="where ΔM/ΔD sums are computed"
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where ΔM/ΔD sums are computed (default cpu)",
     )
     parser.add_argument(
         "--workers",
         type=positive_int,
         help="compute threads, at least 1 (default: 2 on machines with 2+ cores)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
+    parser.add_argument(
+        "--no-figures", action="store_true", help="write the tables only (default: figures too)"
+    )
     _add_pool(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     parser.set_defaults(handler=run_compare)
 
 
@@ -134,7 +144,7 @@ def _register_plot(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("table", type=Path, help="deltas.csv or tracking.csv")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
     parser.add_argument("--dpi", type=float, default=200, help="PNG resolution (default 200)")
     _add_pool(parser)
     parser.set_defaults(handler=run_plot)
@@ -159,7 +169,9 @@ def _register_inspect(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("path", help="file, folder or cached hub id org/name[@revision]")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output (default: text)"
+    )
     parser.set_defaults(handler=run_inspect)
 
 
@@ -310,16 +322,21 @@ def _write_partial(partial: PartialResultError, out: Path, args: argparse.Namesp
 
 
 def summarize(deltas: pd.DataFrame) -> str:
-    """One line per run: method, steps, weights, mean ΔM and ΔD at the last step."""
+    """One line per run: label (where one differs from its method), method, steps, weights,
+    mean ΔM and ΔD at the last step."""
+    labelled = "label" in deltas and (deltas["label"].astype(str) != deltas["method"]).any()
+    head = f"{'label':<12} " if labelled else ""
     lines = [
-        f"{'run':<24} {'method':<8} {'steps':<18} {'weights':>7} {'ΔM last':>10} {'ΔD last':>10}"
+        f"{'run':<24} {head}{'method':<8} {'steps':<18} {'weights':>7} {'ΔM last':>10} "
+        f"{'ΔD last':>10}"
     ]
     for run, group in deltas.groupby("run", sort=False):
         steps = group["step"].dropna().unique()
         last = group[group["step"] == steps.max()] if len(steps) else group
         step_text = ",".join(str(s) for s in sorted(steps)) or "?"
+        label = f"{str(group['label'].iloc[0])[:12]:<12} " if labelled else ""
         lines.append(
-            f"{run[:24]:<24} {group['method'].iloc[0][:8]:<8} {step_text[:18]:<18} "
+            f"{run[:24]:<24} {label}{group['method'].iloc[0][:8]:<8} {step_text[:18]:<18} "
             f"{last['parameter'].nunique():>7} {last['delta_m'].mean():>10.3g} "
             f"{last['delta_d'].mean():>10.3g}"
         )

@@ -8,24 +8,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wdanalysis.cli.command_index import help_of
 from wdanalysis.cli.train_command import require_training_libraries
-from wdanalysis.demo.dose_study import (
-    LENGTHS,
-    DoseCell,
-    cached_table,
-    format_study_table,
-    missing_cells,
-    run_dose_study,
-    study_cells,
-    write_outputs,
-)
-from wdanalysis.demo.reproduction import DemoSettings, figures_are_fresh, publish_figures, run_demo
-from wdanalysis.demo.studies import format_seed_table, run_ablation, run_seed_study
-from wdanalysis.demo.summary import format_summary, sign_verdict
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.storage.atomic_write import write_csv_atomic
+
+if TYPE_CHECKING:  # the demo (torch, transformers) is imported when it runs, not for --help
+    from wdanalysis.demo.reproduction import DemoSettings
 
 DEMO_EXAMPLES = """\
 examples:
@@ -45,12 +35,21 @@ def register(subparsers) -> None:
         epilog=DEMO_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder")
-    parser.add_argument("--figures", type=Path, help="also publish figures and tables here")
-    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (20 steps)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="working folder (default runs/demo)"
+    )
+    parser.add_argument(
+        "--figures", type=Path, help="also publish figures and tables here (default: not)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="~1 minute smoke run, 20 steps (default: off)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument(
-        "--seeds", type=int, default=1, help="train and analyse seeds 0..K-1, report across seeds"
+        "--seeds",
+        type=int,
+        default=1,
+        help="train and analyse seeds 0..K-1, report across seeds (default 1)",
     )
     parser.add_argument("--steps", type=int, help="training steps per method (default 500)")
     parser.add_argument(
@@ -63,13 +62,14 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="train every cell of steps {150, 500} × weight decay {0, 0.01} × warm-up {0, 10 %%}",
+        help="train every cell of steps {150, 500} × weight decay {0, 0.01} × warm-up "
+        "{0, 10 %%} (default: off)",
     )
     parser.add_argument(
         "--study",
         choices=("dose",),
         help="dose: weight decay {0.01, 0.1, the paper's dose} × steps × FT/LoRA/DoRA, "
-        "one cached JSON per cell (resumes)",
+        "one cached JSON per cell, resumes (default: none, the single demo run)",
     )
     parser.add_argument(
         "--cache",
@@ -84,19 +84,26 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--cells",
         type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
-        help="--study: only these cells, in this order (e.g. paper_steps500_seed0_dora)",
+        help="--study: only these cells, in this order, e.g. paper_steps500_seed0_dora "
+        "(default: every cell)",
     )
     parser.add_argument(
-        "--analyse-only", action="store_true", help="re-analyse the runs already in --out"
+        "--analyse-only",
+        action="store_true",
+        help="re-analyse the runs already in --out (default: train first)",
     )
     parser.add_argument(
-        "--if-stale", action="store_true", help="skip when --figures is already up to date"
+        "--if-stale",
+        action="store_true",
+        help="skip when --figures is already up to date (default: always run)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (default: shown)")
     parser.set_defaults(handler=run_demo_command)
 
 
 def settings_from_args(args) -> DemoSettings:
+    from wdanalysis.demo.reproduction import DemoSettings
+
     settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings(seed=args.seed)
     overrides = {
         "steps": args.steps,
@@ -113,6 +120,9 @@ def settings_from_args(args) -> DemoSettings:
 
 def run_demo_command(args) -> int:
     require_training_libraries("demo")
+    from wdanalysis.demo.reproduction import figures_are_fresh, publish_figures, run_demo
+    from wdanalysis.demo.summary import format_summary, sign_verdict
+
     settings = settings_from_args(args)
     if args.if_stale and args.figures and figures_are_fresh(args.figures, settings):
         print(f"{args.figures} is up to date with the code; nothing to do")
@@ -134,6 +144,10 @@ def run_demo_command(args) -> int:
 
 
 def _seed_study_command(args, settings: DemoSettings) -> int:
+    from wdanalysis.demo.reproduction import publish_figures
+    from wdanalysis.demo.studies import format_seed_table, run_seed_study
+    from wdanalysis.demo.summary import format_summary
+
     study = run_seed_study(args.out, settings, args.seeds, progress=not args.quiet)
     print("\nseed 0:\n" + format_summary(study.first.summary))
     print(f"\npooled Pearson r over {args.seeds} seeds:\n")
@@ -146,6 +160,9 @@ def _seed_study_command(args, settings: DemoSettings) -> int:
 
 
 def _ablation_command(args, settings: DemoSettings) -> int:
+    from wdanalysis.demo.studies import run_ablation
+    from wdanalysis.storage.atomic_write import write_csv_atomic
+
     table = run_ablation(args.out, settings, progress=not args.quiet)
     columns = ["cell", "method", "module", "accuracy", "pearson_r", "within_step_r"]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
@@ -157,6 +174,17 @@ def _ablation_command(args, settings: DemoSettings) -> int:
 
 def _dose_study_command(args, settings: DemoSettings) -> int:
     """Issue 23's dose × length study; cells are cached in ``--cache`` (commit it)."""
+    from wdanalysis.demo.dose_study import (
+        LENGTHS,
+        DoseCell,
+        cached_table,
+        format_study_table,
+        missing_cells,
+        run_dose_study,
+        study_cells,
+        write_outputs,
+    )
+
     cache = args.cache or (args.figures / "dose_study" if args.figures else args.out / "cells")
     if args.cells:
         cells = [DoseCell.parse(name) for name in args.cells]

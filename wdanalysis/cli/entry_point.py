@@ -102,9 +102,22 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    line_buffered_output()
     parser = build_parser(argv)
     args = parse(parser, argv)
     return run_handler(args)
+
+
+def line_buffered_output() -> None:
+    """Each line printed reaches stdout as it is printed, also when stdout is a file or a
+    pipe (block-buffered by default): ``wrote …`` appears when it happens, not at exit."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(line_buffering=True)
+            except (ValueError, OSError):  # a closed or detached stream: leave it
+                pass
 
 
 def run_handler(args: argparse.Namespace) -> int:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wdanalysis.cli.command_index import help_of
 from wdanalysis.cli.entry_point import positive_int
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.train.config import METHODS, TrainConfig
+
+if TYPE_CHECKING:  # imported when training runs, not for --help (no torch)
+    from wdanalysis.train.config import TrainConfig
 
 TRACKING_NAME = "tracking.csv"
 
@@ -40,6 +43,11 @@ def _steps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated steps, got {text!r}") from None
 
 
+#: ``wdanalysis.train.config.METHODS``, written out: ``train --help`` imports no torch
+#: (tests/test_cli_startup.py checks the two agree).
+METHODS = ("ft", "lora", "dora")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
@@ -48,86 +56,120 @@ def register(subparsers) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--method", choices=METHODS, required=True)
-    parser.add_argument(
+    add = parser.add_argument
+    add("--method", choices=METHODS, required=True, help="what to train (required)")
+    add(
         "--model",
         required=True,
-        help="model folder (safetensors) or hub id org/name[@revision] in the local HF cache",
+        help="model folder (safetensors) or hub id org/name[@revision] in the local HF cache "
+        "(required)",
     )
-    parser.add_argument("--data", required=True, help="JSONL file or builtin:tweets")
-    parser.add_argument("--out", required=True, help="run folder for checkpoint-N/")
-    parser.add_argument("--eval-data", help="JSONL file for evaluation (classification)")
-    parser.add_argument("--task", choices=("classification", "causal-lm"))
-    parser.add_argument("--num-labels", type=int)
-    parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, help="default: 5e-5 for ft, 1e-3 for lora/dora")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-steps", type=_steps, default=[], help="e.g. 0,10,50")
-    parser.add_argument("--save-every", type=positive_int, help="save every N steps")
-    parser.add_argument("--rank", "-r", type=positive_int, default=8)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    parser.add_argument("--target-modules", type=_names, default=["query", "value"])
-    parser.add_argument(
+    add("--data", required=True, help="JSONL file or builtin:tweets (required)")
+    add("--out", required=True, help="run folder for checkpoint-N/ (required)")
+    add("--eval-data", help="JSONL file for evaluation, classification (default: none)")
+    add(
+        "--task",
+        choices=("classification", "causal-lm"),
+        help="default: from the data (label → classification, prompt/response → causal-lm)",
+    )
+    add("--num-labels", type=int, help="classes (default: counted in the data)")
+    add("--max-steps", type=int, default=150, help="optimizer steps (default 150)")
+    add("--batch-size", type=positive_int, default=16, help="examples per step (default 16)")
+    add("--max-length", type=int, default=64, help="tokens per example (default 64)")
+    add("--lr", type=float, help="learning rate (default: 5e-5 for ft, 1e-3 for lora/dora)")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    add("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
+    add("--seed", type=int, default=0, help="data order and initialisation (default 0)")
+    add(
+        "--save-steps",
+        type=_steps,
+        default=[],
+        help="steps to save, e.g. 0,10,50 (default: the last step only)",
+    )
+    add("--save-every", type=positive_int, help="save every N steps (default: off)")
+    add("--rank", "-r", type=positive_int, default=8, help="lora/dora rank r (default 8)")
+    add("--alpha", type=float, default=16.0, help="lora/dora alpha; scale alpha/r (default 16)")
+    add("--rslora", action="store_true", help="scale by alpha/sqrt(r) (default: alpha/r)")
+    add("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    add(
+        "--target-modules",
+        type=_names,
+        default=["query", "value"],
+        help="comma-separated modules that get adapters (default query,value)",
+    )
+    add(
         "--magnitude-only-modules",
         type=_names,
         default=[],
-        help="dora: modules that train only the magnitude (paper Table 6)",
+        help="dora: modules that train only the magnitude, paper Table 6 (default: none)",
     )
-    parser.add_argument(
+    add(
         "--modules-to-save",
         type=_names,
         help="trained in full and saved whole (default: classification head)",
     )
-    parser.add_argument(
+    add(
         "--ft-modules",
         type=_names,
         default=[],
         help="ft: train only these modules (default: all weights)",
     )
-    parser.add_argument(
+    add(
         "--train-bias",
         action="store_true",
-        help="also train every bias (the DoRA authors' --unfreeze_bias; PEFT bias='all')",
+        help="also train every bias, the DoRA authors' --unfreeze_bias; PEFT bias='all' "
+        "(default: off)",
     )
-    parser.add_argument(
+    add(
         "--train-layernorm",
         action="store_true",
-        help="also train every LayerNorm, saved whole (the authors' --unfreeze_layer_norms)",
+        help="also train every LayerNorm, saved whole, the authors' --unfreeze_layer_norms "
+        "(default: off)",
     )
-    parser.add_argument(
+    add(
         "--no-detach-norm",
         action="store_true",
-        help="dora: let gradients flow through ||V+dV|| (off Sec. 4.3)",
+        help="dora: let gradients flow through ||V+dV||, off Sec. 4.3 (default: detached)",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument(
+    add(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="default auto: cuda when available",
+    )
+    add(
         "--fsdp",
         action="store_true",
         help="under torchrun: shard the model with FSDP2 (default: DDP, one copy per rank)",
     )
-    parser.add_argument(
+    add(
         "--track-every",
         type=positive_int,
         metavar="N",
-        help="write ΔM/ΔD every N steps (and at the end) to RUN/tracking.csv while training",
+        help="write ΔM/ΔD every N steps (and at the end) to RUN/tracking.csv while training "
+        "(default: off)",
     )
-    parser.add_argument(
-        "--track-modules", type=_names, help="weights to track (default: attention query/value)"
+    add(
+        "--track-modules",
+        type=_names,
+        help="weights to track (default: attention query/value)",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from last checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
+    add("--resume", action="store_true", help="continue from the last checkpoint (default: off)")
+    add(
+        "--quiet",
+        "--no-progress",
+        dest="quiet",
+        action="store_true",
+        help="no progress bar (default: shown); --no-progress is the old name",
+    )
     parser.set_defaults(handler=run)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from wdanalysis.train.config import TrainConfig
+
     return TrainConfig(
         method=args.method,
         model_dir=args.model,
@@ -160,7 +202,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device,
         fsdp=args.fsdp,
         resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
 
 

@@ -67,8 +67,8 @@ def summarize(
     ``trained`` maps a method label to its training record (``accuracy.json``:
     ``{"accuracy": {step: acc}, "seconds_per_step": s, "decay_dose": ..., ...}``).
     """
-    keys = fit_groups(deltas)  # method, run, module and the kinds, as the fits
-    kinds = keys[3:]
+    keys = fit_groups(deltas)  # method, label, run, module and the kinds, as the fits
+    kinds = [k for k in keys if k not in ("method", "label", "run", "module")]
     design = design_statistics(deltas, n_boot=n_boot).set_index(keys)
     pooled = fits[fits["scope"] == "pooled"]
     rows = []

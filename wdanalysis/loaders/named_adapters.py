@@ -13,7 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from wdanalysis.errors import CheckpointFormatError
-from wdanalysis.loaders.runs import STEP_FOLDER, Run, open_checkpoint, open_run, step_folders
+from wdanalysis.loaders.runs import (
+    STEP_FOLDER,
+    Run,
+    open_checkpoint,
+    open_run,
+    run_name,
+    step_folders,
+)
 from wdanalysis.storage.hub_cache import resolve_model_path
 
 CONFIG = "adapter_config.json"
@@ -44,7 +51,7 @@ def open_runs(path: str | Path, name: str | None = None) -> list[Run]:
     adapter, each labelled by its adapter name.
     """
     folder = resolve_model_path(path)
-    name = name or (Path(path).name if folder == Path(path) else str(path))
+    name = name or (run_name(Path(path)) if folder == Path(path) else str(path))
     steps = step_folders(folder) if folder.is_dir() else []
     names = sorted({n for _, f in steps for n in adapter_names(f)}) if steps else []
     if not steps:

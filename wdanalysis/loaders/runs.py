@@ -60,7 +60,7 @@ class Run:
     name: str
     checkpoints: list[Checkpoint]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
-    label: str | None = None  # user's display name, replaces the inferred method
+    label: str | None = None  # the user's display name (table column label); None: method
 
     @property
     def method(self) -> str:
@@ -217,12 +217,13 @@ def open_run(path: str | Path, name: str | None = None) -> Run:
 
     Sub-folders that hold no complete checkpoint (a run killed mid-save) are skipped with
     a warning and listed in ``Run.skipped``; the others are kept. A cached hub id is opened
-    from its snapshot folder and named by the id.
+    from its snapshot folder and named by the id; a local path by :func:`run_name` (a
+    single checkpoint ``runs/ft/checkpoint-10`` by its run folder: ``ft``).
     """
     resolved = resolve_model_path(path)
     if not resolved.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
-    name = name or (Path(path).name if resolved == Path(path) else str(path))
+    name = name or (run_name(Path(path)) if resolved == Path(path) else str(path))
     path = resolved
     folders = step_folders(path)
     if not folders:
@@ -246,6 +247,74 @@ def open_run(path: str | Path, name: str | None = None) -> Run:
             path,
         )
     return Run(path, name, checkpoints, skipped)
+
+
+# Weight and config files named by their format, not by the run (shards included).
+_GENERIC_FILE = re.compile(
+    r"^(adapter_model|adapters|adapter_config|model|pytorch_model|diffusion_pytorch_model)"
+    r"([-.].*)?\.(safetensors|bin|json|pt|pth|ckpt|npz)$"
+)
+
+
+def _names_nothing(part: str) -> bool:
+    """A path part that names a step or a file format, not a run (``checkpoint-10``,
+    ``Epoch05.pth``, ``adapter_model.safetensors``)."""
+    stem = Path(part).stem if Path(part).suffix in STEP_FILE_SUFFIXES else part
+    return bool(STEP_FOLDER.match(part) or STEP_FOLDER.match(stem) or _GENERIC_FILE.match(part))
+
+
+def run_name(path: Path, parts: int = 1, steps: bool = False) -> str:
+    """A run's name: the last ``parts`` parts of its path that name it, skipping step
+    folders (kept with ``steps``) and format-named files (``runs/ft/checkpoint-10`` → ``ft``,
+    ``runs/lora/checkpoint-5/adapter_model.safetensors`` → ``lora``); the path's own name
+    when none does."""
+    named = [
+        p
+        for p in Path(path).absolute().parts[1:]
+        if (_GENERIC_FILE.match(p) is None if steps else not _names_nothing(p))
+    ]
+    return "/".join(named[-parts:]) if named else Path(path).absolute().name
+
+
+def unique_names(runs: list[Run]) -> None:
+    """Runs with the same name but different paths get as many more parts of their paths
+    as tell them apart (``a/ft``, ``b/ft``; else the full paths); the same path given
+    twice (warned about) gets ``#2``, ``#3``."""
+    by_name: dict[str, list[Run]] = {}
+    for run in runs:
+        by_name.setdefault(run.name, []).append(run)
+    for same in by_name.values():
+        given = {same_file(run.path): str(Path(run.path).absolute()) for run in same}
+        if len(given) < 2 or any(Path(run.name).is_absolute() for run in same):
+            continue
+        names = _distinct_names(list(given.values()))
+        for run in same:
+            run.name = names[given[same_file(run.path)]]
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.name] = seen.get(run.name, 0) + 1
+        if seen[run.name] > 1:
+            run.name = f"{run.name}#{seen[run.name]}"
+
+
+def _distinct_names(paths: list[str]) -> dict[str, str]:
+    """The fewest trailing parts that tell ``paths`` apart: run folders first
+    (``a/ft``, ``b/ft``), then with their step folders (``ft/checkpoint-10``)."""
+    longest = max(len(Path(p).parts) for p in paths)
+    for steps in (False, True):
+        for parts in range(2, longest + 1):
+            names = {p: run_name(Path(p), parts, steps) for p in paths}
+            if len(set(names.values())) == len(paths):
+                return names
+    return {p: p for p in paths}
+
+
+def same_file(path: Path) -> str:
+    """One string per file or folder, however it was written (``./a``, ``a/``, a link)."""
+    try:
+        return str(Path(path).resolve())
+    except OSError:
+        return str(Path(path).absolute())
 
 
 def open_base(path: str | Path) -> FullModel:

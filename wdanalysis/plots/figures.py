@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.plots.kinds import identity_frame, kind_label, kinds_of, of_kind, pooled_fit
 from wdanalysis.stats.fits import drop_undefined, fit_lines, select_module, validate_deltas
-from wdanalysis.table.schema import IDENTITY_COLUMNS
+from wdanalysis.table.schema import IDENTITY_COLUMNS, name_column
 
 __all__ = [
     "PAPER_ORDER",
@@ -60,7 +60,7 @@ def order_runs(deltas: pd.DataFrame, runs: Sequence[str] | None = None) -> list[
     if runs is not None:
         chosen: list[str] = []
         for name in runs:
-            by_method = deltas.loc[deltas["method"].astype(str) == str(name), "run"]
+            by_method = deltas.loc[deltas[name_column(deltas)].astype(str) == str(name), "run"]
             hits = [str(name)] if str(name) in present else list(dict.fromkeys(by_method))
             if not hits:
                 raise WDAnalysisError(
@@ -68,7 +68,7 @@ def order_runs(deltas: pd.DataFrame, runs: Sequence[str] | None = None) -> list[
                 )
             chosen += [run for run in hits if run not in chosen]
         return chosen
-    method_of = deltas.groupby("run", sort=False)["method"].first()
+    method_of = deltas.groupby("run", sort=False)[name_column(deltas)].first()
     rank = {m.lower(): i for i, m in enumerate(PAPER_ORDER)}
     return sorted(present, key=lambda run: rank.get(str(method_of[run]).lower(), len(rank)))
 
@@ -86,7 +86,7 @@ def _prepare(
 
 def _panel_titles(data: pd.DataFrame, order: list[str]) -> dict[str, str]:
     """Method name per panel; the run name is added only where two runs share a method."""
-    method_of = data.groupby("run", sort=False)["method"].first().astype(str)
+    method_of = data.groupby("run", sort=False)[name_column(data)].first().astype(str)
     counts = method_of.loc[order].value_counts()
     return {
         run: method_of[run] if counts[method_of[run]] == 1 else f"{method_of[run]} · {run}"

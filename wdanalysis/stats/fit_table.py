@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.table.schema import IDENTITY_COLUMNS
+from wdanalysis.table.schema import IDENTITY_COLUMNS, name_column
 
 __all__ = ["format_fit_table"]
 
@@ -56,7 +56,7 @@ def format_fit_table(fits: pd.DataFrame) -> str:
             hint="pass the output of wdanalysis.stats.fit_lines",
         )
     pooled = fits.loc[fits["scope"] == "pooled"]
-    keys = [c for c in ("method", "run", "module", *IDENTITY_COLUMNS) if c in fits.columns]
+    keys = [c for c in (name_column(fits), "run", "module", *IDENTITY_COLUMNS) if c in fits]
     has_steps = bool((fits["scope"] == "step").any())
     header = [*keys, "n", "slope", "r", "ρ", "95% CI of r"]
     if has_steps:

@@ -22,7 +22,12 @@ import pandas as pd
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.table.schema import REQUIRED_COLUMNS, identity_columns, validate_deltas
+from wdanalysis.table.schema import (
+    REQUIRED_COLUMNS,
+    identity_columns,
+    name_columns,
+    validate_deltas,
+)
 
 __all__ = [
     "FIT_COLUMNS",
@@ -215,10 +220,10 @@ def _group_row(keys: dict, frame: pd.DataFrame, scope: str, step) -> dict:
 
 
 def fit_groups(deltas: pd.DataFrame, pool: bool = False) -> list[str]:
-    """The default grouping of a fit: method, run, module and the identity columns that
+    """The default grouping of a fit: method, label, run, module and the identity columns that
     tell this table's matrices apart (component, stack, attention kind); ``pool=True``
     leaves those out, for the paper's one cloud of points per run and module."""
-    return ["method", "run", "module", *identity_columns(deltas, pool)]
+    return [*name_columns(deltas), "run", "module", *identity_columns(deltas, pool)]
 
 
 def fit_lines(
@@ -273,7 +278,7 @@ def _pooled_fits(data: pd.DataFrame, module: str | None, pool: bool) -> pd.DataF
 
 def _find_run(fits: pd.DataFrame, name: str) -> pd.Series:
     """The pooled row of a run, found by run name or else by a method label unique to one run."""
-    for column in ("run", "method"):
+    for column in ("run", "label", "method"):
         if column in fits.columns:
             hit = fits.loc[fits[column].astype(str) == str(name)]
             if len(hit) == 1:

@@ -30,7 +30,7 @@ from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.stats.fits import drop_undefined, fit_groups, validate_deltas
-from wdanalysis.table.schema import identity_columns
+from wdanalysis.table.schema import identity_columns, name_column
 
 __all__ = [
     "across_seed_summary",
@@ -167,7 +167,7 @@ def layer_permutation_test(
     for name in (run_a, run_b):
         rows = data.loc[data["run"].astype(str) == str(name)]
         if rows.empty:
-            rows = data.loc[data["method"].astype(str) == str(name)]
+            rows = data.loc[data[name_column(data)].astype(str) == str(name)]
         if rows.empty:
             raise WDAnalysisError(f"no rows for run {name!r} and module {module!r}")
         frames.append(rows)

@@ -29,9 +29,9 @@ from wdanalysis.loaders.runs import (
     Run,
     aligner_for,
     is_float,
-    open_base,
     refuse_quantized,
     refuse_unreadable,
+    unique_names,
 )
 from wdanalysis.table import notices
 from wdanalysis.table.schema import COLUMNS, deltas_row
@@ -88,7 +88,10 @@ def compare(
             and value projections. Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``,
             …) are split by the base's ``config.json`` into ``q_proj``/``k_proj``/``v_proj``
             (``gate_proj``/``up_proj``) rows (``wdanalysis.weights.fused``).
-        labels: Display names replacing the inferred method (``FT``/``LoRA``/``DoRA``).
+        labels: Display names, one per run: the ``label`` column, which figures, fits and
+            printed tables name runs by; ``method`` stays the inferred one
+            (``FT``/``LoRA``/``DoRA``). Default: the method. The keys of a
+            ``{label: path}`` dict set it too.
         axis: ``"out"`` (default): one magnitude per output feature, as DoRA
             implementations store it; ``"in"``: one per input feature.
         fan_in_fan_out: Force (True) or forbid (False) the (in, out) GPT-2 ``Conv1D``
@@ -151,7 +154,8 @@ def plan_comparison(
     notices.note_quantized_training(run_list)
     if is_auto(base):
         base = base_named_by(run_list)
-    base_model = open_base(base)
+    base_model = notices.open_base_or_say_swapped(base, run_list)
+    notices.warn_run_is_base(base_model, run_list)
     refuse_quantized(base_model.store, "base model")
     prepare_base(base_model, run_list)  # experts split, mlx-lm embeddings told apart
     shapes = {k: base_model.store.shape(k) for k in base_model.store.keys()}
@@ -224,24 +228,17 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
         raise WDAnalysisError("no runs given: pass at least one run folder or checkpoint")
     if labels is not None and len(labels) != len(runs):
         raise WDAnalysisError(f"got {len(labels)} labels for {len(runs)} runs")
-    opened = []
+    opened, given = [], []
     for path, label in zip(runs, labels or [None] * len(runs), strict=True):
         group = open_runs(path)  # several for a folder of named PEFT adapters
+        given.append(group[0])
         for run in group:
             if len(group) == 1 or label is not None:
                 run.label = label if len(group) == 1 else f"{label}/{run.label}"
             opened.append(run)
-    _unique_names(opened)
+    unique_names(opened)
+    notices.warn_duplicate_runs(given)  # per path given, not per named adapter
     return opened
-
-
-def _unique_names(runs: list[Run]) -> None:
-    seen: dict[str, int] = {}
-    for run in runs:
-        count = seen.get(run.name, 0)
-        seen[run.name] = count + 1
-        if count:
-            run.name = f"{run.name}#{count + 1}"
 
 
 def _check_base_dtypes(base: FullModel, selected: list[str]) -> None:
@@ -278,8 +275,7 @@ def _bind(run, ckpt, shapes, selected, aligner: KeyAligner, transposed):
             for n in [vocabulary_rows_added(key, shapes[key], ckpt.store.shape(keys[key]))]
             if n
         }
-    method = run.label or ckpt.method
-    return BoundCheckpoint(run, ckpt, method, keys, added)
+    return BoundCheckpoint(run, ckpt, ckpt.method, keys, added)
 
 
 def _saved_shape(ckpt: AdapterCheckpoint, module) -> tuple[int, ...]:
@@ -363,6 +359,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
         change,
         checkpoint=str(item.checkpoint.path),
         rows_added=item.rows_added.get(name.parameter, 0),
+        label=item.run.label or item.method,
     )
 
 

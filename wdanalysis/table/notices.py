@@ -1,6 +1,7 @@
 """The one-line notices and refusals ``compare`` gives before reading any matrix: bad
-options, QLoRA runs compared against a full-precision base, resized vocabularies, and a
-warning every checkpoint of a run repeats, said once for the run."""
+options, BASE and RUN that look swapped, the same run given twice, QLoRA runs compared
+against a full-precision base, resized vocabularies, and a warning every checkpoint of a
+run repeats, said once for the run."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 
-from wdanalysis.errors import WDAnalysisError
+from wdanalysis.errors import CheckpointFormatError, WDAnalysisError
+from wdanalysis.loaders.checkpoint_kinds import FullModel
 from wdanalysis.loaders.quantized_training import quantized_base
-from wdanalysis.loaders.runs import Run
+from wdanalysis.loaders.runs import Run, open_checkpoint, same_file, step_folders
+from wdanalysis.storage.hub_cache import resolve_model_path
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
+
+SWAPPED = "BASE and RUN look swapped"
+SWAP_HINT = "the pretrained model comes first: wdanalysis compare BASE RUN [RUN ...]"
 
 
 def check_options(modules: Sequence[str] | None, workers: int | None) -> None:
@@ -82,3 +88,69 @@ def warn_rows_added(bound: list[BoundCheckpoint], selected, shapes) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def open_base_or_say_swapped(base, runs: list[Run]) -> FullModel:
+    """The base model; a training run (``checkpoint-N`` sub-folders) or an adapter given as
+    BASE is refused in one line saying that BASE and RUN look swapped."""
+    path = resolve_model_path(base)
+    try:
+        opened = open_checkpoint(path)
+    except CheckpointFormatError as error:
+        if path.is_dir() and step_folders(path):
+            raise CheckpointFormatError(
+                f"this is a training run (checkpoint-N sub-folders), not a base model: {SWAPPED}",
+                base,
+                SWAP_HINT,
+            ) from None
+        raise error from None
+    if isinstance(opened, FullModel):
+        return opened
+    plain = [run.name for run in runs if _looks_like_a_base(run)]
+    if plain:
+        raise CheckpointFormatError(
+            f"the base must be a full model, not an adapter, and RUN {plain[0]} is a full "
+            f"model without training steps: {SWAPPED}",
+            base,
+            SWAP_HINT,
+        )
+    raise CheckpointFormatError(
+        "the base must be a full model, not an adapter",
+        base,
+        "pass the pretrained model the adapter was trained on",
+    )
+
+
+def _looks_like_a_base(run: Run) -> bool:
+    """A one-checkpoint run of full weights and no step: what a base model looks like."""
+    return len(run.checkpoints) == 1 and all(
+        isinstance(c, FullModel) and c.step is None for c in run.checkpoints
+    )
+
+
+def warn_duplicate_runs(runs: list[Run]) -> None:
+    """One warning per file or folder given more than once (however it was written: the
+    resolved paths are compared): it would be analysed twice, as ``name`` and ``name#2``."""
+    seen: dict[str, list[str]] = {}
+    for run in runs:
+        seen.setdefault(same_file(run.path), []).append(run.name)
+    for path, names in seen.items():
+        if len(names) > 1:
+            warnings.warn(
+                f"{path} is given {len(names)} times as RUN ({', '.join(names)}): it is "
+                "analysed once per time given; drop the repeats unless that is meant",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def warn_run_is_base(base: FullModel, runs: list[Run]) -> None:
+    """A RUN that is the BASE itself (the same path given as both) is warned about."""
+    for run in runs:
+        if same_file(run.path) == same_file(base.path):
+            warnings.warn(
+                f"RUN {run.name} is the BASE itself ({same_file(base.path)}): its ΔM and ΔD "
+                "are all 0; BASE and RUN look swapped or repeated",
+                UserWarning,
+                stacklevel=3,
+            )

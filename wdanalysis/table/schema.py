@@ -18,11 +18,14 @@ from wdanalysis.weights.identity import IDENTITY_COLUMNS
 __all__ = [
     "COLUMNS",
     "IDENTITY_COLUMNS",
+    "NAME_COLUMN",
     "REQUIRED_COLUMNS",
     "SCHEMA_VERSION",
     "as_text",
     "deltas_row",
     "identity_columns",
+    "name_column",
+    "name_columns",
     "read_table",
     "upgrade_table",
     "validate_deltas",
@@ -30,10 +33,14 @@ __all__ = [
 
 #: 2: ``component`` and ``attention`` beside ``stack`` (which no longer holds "cross"),
 #: ``rows_added``. Tables of version 1 lack them and read as if they were empty / 0.
-SCHEMA_VERSION = 2
+#: 3: ``label`` beside ``method``: ``method`` is always the inferred one (FT, LoRA, DoRA,
+#: …), ``label`` the display name (``--labels``, the keys of a ``{label: path}`` dict; else
+#: the method). Older tables held the display name in ``method``: it is read as the label.
+SCHEMA_VERSION = 3
 
 COLUMNS = [
     "method",
+    "label",
     "run",
     "step",
     "layer",
@@ -52,6 +59,8 @@ COLUMNS = [
 ]
 # Added in schema version 2, with the value an older table means.
 _ADDED_IN_2 = {"component": "", "attention": "", "rows_added": 0}
+#: The column figures, fits and printed tables name a run by (its display name).
+NAME_COLUMN = "label"
 #: Columns every statistic needs; the rest of the deltas table is carried along unused.
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "method",
@@ -65,15 +74,25 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 
 
 def deltas_row(
-    method: str, run: str, step, name, axis: str, change, checkpoint: str = "", rows_added: int = 0
+    method: str,
+    run: str,
+    step,
+    name,
+    axis: str,
+    change,
+    checkpoint: str = "",
+    rows_added: int = 0,
+    label: str | None = None,
 ) -> dict:
     """One row of the deltas table (``COLUMNS``); shared by ``compare`` and live tracking.
 
+    ``method``: the inferred one; ``label``: the display name (default: the method).
     ``rows_added``: rows of the checkpoint's matrix beyond the base's (a vocabulary resized
     for added tokens), left out of ΔM/ΔD.
     """
     return {
         "method": method,
+        "label": method if label is None else label,
         "run": run,
         "step": step,
         "layer": name.layer,
@@ -94,9 +113,25 @@ def deltas_row(
 
 def upgrade_table(table: pd.DataFrame) -> pd.DataFrame:
     """A table of an older schema with the columns added since, as an older table means
-    them (no component, no attention kind, no added rows)."""
+    them (no component, no attention kind, no added rows; its ``method`` held the display
+    name, so that is the ``label``)."""
     missing = {c: v for c, v in _ADDED_IN_2.items() if c not in table.columns}
+    if NAME_COLUMN not in table.columns and "method" in table.columns:
+        at = list(table.columns).index("method") + 1
+        table = table.copy()
+        table.insert(at, NAME_COLUMN, table["method"])
     return table.assign(**missing) if missing else table
+
+
+def name_column(table: pd.DataFrame) -> str:
+    """The column that names a run for display: ``label``, or ``method`` in a table (or a
+    fits table) of an older schema that has no label."""
+    return NAME_COLUMN if NAME_COLUMN in table.columns else "method"
+
+
+def name_columns(table: pd.DataFrame) -> list[str]:
+    """``method`` and, where the table has it, ``label``: what fits carry per run."""
+    return ["method", NAME_COLUMN] if NAME_COLUMN in table.columns else ["method"]
 
 
 def as_text(column: pd.Series) -> pd.Series:

@@ -1,15 +1,20 @@
 """Live ΔM/ΔD on the dashboards a ``Trainer`` reports to (``TrainingArguments.report_to``).
 
-At each tracked step, per module (``q_proj``, ...; ``<stack>_<module>`` for encoder-decoder
-models, whose stacks are never pooled): the layer means of ΔM and ΔD and the Pearson r of
+At each tracked step, per kind of matrix: the layer means of ΔM and ΔD and the Pearson r of
 ΔM on ΔD across the layers at that step, as computed by
 :func:`wdanalysis.stats.fits.fit_lines` (NaN, i.e. left out, where undefined)::
 
-    wdanalysis/<module>/delta_m    wdanalysis/<module>/delta_d    wdanalysis/<module>/pearson_r
+    wdanalysis/<kind>/delta_m    wdanalysis/<kind>/delta_d    wdanalysis/<kind>/pearson_r
+
+``<kind>`` names the matrix by its full identity, as the figures label a kind
+(:func:`wdanalysis.plots.kinds.kind_label`): the non-empty values of ``component``,
+``stack`` and ``attention``, then the module, joined by ``_``: ``q_proj`` for LLaMA or
+BERT (no such distinction), ``encoder_self_q``, ``decoder_self_q`` and ``decoder_cross_q``
+for T5, whose kinds are never pooled (:func:`kind_tag`).
 
 At the end of training, Figure 2 of the whole tracked table
-(:func:`wdanalysis.plots.figures.plot_figure2`), one image per module, tagged
-``wdanalysis/<module>/figure2``.
+(:func:`wdanalysis.plots.figures.plot_figure2`), one image per kind, tagged
+``wdanalysis/<kind>/figure2``.
 
 * **TensorBoard**: scalars and images in their own event files, in
   ``$TENSORBOARD_LOGGING_DIR/wdanalysis`` or else ``<output_dir>/runs/wdanalysis``: a run
@@ -18,7 +23,7 @@ At the end of training, Figure 2 of the whole tracked table
   its step axis ``train/global_step``; the figures as ``wandb.Image``.
 * **MLflow**: metrics of the run the Trainer's ``MLflowCallback`` started (by its id, so the
   figures still reach it after that callback ended the run), figures as artifacts
-  ``wdanalysis/figure2_<module>.png``.
+  ``wdanalysis/figure2_<kind>.png``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["BACKENDS", "Dashboards", "step_scalars"]
+__all__ = ["BACKENDS", "Dashboards", "kind_tag", "step_scalars"]
 
 BACKENDS = ("tensorboard", "wandb", "mlflow")
 
@@ -45,13 +50,24 @@ def wanted(report_to) -> list[str]:
     return [n for n in BACKENDS if n in names]
 
 
-def _label(stack, module) -> str:
-    return f"{stack}_{module}" if isinstance(stack, str) and stack else str(module)
+def kind_tag(identity: dict[str, str], module: str) -> str:
+    """The tag part of one kind of matrix: its figure label (component, stack, attention;
+    empty values left out) and the module, joined by ``_``: ``decoder_cross_q``."""
+    from wdanalysis.plots.kinds import kind_label
+
+    return "_".join([*kind_label(identity).split(), str(module)])
 
 
 def _labelled(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with ``module`` naming the stack too, where there is one."""
-    labels = [_label(s, m) for s, m in zip(table["stack"], table["module"], strict=True)]
+    """``table`` with ``module`` naming the kind too (:func:`kind_tag`), where it has one."""
+    from wdanalysis.table.schema import IDENTITY_COLUMNS, as_text, upgrade_table
+
+    table = upgrade_table(table)
+    identity = {c: as_text(table[c]).tolist() for c in IDENTITY_COLUMNS}
+    labels = [
+        kind_tag({c: identity[c][i] for c in IDENTITY_COLUMNS}, module)
+        for i, module in enumerate(table["module"])
+    ]
     return table.assign(module=labels)
 
 

@@ -208,6 +208,13 @@ def read_steps(path: Path) -> set[int]:
         return set()
     try:
         columns = list(pd.read_csv(path, nrows=0).columns)
+        if columns == [c for c in COLUMNS if c != "label"]:
+            raise WDAnalysisError(
+                "written by an older wdanalysis (no label column): new rows cannot be "
+                "appended to it",
+                path,
+                "move it aside (wdanalysis plot still reads it) and track afresh",
+            )
         if columns != COLUMNS:
             raise ValueError(f"its columns are {columns[:4]}..., not those of deltas.csv")
         table = pd.read_csv(path, usecols=["step"])

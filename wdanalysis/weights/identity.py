@@ -9,8 +9,9 @@ they were one kind (``shared/reference/formats-and-pitfalls.md``, pitfall 15):
   from a single-file checkpoint's trees (``model.diffusion_model.``,
   ``cond_stage_model.``, ``conditioner.embedders.0.``/``.1.``, the trees kohya's
   ``lora_unet_``/``lora_te1_``/``lora_te2_`` bind to); empty for a single model.
-* **stack**: ``encoder``/``decoder`` where the names say so (T5, BART, Whisper, BERT's
-  ``encoder.``), empty otherwise.
+* **stack**: ``encoder``/``decoder`` where the names say so and the component has both
+  (T5, BART, Whisper, a VAE); empty where it has one stack only: BERT's ``encoder.``, OPT's
+  ``decoder.``, CLIP's ``text_model.encoder.`` name no distinction, so their rows say ``""``.
 * **attention**: ``self``/``cross`` for attention projections of a component that has
   cross-attention (BART/Whisper ``encoder_attn``, T5 ``EncDecAttention``, a UNet's
   ``attn2``; ``attn1`` and ``self_attn`` are self-attention); empty where a model has only
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from wdanalysis.loaders.checkpoint_kinds import FullModel
@@ -133,6 +135,7 @@ def name_weights(keys: Iterable[str], path: Path | None = None) -> dict[str, Wei
     split = _component_of(keys, path)
     parts = {key: split(key) for key in keys}
     cross_in = {c for c, inner in parts.values() if _attention(inner) == "cross"}
+    stacked = components_with_two_stacks(parts.values())
     unet_layers: dict[str, dict[str, int]] = {}
     for component in {c for c, _ in parts.values()}:
         inner_keys = [inner for c, inner in parts.values() if c == component]
@@ -144,23 +147,35 @@ def name_weights(keys: Iterable[str], path: Path | None = None) -> dict[str, Wei
         if layer is None:
             layer = next((int(p) for p in segments if p.isdigit()), None)
         attention = _attention(inner) if component in cross_in else ""
+        stack = _stack(inner) if component in stacked else ""
         names[key] = WeightName(
-            key, segments[-1], layer, _stack(inner), component=component, attention=attention
+            key, segments[-1], layer, stack, component=component, attention=attention
         )
     return names
 
 
+def components_with_two_stacks(parts: Iterable[tuple[str, str]]) -> set[str]:
+    """The components (of ``(component, inner key)`` pairs) that hold both an encoder and a
+    decoder stack: only there does ``stack`` tell kinds apart; elsewhere it is empty."""
+    seen: dict[str, set[str]] = {}
+    for component, inner in parts:
+        seen.setdefault(component, set()).add(_stack(inner))
+    return {c for c, stacks in seen.items() if {"encoder", "decoder"} <= stacks}
+
+
 def identity_namer(base: FullModel) -> Callable[[str], WeightName]:
     """``key → WeightName`` for the base's keys (other keys: named on their own)."""
-    names = name_weights(base.store.keys(), base.path)
+    keys = list(base.store.keys())
+    names = name_weights(keys, base.path)
 
     def name(key: str) -> WeightName:
         found = names.get(key)
-        return found if found is not None else name_weights([key], base.path)[key]
+        return found if found is not None else name_weights([*keys, key], base.path)[key]
 
     return name
 
 
 def describe_weight(key: str) -> WeightName:
-    """One key's identity on its own (no pipeline component)."""
-    return name_weights([key])[key]
+    """One key's identity on its own (no pipeline component; no model to tell whether its
+    stack is one of two, so ``stack`` is what its names say)."""
+    return replace(name_weights([key])[key], stack=_stack(key))
