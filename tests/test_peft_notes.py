@@ -137,7 +137,8 @@ def test_named_adapters_each_their_own_run(base, tmp_path):
     tuned.save_pretrained(tmp_path / "multi")
     assert (tmp_path / "multi" / "wide" / "adapter_config.json").is_file()
     table = wdanalysis.compare(base_folder, tmp_path / "multi", modules=QV, progress=False)
-    assert set(table["method"]) == {"default", "wide"}
+    assert set(table["label"]) == {"default", "wide"}  # the adapter names
+    assert set(zip(table["label"], table["method"])) == {("default", "LoRA"), ("wide", "DoRA")}
     assert set(table["run"]) == {"multi/default", "multi/wide"}
     _check(table, _reference(model, tmp_path / "multi"), run="multi/default")
     wide = _reference(model, tmp_path / "multi" / "wide", adapter_name="wide")
@@ -147,7 +148,8 @@ def test_named_adapters_each_their_own_run(base, tmp_path):
     # selected_adapters without the default: the folder itself holds none
     tuned.save_pretrained(tmp_path / "only", selected_adapters=["wide"])
     table = wdanalysis.compare(base_folder, {"mine": tmp_path / "only"}, modules=QV, progress=False)
-    assert set(table["method"]) == {"mine"}  # one adapter: the user's label as it is
+    assert set(table["label"]) == {"mine"}  # one adapter: the user's label as it is
+    assert set(table["method"]) == {"DoRA"}  # the method stays the inferred one
     _check(table[table["parameter"].isin(wide)], wide)
 
 

@@ -100,7 +100,8 @@ def _register_compare(subparsers) -> None:
         type=module_pattern,
         default=[],
         metavar="NAME",
-        help="fused weights to analyse unsplit (their parts' rows averaged), else refused",
+        help="fused weights to analyse unsplit (their parts' rows averaged); default: none, "
+        "a fused weight with no known split is refused",
     )
     parser.add_argument(
         "--axis",
