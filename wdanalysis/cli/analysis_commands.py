@@ -51,13 +51,13 @@ examples:
 
 def module_pattern(text: str) -> str:
     """An ``argparse`` type: a module name, or a regular expression that compiles."""
-    if any(ch in text for ch in "*[]()|+?\\^$"):
+    from wdanalysis.storage.safe_regex import REGEX_CHARS, UnsafePatternError, check_pattern
+
+    if any(ch in text for ch in REGEX_CHARS):
         try:
-            re.compile(text)
-        except re.error as error:
-            raise argparse.ArgumentTypeError(
-                f"invalid regular expression {text!r}: {error}"
-            ) from None
+            check_pattern(text, "regular expression")  # linear-time RE2, or refused
+        except UnsafePatternError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 

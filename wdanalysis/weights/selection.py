@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.storage.safe_regex import REGEX_CHARS
+from wdanalysis.storage.safe_regex import search as safe_search
 from wdanalysis.weights.fused import FusedLayouts, Part
 
 QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "to_q")
@@ -120,7 +122,7 @@ def _requested(key: str, modules: Sequence[str]) -> bool:
     for name in modules:
         if name == leaf or name == path or path.endswith("." + name):
             return True
-        if any(ch in name for ch in "*[]()|+?\\^$") and re.search(name, path):
+        if any(ch in name for ch in REGEX_CHARS) and safe_search(name, path):
             return True
     return False
 
