@@ -5,7 +5,8 @@ Reads only headers and configs; tensors are read later, one at a time, by the an
 
 from __future__ import annotations
 
-import json
+import errno
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from wdanalysis.errors import CheckpointFormatError, NumericalError
+from wdanalysis.errors import (
+    CheckpointFormatError,
+    IncompleteCheckpointError,
+    NumericalError,
+    WDAnalysisError,
+)
 from wdanalysis.loaders import formats, peft_tuners
 from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint, FullModel
 from wdanalysis.loaders.formats import mlxquant, pipeline
@@ -26,6 +32,7 @@ from wdanalysis.loaders.peft_adapter import (
     read_adapter_config,
 )
 from wdanalysis.storage.hub_cache import resolve_model_path
+from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import (
     TensorStore,
     open_shard_files,
@@ -58,7 +65,8 @@ class Run:
     path: Path
     name: str
     checkpoints: list[Checkpoint]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # being written
+    refused: list[tuple[Path, str]] = field(default_factory=list)  # left out (--skip-bad)
     label: str | None = None  # user's display name, replaces the inferred method
 
     @property
@@ -77,6 +85,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     Hugging Face cache (:mod:`wdanalysis.storage.hub_cache`).
     """
     path = resolve_model_path(path)
+    _refuse_odd_path(path)
     if not path.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
     if step is None:
@@ -97,11 +106,11 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     if loose:
         return _full(path, open_shard_files(loose, path), step)
     if any(path.glob("adapter_model.*")):
-        raise CheckpointFormatError(
+        raise IncompleteCheckpointError(
             "adapter weights without adapter_config.json", path, "copy the config beside them"
         )
     if not any(path.iterdir()):
-        raise CheckpointFormatError(
+        raise IncompleteCheckpointError(
             "empty folder",
             path,
             "point at the folder holding model.safetensors, pytorch_model.bin, an adapter, "
@@ -153,7 +162,7 @@ def _open_adapter_folder(folder: Path, step: int | None) -> AdapterCheckpoint:
     for name in ADAPTER_WEIGHT_FILES:
         if (folder / name).is_file():
             return _adapter(folder, open_tensor_file(folder / name), config, step)
-    raise CheckpointFormatError(
+    raise IncompleteCheckpointError(
         "adapter_config.json found but no adapter_model.safetensors or adapter_model.bin",
         folder,
         "the save was cut short or the weights were not copied; copy them beside the config",
@@ -170,7 +179,7 @@ def _adapter(path: Path, store: TensorStore, config: AdapterConfig, step) -> Ada
 
 def _model_type(folder: Path) -> str | None:
     try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
+        return read_json(folder / "config.json").get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -186,20 +195,23 @@ def step_of(path: Path) -> int | None:
         if match:
             return int(match.group(1))
     try:
-        return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+        return int(read_json(folder / "trainer_state.json")["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def step_folders(path: Path) -> list[tuple[int, Path]]:
     """``checkpoint-N`` style sub-folders (or ``EpochNN.pth`` style weight files), sorted by
-    N as a number (not as text)."""
+    N as a number (not as text). An entry named like a step that is neither (a symbolic link
+    loop, a dangling link, a FIFO) is listed too, so that opening it says what it is."""
     found = []
     for child in path.iterdir() if path.is_dir() else ():
         if child.is_dir():
             match = STEP_FOLDER.match(child.name)
         elif child.suffix in STEP_FILE_SUFFIXES:
             match = STEP_FOLDER.match(child.stem)
+        elif not child.is_file():  # not a folder nor a file: say why when opening it
+            match = STEP_FOLDER.match(child.name)
         else:
             match = None
         if match:
@@ -209,14 +221,41 @@ def step_folders(path: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def open_run(path: str | Path, name: str | None = None) -> Run:
+def _refuse_odd_path(path: Path) -> None:
+    """A symbolic link loop or dangling link, a FIFO, socket or device: one line, named."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CheckpointFormatError(
+                "symbolic link loop (the link leads back to itself)",
+                path,
+                "fix or remove the link",
+            ) from None
+        if path.is_symlink():
+            raise CheckpointFormatError(
+                f"dangling symbolic link (to {os.readlink(path)})", path, "fix or remove the link"
+            ) from None
+        return  # missing: the caller says so
+    if not (os.path.isdir(path) or os.path.isfile(path)):
+        from wdanalysis.storage.small_files import kind_of
+
+        raise CheckpointFormatError(
+            f"is {kind_of(mode)}, not a checkpoint file or folder", path, "check the path"
+        )
+
+
+def open_run(path: str | Path, name: str | None = None, skip_bad: bool = False) -> Run:
     """A run folder of ``checkpoint-N`` sub-folders, or a single checkpoint as a one-step run.
 
-    Sub-folders that hold no complete checkpoint (a run killed mid-save) are skipped with
-    a warning and listed in ``Run.skipped``; the others are kept. A cached hub id is opened
+    A checkpoint still being written or whose save was cut short
+    (:class:`~wdanalysis.errors.IncompleteCheckpointError`) is skipped with a warning and
+    listed in ``Run.skipped``. Any other refusal fails the run, unless ``skip_bad``: then it
+    is left out with a warning and listed in ``Run.refused``. A cached hub id is opened
     from its snapshot folder and named by the id.
     """
     resolved = resolve_model_path(path)
+    _refuse_odd_path(resolved)
     if not resolved.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
     name = name or (Path(path).name if resolved == Path(path) else str(path))
@@ -224,25 +263,54 @@ def open_run(path: str | Path, name: str | None = None) -> Run:
     folders = step_folders(path)
     if not folders:
         return Run(path, name, [open_checkpoint(path)])
-    checkpoints, skipped = [], []
+    run = Run(path, name, [])
     for step, folder in folders:
         try:
-            checkpoints.append(open_checkpoint(folder, step))
-        except CheckpointFormatError as error:
-            skipped.append((folder, error.problem))
-    if skipped:
-        warnings.warn(
-            f"{path}: skipped {len(skipped)} incomplete checkpoint(s): "
-            + ", ".join(f"{p.name} ({why})" for p, why in skipped),
-            stacklevel=2,
-        )
-    if not checkpoints:
+            run.checkpoints.append(open_checkpoint(folder, step))
+        except IncompleteCheckpointError as error:
+            run.skipped.append((folder, error.problem))
+        except WDAnalysisError as error:
+            if not skip_bad:
+                error.hint = "; ".join(filter(None, [error.hint, "--skip-bad leaves it out"]))
+                error.args = (error._format(),)
+                raise error from None
+            run.refused.append((folder, error.problem))
+    _warn_left_out(run)
+    if not run.checkpoints:
+        skipped = run.skipped + run.refused
+        what = "could be read" if run.refused else "is complete"
         raise CheckpointFormatError(
-            f"none of the {len(folders)} checkpoint folders is complete "
+            f"none of the {len(folders)} checkpoint folders {what} "
             f"(first: {skipped[0][0].name}: {skipped[0][1]})",
             path,
         )
-    return Run(path, name, checkpoints, skipped)
+    return run
+
+
+def _warn_left_out(run: Run) -> None:
+    if run.skipped:
+        warnings.warn(
+            f"{run.path}: skipped {len(run.skipped)} checkpoint(s) still being written or "
+            "whose save was cut short (listed in run.json): "
+            + ", ".join(f"{p.name} ({why})" for p, why in run.skipped),
+            stacklevel=3,
+        )
+    if run.refused:
+        warnings.warn(
+            f"{run.path}: --skip-bad left out {len(run.refused)} refused checkpoint(s) "
+            "(listed in run.json): " + ", ".join(f"{p.name} ({why})" for p, why in run.refused),
+            stacklevel=3,
+        )
+
+
+def left_out(runs: list[Run]) -> list[dict]:
+    """Every checkpoint a comparison left out, with why: for ``run.json`` and the report."""
+    return [
+        {"run": run.name, "checkpoint": str(folder), "left_out": kind, "reason": why}
+        for run in runs
+        for kind, entries in (("being written", run.skipped), ("refused", run.refused))
+        for folder, why in entries
+    ]
 
 
 def open_base(path: str | Path) -> FullModel:

@@ -42,8 +42,9 @@ def regular_file(path: str | Path) -> os.stat_result:
     """``os.stat`` of ``path`` (links followed), refusing loops and non-regular files.
 
     Raises:
-        CheckpointFormatError: a symbolic link loop, a missing file or dangling link, or
-            anything that is not a regular file; one line naming the path.
+        CheckpointFormatError: a symbolic link loop, a dangling link, or anything that is
+            not a regular file; one line naming the path.
+        OSError: a missing file (``FileNotFoundError``) or one that may not be read.
     """
     path = Path(path)
     try:
@@ -59,7 +60,9 @@ def regular_file(path: str | Path) -> os.stat_result:
     return info
 
 
-def _stat_error(path: Path, error: OSError) -> CheckpointFormatError:
+def _stat_error(path: Path, error: OSError) -> Exception:
+    """A loop or a dangling link: named in one line. A missing file or a permission error:
+    the ``OSError`` itself, which callers of optional files (``config.json``) catch."""
     if error.errno == errno.ELOOP:
         return CheckpointFormatError(
             "symbolic link loop (the link leads back to itself)", path, "fix or remove the link"
@@ -69,9 +72,7 @@ def _stat_error(path: Path, error: OSError) -> CheckpointFormatError:
         return CheckpointFormatError(
             f"dangling symbolic link (to {target})", path, "fix or remove the link"
         )
-    return CheckpointFormatError(
-        f"cannot read: {error.strerror}", path, "check the path and its permissions"
-    )
+    return error
 
 
 def read_small_bytes(path: str | Path, limit: int = SMALL_FILE_LIMIT) -> bytes:

@@ -21,7 +21,6 @@ unknown model type) is refused with one line when it is selected, never averaged
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.storage.small_files import read_json
 
 __all__ = ["FUSED_LEAVES", "FusedLayouts", "Part", "fused_layouts", "read_config"]
 
@@ -75,7 +75,7 @@ def read_config(path: Path) -> tuple[dict | None, Path]:
     folder = path if path.is_dir() else path.parent
     file = folder / "config.json"
     try:
-        config = json.loads(file.read_text())
+        config = read_json(file)
     except (OSError, ValueError):
         return None, file
     return (config if isinstance(config, dict) else None), file
