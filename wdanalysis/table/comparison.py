@@ -28,6 +28,7 @@ from wdanalysis.loaders.runs import (
     Run,
     aligner_for,
     is_float,
+    left_out,
     open_base,
     open_run,
     refuse_quantized,
@@ -71,6 +72,7 @@ def compare(
     progress: bool = True,
     device: str = "cpu",
     workers: int | None = None,
+    skip_bad: bool = False,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every selected weight, for every checkpoint of every run.
 
@@ -102,7 +104,7 @@ def compare(
     its file, or torch and why), as ``run.json`` beside ``deltas.csv`` records it.
     """
     notices.check_options(modules, workers)
-    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out)
+    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, skip_bad)
     rows, errors = compute_rows(plan, plan.selected, progress, device, workers)
     return assemble_table(plan, rows, errors)
 
@@ -124,13 +126,15 @@ class ComparisonPlan:
 
 
 def plan_comparison(
-    base, runs: RunsArg, modules=None, labels=None, axis="out", fan_in_fan_out=None
+    base, runs: RunsArg, modules=None, labels=None, axis="out", fan_in_fan_out=None, skip_bad=False
 ) -> ComparisonPlan:
-    """Open and check every input (headers and configs only); see :func:`compare`."""
+    """Open and check every input (headers and configs only); see :func:`compare`.
+    ``skip_bad``: a checkpoint refused for its content is left out (listed in
+    ``table.attrs["left_out"]``) instead of failing the comparison."""
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
     notices.check_options(modules, None)
-    run_list = _open_runs(runs, labels)
+    run_list = _open_runs(runs, labels, skip_bad)
     notices.note_quantized_training(run_list)
     if is_auto(base):
         base = base_named_by(run_list)
@@ -195,7 +199,7 @@ def assemble_table(
     raise PartialResultError(_table(rows, plan.run_list, plan.backend), failures, len(bound))
 
 
-def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
+def _open_runs(runs: RunsArg, labels: Sequence[str] | None, skip_bad=False) -> list[Run]:
     if isinstance(runs, (str, Path)):
         runs = [runs]
     if isinstance(runs, Mapping):
@@ -205,7 +209,7 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
         raise WDAnalysisError("no runs given: pass at least one run folder or checkpoint")
     if labels is not None and len(labels) != len(runs):
         raise WDAnalysisError(f"got {len(labels)} labels for {len(runs)} runs")
-    opened = [open_run(path) for path in runs]
+    opened = [open_run(path, skip_bad=skip_bad) for path in runs]
     _unique_names(opened)
     for run, label in zip(opened, labels or [None] * len(opened), strict=True):
         run.label = label
@@ -352,6 +356,7 @@ def _table(rows: list[dict], runs: list[Run], backend: str) -> pd.DataFrame:
         kind="stable",
     ).reset_index(drop=True)
     table.attrs["backend"] = backend
+    table.attrs["left_out"] = left_out(runs)  # skipped or refused checkpoints, for run.json
     _warn_zero_norms(table)
     return table
 
