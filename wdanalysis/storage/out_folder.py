@@ -10,7 +10,8 @@
   that was not yet swapped in is swapped in, every other temporary is removed;
 * the command writes into a **staging folder** beside the target (``.<name>.wdtmp-<pid>``);
   files of the previous result are not carried over (no stale figure survives), files
-  wdanalysis did not write are (hard links, else copies);
+  wdanalysis did not write are (hard links, else copies). What wdanalysis wrote is listed
+  in ``.<name>.wdfiles.json`` beside the folder (and known output names are recognised);
 * on success the staging folder is **committed** (renamed ``.<name>.wdready-<pid>``: from
   here the new result counts as written) and swapped in with two renames, the old folder
   going to ``.<name>.wdold-<pid>`` and then deleted. A kill between the renames is finished
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import re
@@ -37,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.storage.atomic_write import write_text_atomic
 from wdanalysis.storage.kill_points import kill_point
 
-MANIFEST = ".wdanalysis-files.json"  # inside the folder: the files the last command wrote
 # Files of a result written before manifests existed (recognised by name, not carried over).
 OUTPUT_NAMES = re.compile(
     r"^(deltas\.csv|run\.json|fits\.csv|index\.html|summary\.csv|accuracy\.csv"
@@ -112,7 +114,7 @@ def output_folder(
             stage.carried = _carry(target, staging, set(keep), update)
             kill_point("staged")
             yield stage
-            _commit(stage, update)
+            _commit(stage)
         except KeyboardInterrupt as interrupt:
             _remove(staging)
             if isinstance(interrupt, OutputInterrupted):
@@ -209,6 +211,9 @@ def recover(target: Path) -> None:
             kind = entry.name[len(prefix) :].split("-", 1)[0]
             if kind in found:
                 found[kind].append(entry)
+    stale_manifest = f".{manifest_of(target).name}."  # its temporaries from a killed write
+    for entry in target.parent.glob(f"{glob.escape(stale_manifest)}*.tmp"):
+        entry.unlink(missing_ok=True)
     ready = sorted(found["wdready"], key=lambda p: p.stat().st_mtime)
     if ready:
         _swap(ready[-1], target)
@@ -224,7 +229,7 @@ def _carry(target: Path, staging: Path, keep: set[str], update: bool) -> set[str
     carried = set()
     for entry in target.iterdir():
         name = entry.name
-        if name == MANIFEST or _STALE_FILE.match(name):
+        if _STALE_FILE.match(name):
             continue
         if name in previous and name not in keep:
             continue
@@ -235,12 +240,7 @@ def _carry(target: Path, staging: Path, keep: set[str], update: bool) -> set[str
 
 def _previous_outputs(target: Path) -> set[str]:
     names = {p.name for p in target.iterdir() if OUTPUT_NAMES.match(p.name)}
-    try:
-        listed = json.loads((target / MANIFEST).read_bytes()[: 1 << 20]).get("files", [])
-        names |= {str(name).split("/")[0] for name in listed}
-    except (OSError, ValueError, AttributeError):
-        pass
-    return names
+    return names | {name.split("/")[0] for name in _listed(target)}
 
 
 def _link_tree(source: Path, dest: Path) -> None:
@@ -261,17 +261,17 @@ def _link_tree(source: Path, dest: Path) -> None:
 # ------------------------------------------------------------------------------ commit
 
 
-def _commit(stage: Staging, update: bool) -> None:
+def _commit(stage: Staging) -> None:
     """Make the staged folder the target; SIGINT held off until the swap is done."""
     written = sorted(
         str(p.relative_to(stage.path))
         for p in stage.path.rglob("*")
         if p.is_file() and p.relative_to(stage.path).parts[0] not in stage.carried
     )
-    if update:
-        written = sorted(set(written) | _listed(stage.target))
-    manifest = {"tool": "wdanalysis", "files": written}
-    (stage.path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    # every name wdanalysis ever wrote here, listed before the swap: a name listed whose
+    # file is not (yet) there is harmless, it only says what not to carry over
+    manifest = {"tool": "wdanalysis", "files": sorted(set(written) | _listed(stage.target))}
+    write_text_atomic(manifest_of(stage.target), json.dumps(manifest, indent=1) + "\n")
     _fsync_dir(stage.path)
     main = threading.current_thread() is threading.main_thread()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
@@ -292,9 +292,15 @@ def _commit(stage: Staging, update: bool) -> None:
                 ) from None
 
 
+def manifest_of(target: Path) -> Path:
+    """``.<name>.wdfiles.json`` beside ``target``: the files wdanalysis wrote into it."""
+    return target.parent / f".{target.name}.wdfiles.json"
+
+
 def _listed(target: Path) -> set[str]:
     try:
-        return set(json.loads((target / MANIFEST).read_bytes()[: 1 << 20]).get("files", []))
+        files = json.loads(manifest_of(target).read_bytes()[: 1 << 20]).get("files", [])
+        return {str(name) for name in files}
     except (OSError, ValueError, AttributeError):
         return set()
 
