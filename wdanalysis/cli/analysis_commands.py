@@ -220,7 +220,8 @@ def _write_result(deltas: pd.DataFrame, stage, args: argparse.Namespace, said: l
     print(summarize(deltas))
     _print_left_out(deltas)
     backend = deltas.attrs.get("backend")
-    said += [f"\nwrote {stage.final(path)}", f"wrote {stage.target / 'run.json'} (backend: {backend})"]
+    record = stage.target / "run.json"
+    said += [f"\nwrote {stage.final(path)}", f"wrote {record} (backend: {backend})"]
     if args.no_figures:
         return 0
     from wdanalysis.plots.report import write_report

@@ -53,6 +53,8 @@ FULL_WEIGHT_FILES = (
     "pytorch_model.bin",
     *formats.DIFFUSERS_WEIGHT_FILES,
 )
+# What a save writes beside the weights: found without any weights, the save is unfinished.
+SAVED_BESIDE_WEIGHTS = ("config.json", "trainer_state.json", "training_args.bin", "optimizer.pt")
 _VLBART_MARKERS = (".weight_m", ".lora_A", ".lora_B")
 
 Checkpoint = FullModel | AdapterCheckpoint
@@ -115,6 +117,12 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
             path,
             "point at the folder holding model.safetensors, pytorch_model.bin, an adapter, "
             "or checkpoint-N sub-folders",
+        )
+    if any((path / name).is_file() for name in SAVED_BESIDE_WEIGHTS):
+        raise IncompleteCheckpointError(
+            "a save without its weights (config or trainer state, no weight file)",
+            path,
+            "the save was cut short or is still being written",
         )
     raise CheckpointFormatError(
         "no recognisable checkpoint (expected model.safetensors, pytorch_model.bin, "
@@ -290,8 +298,8 @@ def open_run(path: str | Path, name: str | None = None, skip_bad: bool = False) 
 def _warn_left_out(run: Run) -> None:
     if run.skipped:
         warnings.warn(
-            f"{run.path}: skipped {len(run.skipped)} checkpoint(s) still being written or "
-            "whose save was cut short (listed in run.json): "
+            f"{run.path}: skipped {len(run.skipped)} incomplete checkpoint(s) (still being "
+            "written, or the save was cut short; listed in run.json): "
             + ", ".join(f"{p.name} ({why})" for p, why in run.skipped),
             stacklevel=3,
         )
