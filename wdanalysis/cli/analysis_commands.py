@@ -51,13 +51,16 @@ examples:
 
 def module_pattern(text: str) -> str:
     """An ``argparse`` type: a module name, or a regular expression that compiles."""
-    from wdanalysis.storage.safe_regex import REGEX_CHARS, UnsafePatternError, check_pattern
+    from wdanalysis.storage.safe_regex import REGEX_CHARS, UnsafePatternError, compile_linear
 
     if any(ch in text for ch in REGEX_CHARS):
         try:
-            check_pattern(text, "regular expression")  # linear-time RE2, or refused
+            compile_linear(text)  # matched by RE2 in linear time, or refused
         except UnsafePatternError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+            reason = error.problem.removeprefix("is not a valid regular expression ")
+            raise argparse.ArgumentTypeError(
+                f"invalid regular expression {text!r}: {reason}"
+            ) from None
     return text
 
 
