@@ -1,0 +1,113 @@
+"""``kill -9`` at every moment of an output folder's transaction leaves the old result or
+the whole new one, and the next command leaves no temporary (issue 34).
+
+The process is killed by itself at named moments (``WDANALYSIS_TEST_KILL_AT``,
+:mod:`wdanalysis.storage.kill_points`): no timing, no races in the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_robustness import base_state, ft_run, run_cli, save_model
+
+from wdanalysis.storage.out_folder import recover
+
+ROOT = Path(__file__).resolve().parents[1]
+WRITER = """
+import sys
+from pathlib import Path
+from wdanalysis.storage.atomic_write import write_text_atomic
+from wdanalysis.storage.out_folder import output_folder
+target, tag, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+with output_folder(target) as stage:
+    for i in range(count):
+        write_text_atomic(stage.path / f"f{i}.txt", tag)
+"""
+
+
+def _write(target: Path, tag: str, count: int = 4, kill_at: str | None = None) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "WDANALYSIS_TEST_KILL_AT"}
+    if kill_at:
+        env["WDANALYSIS_TEST_KILL_AT"] = kill_at
+    done = subprocess.run(
+        [sys.executable, "-c", WRITER, str(target), tag, str(count)],
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    return done.returncode
+
+
+def _contents(target: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in target.iterdir()} if target.is_dir() else {}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(
+        p.name for p in parent.rglob("*") if re.search(r"\.wd(tmp|ready|old)-|\.tmp$", p.name)
+    )
+
+
+OLD = {f"f{i}.txt": "old" for i in range(3)}
+NEW = {f"f{i}.txt": "new" for i in range(4)}
+
+
+@pytest.mark.parametrize(
+    "moment, after_recovery",
+    [
+        ("staged", OLD),
+        ("file-written:2", OLD),  # half the files written, one as a temporary
+        ("before-commit", OLD),
+        ("committed", NEW),  # the staging folder renamed ready: committed, rolled forward
+        ("between-renames", NEW),  # the old folder moved away, the new not yet in place
+        ("swapped", NEW),
+    ],
+)
+def test_kill_at_every_moment(tmp_path, moment, after_recovery):
+    target = tmp_path / "out"
+    assert _write(target, "old", 3) == 0
+    assert _contents(target) == OLD
+    assert _write(target, "new", kill_at=moment) == -signal.SIGKILL
+    seen = _contents(target)
+    assert seen in (OLD, NEW, {}), seen  # {}: only between the two renames
+    assert (seen == {}) == (moment == "between-renames")
+    recover(target)  # what the next command does first, under the lock
+    assert _contents(target) == after_recovery
+    assert _leftovers(tmp_path) == []
+    assert _write(target, "again", 2) == 0
+    assert _contents(target) == {"f0.txt": "again", "f1.txt": "again"}  # no stale f2, f3
+    assert _leftovers(tmp_path) == []
+
+
+def test_kill_while_compare_draws_figures(capsys, tmp_path):
+    """A real compare with figures, killed after its 6th file (figures half drawn)."""
+    base = save_model(tmp_path / "base", base_state())
+    run = ft_run(tmp_path / "run", base_state())
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "compare", base, run, "--out", out, "--quiet")
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    env = dict(os.environ, WDANALYSIS_TEST_KILL_AT="file-written:6", OMP_NUM_THREADS="1")
+    argv = ["compare", str(base), str(run), "--out", str(out), "--quiet", "--axis", "in"]
+    killed = subprocess.run(
+        [sys.executable, "-m", "wdanalysis", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old result, whole
+    assert _leftovers(tmp_path)  # the killed run's staging folder is still there …
+    code, _, err = run_cli(capsys, "compare", base, run, "--out", out, "--quiet", "--axis", "in")
+    assert code == 0, err
+    assert _leftovers(tmp_path) == []  # … and gone once the next run started
+    assert set(before) == {p.name for p in out.iterdir()}
+    assert (out / "deltas.csv").read_bytes() != before["deltas.csv"]  # the new axis
