@@ -314,18 +314,19 @@ def test_ctrl_c_while_figures_are_drawn(capsys, tmp_path, base, monkeypatch):
 
     run = ft_run(tmp_path / "run", base_state())
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "compare", base, run, "--out", out, "--quiet")
+    code, _, err = run_cli(capsys, "compare", base, run, "--out", out, "--quiet", "--no-figures")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     original, calls = report.save_figure_pair, []
 
     def interrupt_on_third(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:  # figure2 drawn and saved, trajectories not
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
     monkeypatch.setattr(report, "save_figure_pair", interrupt_on_third)
-    code, _, err = run_cli(capsys, "compare", base, run, "--out", out, "--quiet", "--axis", "in")
+    argv = ["compare", base, run, "--out", out, "--quiet", "--axis", "in", "--modules", "q_proj"]
+    code, _, err = run_cli(capsys, *argv)
     assert code == 130
     assert err.strip() == f"wdanalysis: interrupted; {out}: the previous result is unchanged"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -55,6 +55,12 @@ FULL_WEIGHT_FILES = (
 )
 # What a save writes beside the weights: found without any weights, the save is unfinished.
 SAVED_BESIDE_WEIGHTS = ("config.json", "trainer_state.json", "training_args.bin", "optimizer.pt")
+KNOWN_FILES = (
+    "adapter_config.json",
+    *ADAPTER_WEIGHT_FILES,
+    *FULL_WEIGHT_FILES,
+    *SAVED_BESIDE_WEIGHTS,
+)
 _VLBART_MARKERS = (".weight_m", ".lora_A", ".lora_B")
 
 Checkpoint = FullModel | AdapterCheckpoint
@@ -96,6 +102,9 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
         return _open_file(path, step)
     if pipeline.is_pipeline(path):  # a diffusers pipeline: its components as one model
         return FullModel(path, pipeline.open_pipeline(path), None, step)
+    for name in KNOWN_FILES:  # e.g. adapter_config.json → /dev/zero: named, not skipped
+        if os.path.lexists(path / name):
+            _refuse_odd_path(path / name)
     found = formats.open_folder(path, step)
     if found is not None:
         return found
@@ -249,7 +258,9 @@ def _refuse_odd_path(path: Path) -> None:
         from wdanalysis.storage.small_files import kind_of
 
         raise CheckpointFormatError(
-            f"is {kind_of(mode)}, not a checkpoint file or folder", path, "check the path"
+            f"is {kind_of(mode)}, not a regular file or a folder; refusing to read it",
+            path,
+            "check the path",
         )
 
 
