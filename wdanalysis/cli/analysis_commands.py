@@ -223,7 +223,7 @@ def _write_result(deltas: pd.DataFrame, stage, args: argparse.Namespace, said: l
     print(summarize(deltas))
     _print_left_out(deltas)
     backend = deltas.attrs.get("backend")
-    record = stage.target / "run.json"
+    record = stage.final(stage.path / "run.json")
     said += [f"\nwrote {stage.final(path)}", f"wrote {record} (backend: {backend})"]
     if args.no_figures:
         return 0
@@ -293,8 +293,10 @@ def run_plot(args: argparse.Namespace) -> int:
     written into ``--out`` as one transaction (the table itself kept when it lies there)."""
     from wdanalysis.plots.report import write_report
     from wdanalysis.storage.out_folder import output_folder
+    from wdanalysis.storage.small_files import regular_file
     from wdanalysis.table.schema import read_table
 
+    regular_file(args.table)  # a FIFO or device as the table would block or never end
     table = read_table(args.table)
     keep = set()
     if args.table.resolve().parent == args.out.resolve():  # plot results/deltas.csv --out results

@@ -64,12 +64,14 @@ class Staging:
     """Where a command writes (``path``) and where its files will be (``target``)."""
 
     path: Path
-    target: Path
+    target: Path  # absolute
     carried: set[str] = field(default_factory=set)  # relative paths carried over
+    shown: Path | None = None  # the target as the user gave it, for messages
 
     def final(self, written: str | Path) -> Path:
-        """The path a file written into the staging folder will have once committed."""
-        return self.target / Path(written).relative_to(self.path)
+        """The path a file written into the staging folder will have once committed (as
+        the user named the folder)."""
+        return (self.shown or self.target) / Path(written).relative_to(self.path)
 
     def discard_new(self, keep: Iterable[str] = ()) -> None:
         """Remove what this command wrote so far, except the top-level names in ``keep``."""
@@ -101,7 +103,7 @@ def output_folder(
             command holds the lock.
         OutputInterrupted: on Ctrl-C, saying what the folder holds.
     """
-    target = Path(os.path.abspath(target))
+    shown, target = Path(target), Path(os.path.abspath(target))
     _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(target):
@@ -110,7 +112,7 @@ def output_folder(
         staging = sibling(target, "wdtmp")
         staging.mkdir()
         try:
-            stage = Staging(staging, target)
+            stage = Staging(staging, target, shown=shown)
             stage.carried = _carry(target, staging, set(keep), update)
             kill_point("staged")
             yield stage
@@ -120,7 +122,7 @@ def output_folder(
             if isinstance(interrupt, OutputInterrupted):
                 raise
             left = "the previous result is unchanged" if existed else "nothing was written"
-            raise OutputInterrupted(f"{target}: {left}") from None
+            raise OutputInterrupted(f"{shown}: {left}") from None
         except BaseException:
             _remove(staging)
             raise
@@ -288,7 +290,7 @@ def _commit(stage: Staging) -> None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             except KeyboardInterrupt:
                 raise OutputInterrupted(
-                    f"{stage.target}: the new result was written whole"
+                    f"{stage.shown or stage.target}: the new result was written whole"
                 ) from None
 
 

@@ -40,6 +40,7 @@ from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.runs import Run, aligner_for, open_base, refuse_quantized
 from wdanalysis.storage.atomic_write import atomic_path
 from wdanalysis.storage.out_folder import acquire_lock, release_lock
+from wdanalysis.storage.small_files import regular_file
 from wdanalysis.table.schema import COLUMNS, deltas_row
 from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.identity import identity_namer
@@ -219,6 +220,7 @@ def read_steps(path: Path) -> set[int]:
     """Steps already in a tracking table (none when it does not exist yet)."""
     if not path.exists():
         return set()
+    regular_file(path)  # a FIFO or device as the table would block or never end
     try:
         columns = list(pd.read_csv(path, nrows=0).columns)
         if columns != COLUMNS:
