@@ -309,9 +309,9 @@ def open_run(path: str | Path, name: str | None = None, skip_bad: bool = False) 
 def _warn_left_out(run: Run) -> None:
     if run.skipped:
         warnings.warn(
-            f"{run.path}: skipped {len(run.skipped)} incomplete checkpoint(s) (still being "
-            "written, or the save was cut short; listed in run.json): "
-            + ", ".join(f"{p.name} ({why})" for p, why in run.skipped),
+            f"{run.path}: skipped {len(run.skipped)} incomplete checkpoint(s): "
+            + ", ".join(f"{p.name} ({why})" for p, why in run.skipped)
+            + "; still being written, or the save was cut short (listed in run.json)",
             stacklevel=3,
         )
     if run.refused:
