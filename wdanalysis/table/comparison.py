@@ -98,6 +98,9 @@ def compare(
     workers: threads computing the checkpoints of one block in parallel (1: one compute
         thread beside the reader thread). ``None``: 2 where there are 2 or more cores, which
         kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did not.
+    skip_bad: leave out (with a warning) a checkpoint refused for its content instead of
+        failing; checkpoints still being written are always skipped. Both are listed in
+        ``table.attrs["left_out"]``.
 
     Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
     ``table.attrs["backend"]`` says which backend computed the sums (the fused C kernel and
