@@ -7,6 +7,7 @@ The process is killed by itself at named moments (``WDANALYSIS_TEST_KILL_AT``,
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -111,3 +112,46 @@ def test_kill_while_compare_draws_figures(capsys, tmp_path):
     assert _leftovers(tmp_path) == []  # … and gone once the next run started
     figures = {f"{kind}.{ext}" for kind in ("figure2", "trajectories") for ext in ("png", "svg")}
     assert {p.name for p in out.iterdir()} == {"deltas.csv", "run.json", "fits.csv", *figures}
+
+
+def test_two_concurrent_compares_never_mix(tmp_path):
+    """Two compares into one folder at once: one may be refused (the lock), never mixed:
+    the table, its record and the fits all come from the same run."""
+    import pandas as pd
+
+    base = save_model(tmp_path / "base", base_state())
+    run = ft_run(tmp_path / "run", base_state(), steps=(10,))
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WDANALYSIS_TEST_KILL_AT", None)
+    started = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wdanalysis",
+                "compare",
+                str(base),
+                str(run),
+                "--out",
+                str(out),
+                "--quiet",
+                "--modules",
+                module,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in ("q_proj", "v_proj")
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in started]
+    assert any(code == 0 for code, _ in results), results
+    for code, err in results:
+        assert code == 0 or (code == 2 and "another wdanalysis command" in err), err
+    modules = json.loads((out / "run.json").read_text())["options"]["modules"]
+    assert set(pd.read_csv(out / "deltas.csv")["module"]) == set(modules)
+    assert set(pd.read_csv(out / "fits.csv")["module"]) == set(modules)
+    assert _leftovers(tmp_path) == []
