@@ -277,6 +277,33 @@ def test_checkpoint_being_written_is_skipped_and_recorded(capsys, tmp_path, base
     assert left["left_out"] == "being written" and left["checkpoint"].endswith("checkpoint-2")
 
 
+def test_still_growing_tells_a_save_in_progress(tmp_path):
+    import threading
+
+    from wdanalysis.loaders.run_checks import still_growing
+
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"PK")
+    assert not still_growing(folder, wait=0.05)
+    stop = threading.Event()
+
+    def write():
+        with open(folder / "pytorch_model.bin", "ab") as handle:
+            while not stop.is_set():
+                handle.write(b"x" * 64)
+                handle.flush()
+                stop.wait(0.005)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert still_growing(folder, wait=0.2)
+    finally:
+        stop.set()
+        writer.join()
+
+
 # ------------------------------------------------------------------ output folders
 
 

@@ -5,10 +5,8 @@ Reads only headers and configs; tensors are read later, one at a time, by the an
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from wdanalysis.loaders.peft_adapter import (
     group_adapter_keys,
     read_adapter_config,
 )
+from wdanalysis.loaders.run_checks import refuse_odd_path, still_growing, warn_left_out
 from wdanalysis.storage.hub_cache import resolve_model_path
 from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import (
@@ -93,7 +92,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     Hugging Face cache (:mod:`wdanalysis.storage.hub_cache`).
     """
     path = resolve_model_path(path)
-    _refuse_odd_path(path)
+    refuse_odd_path(path)
     if not path.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
     if step is None:
@@ -104,7 +103,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
         return FullModel(path, pipeline.open_pipeline(path), None, step)
     for name in KNOWN_FILES:  # e.g. adapter_config.json → /dev/zero: named, not skipped
         if os.path.lexists(path / name):
-            _refuse_odd_path(path / name)
+            refuse_odd_path(path / name)
     found = formats.open_folder(path, step)
     if found is not None:
         return found
@@ -238,32 +237,6 @@ def step_folders(path: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _refuse_odd_path(path: Path) -> None:
-    """A symbolic link loop or dangling link, a FIFO, socket or device: one line, named."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise CheckpointFormatError(
-                "symbolic link loop (the link leads back to itself)",
-                path,
-                "fix or remove the link",
-            ) from None
-        if path.is_symlink():
-            raise CheckpointFormatError(
-                f"dangling symbolic link (to {os.readlink(path)})", path, "fix or remove the link"
-            ) from None
-        return  # missing: the caller says so
-    if not (os.path.isdir(path) or os.path.isfile(path)):
-        from wdanalysis.storage.small_files import kind_of
-
-        raise CheckpointFormatError(
-            f"is {kind_of(mode)}, not a regular file or a folder; refusing to read it",
-            path,
-            "check the path",
-        )
-
-
 def open_run(path: str | Path, name: str | None = None, skip_bad: bool = False) -> Run:
     """A run folder of ``checkpoint-N`` sub-folders, or a single checkpoint as a one-step run.
 
@@ -274,7 +247,7 @@ def open_run(path: str | Path, name: str | None = None, skip_bad: bool = False) 
     from its snapshot folder and named by the id.
     """
     resolved = resolve_model_path(path)
-    _refuse_odd_path(resolved)
+    refuse_odd_path(resolved)
     if not resolved.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
     name = name or (Path(path).name if resolved == Path(path) else str(path))
@@ -289,12 +262,15 @@ def open_run(path: str | Path, name: str | None = None, skip_bad: bool = False) 
         except IncompleteCheckpointError as error:
             run.skipped.append((folder, error.problem))
         except WDAnalysisError as error:
+            if still_growing(folder):  # a save in progress, not a bad checkpoint
+                run.skipped.append((folder, f"its files are still growing ({error.problem})"))
+                continue
             if not skip_bad:
                 error.hint = "; ".join(filter(None, [error.hint, "--skip-bad leaves it out"]))
                 error.args = (error._format(),)
                 raise error from None
             run.refused.append((folder, error.problem))
-    _warn_left_out(run)
+    warn_left_out(run)
     if not run.checkpoints:
         skipped = run.skipped + run.refused
         what = "could be read" if run.refused else "is complete"
@@ -304,32 +280,6 @@ def open_run(path: str | Path, name: str | None = None, skip_bad: bool = False) 
             path,
         )
     return run
-
-
-def _warn_left_out(run: Run) -> None:
-    if run.skipped:
-        warnings.warn(
-            f"{run.path}: skipped {len(run.skipped)} incomplete checkpoint(s): "
-            + ", ".join(f"{p.name} ({why})" for p, why in run.skipped)
-            + "; still being written, or the save was cut short (listed in run.json)",
-            stacklevel=3,
-        )
-    if run.refused:
-        warnings.warn(
-            f"{run.path}: --skip-bad left out {len(run.refused)} refused checkpoint(s) "
-            "(listed in run.json): " + ", ".join(f"{p.name} ({why})" for p, why in run.refused),
-            stacklevel=3,
-        )
-
-
-def left_out(runs: list[Run]) -> list[dict]:
-    """Every checkpoint a comparison left out, with why: for ``run.json`` and the report."""
-    return [
-        {"run": run.name, "checkpoint": str(folder), "left_out": kind, "reason": why}
-        for run in runs
-        for kind, entries in (("being written", run.skipped), ("refused", run.refused))
-        for folder, why in entries
-    ]
 
 
 def open_base(path: str | Path) -> FullModel:

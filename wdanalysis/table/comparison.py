@@ -22,13 +22,13 @@ from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisEr
 from wdanalysis.loaders.auto_base import base_named_by, is_auto
 from wdanalysis.loaders.formats import prepare_base
 from wdanalysis.loaders.key_alignment import KeyAligner
+from wdanalysis.loaders.run_checks import left_out
 from wdanalysis.loaders.runs import (
     AdapterCheckpoint,
     FullModel,
     Run,
     aligner_for,
     is_float,
-    left_out,
     open_base,
     open_run,
     refuse_quantized,
