@@ -165,6 +165,7 @@ def folder_lock(target: Path) -> Iterator[None]:
 def acquire_lock(target: Path) -> Path:
     """Take the lock of ``target`` (see :func:`folder_lock`); returns the lock file."""
     path = Path(os.path.abspath(target))
+    path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{path.name}.lock"
     with _HELD_LOCK:
         if lock in _HELD:
