@@ -434,3 +434,11 @@ def test_tracker_table_lock_and_stale_temporaries(tmp_path):
 def test_wdanalysis_errors_are_one_line():
     error = WDAnalysisError("a\nb", "x", "c\nd")
     assert "\n" not in str(error)
+
+
+def test_plot_of_a_fifo_table_is_refused(capsys, tmp_path):
+    table = tmp_path / "deltas.csv"
+    os.mkfifo(table)
+    code, _, err = run_cli(capsys, "plot", table, "--out", tmp_path / "figures")
+    assert_user_error(code, err, table, "FIFO")
+    assert not (tmp_path / "figures").exists()
