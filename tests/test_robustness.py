@@ -873,7 +873,7 @@ def test_ctrl_c_during_compare(capsys, tmp_path, base, monkeypatch):
     code, _, err = run_cli(capsys, "compare", base, *runs, "--out", tmp_path / "out", "--quiet")
     assert code == 130 and count["n"] == 6
     assert "Traceback" not in err
-    assert err.strip() == "wdanalysis: interrupted; no partial output was left behind"
+    assert err.strip() == f"wdanalysis: interrupted; {tmp_path / 'out'}: nothing was written"
     assert no_output_written(tmp_path / "out")
 
 

@@ -29,6 +29,12 @@ class CheckpointFormatError(WDAnalysisError):
     """A file or folder is missing, truncated, corrupt or of an unknown format."""
 
 
+class IncompleteCheckpointError(CheckpointFormatError):
+    """A save not finished: files still being written, or a save cut short (weights
+    without their config, a config without its weights, a file shorter than its header
+    says, an empty checkpoint folder). The only refusal a run skips without being asked."""
+
+
 class AdapterMismatchError(WDAnalysisError):
     """An adapter does not fit the base model (shapes, keys, config)."""
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import re
 import sys
 from functools import partial
@@ -51,12 +51,15 @@ examples:
 
 def module_pattern(text: str) -> str:
     """An ``argparse`` type: a module name, or a regular expression that compiles."""
-    if any(ch in text for ch in "*[]()|+?\\^$"):
+    from wdanalysis.storage.safe_regex import REGEX_CHARS, UnsafePatternError, compile_linear
+
+    if any(ch in text for ch in REGEX_CHARS):
         try:
-            re.compile(text)
-        except re.error as error:
+            compile_linear(text)  # matched by RE2 in linear time, or refused
+        except UnsafePatternError as error:
+            reason = error.problem.removeprefix("is not a valid regular expression ")
             raise argparse.ArgumentTypeError(
-                f"invalid regular expression {text!r}: {error}"
+                f"invalid regular expression {text!r}: {reason}"
             ) from None
     return text
 
@@ -130,6 +133,13 @@ def _register_compare(subparsers) -> None:
     parser.add_argument(
         "--no-figures", action="store_true", help="write the tables only (default: figures too)"
     )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out checkpoints refused for their content (listed in run.json) instead "
+        "of failing (default: fail); checkpoints still being written are always skipped "
+        "and listed",
+    )
     _add_pool(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     parser.set_defaults(handler=run_compare)
@@ -177,55 +187,93 @@ def _register_inspect(subparsers) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """Write ``deltas.csv`` (atomically) and the report.
+    """Write ``deltas.csv``, ``run.json`` and the report into ``--out`` as one transaction.
 
-    A bad input found before computing stops everything, and the message says nothing was
-    written. A checkpoint that fails mid-way (NaN weights, an unreadable tensor) is left
-    out: the table of every other checkpoint is still written, each failure is printed,
-    figures are not made and the exit status is 2.
+    Everything is written into a staging folder beside ``--out`` and swapped in whole on
+    success (:mod:`wdanalysis.storage.out_folder`): a bad input, a failure or Ctrl-C leaves
+    the previous result untouched. A checkpoint that fails mid-way (NaN weights, an
+    unreadable tensor) is left out: the table of every other checkpoint is still written,
+    each failure is printed, figures are not made and the exit status is 2. So is the
+    table when only the figures fail.
     """
+    from wdanalysis.storage.out_folder import output_folder
     from wdanalysis.table.comparison import PartialResultError, compare
     from wdanalysis.table.distributed import compare_distributed, join_compare_job
 
     claim_positionals(args)
     fan = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
-    _check_out_folder(args.out)
     job = join_compare_job()  # under torchrun: each rank a share, rank 0 writes (README)
     compute = compare if job is None else partial(compare_distributed, job)
-    try:
-        deltas = compute(
-            args.base,
-            list(args.runs),
-            modules=args.modules,
-            labels=args.labels,
-            axis=args.axis,
-            fan_in_fan_out=fan,
-            device=args.device,
-            workers=args.workers,
-            progress=not args.quiet,
-            whole=args.whole,
-        )
-    except PartialResultError as partial_result:
-        return _write_partial(partial_result, args.out, args)
-    except WDAnalysisError as error:
-        if job is not None and not job.is_main:
-            return 2  # rank 0 prints the job's one error line
-        hint = f"{error.hint}; nothing was written" if error.hint else "nothing was written"
-        raise WDAnalysisError(error.problem, error.path, hint) from None
-    if deltas is None:  # another rank than 0 under torchrun: rank 0 writes everything
-        return 0
-    path = write_csv_atomic(deltas, args.out / "deltas.csv")
-    record = _write_record(args, deltas)
-    print(summarize(deltas))
-    print(f"\nwrote {path}\nwrote {record} (backend: {deltas.attrs.get('backend')})")
-    if not args.no_figures:
-        from wdanalysis.plots.report import write_report
+    writes = job is None or job.is_main
+    said: list[str] = []  # "wrote …" lines, printed once the folder is swapped in
+    with output_folder(args.out) if writes else contextlib.nullcontext() as stage:
+        try:
+            deltas = compute(
+                args.base,
+                list(args.runs),
+                modules=args.modules,
+                labels=args.labels,
+                axis=args.axis,
+                fan_in_fan_out=fan,
+                device=args.device,
+                workers=args.workers,
+                progress=not args.quiet,
+                skip_bad=args.skip_bad,
+                whole=args.whole,
+            )
+        except PartialResultError as partial_result:
+            status = _write_partial(partial_result, stage, args)
+            deltas = None
+        except WDAnalysisError as error:
+            if not writes:
+                return 2  # rank 0 prints the job's one error line
+            left = "nothing was written"  # the staging folder goes; --out stays as it was
+            hint = f"{error.hint}; {left}" if error.hint else left
+            raise WDAnalysisError(error.problem, error.path, hint) from None
+        if deltas is not None:
+            status = _write_result(deltas, stage, args, said)
+        elif not writes:  # another rank than 0 under torchrun: rank 0 writes everything
+            return 0
+    for line in said:
+        print(line, file=sys.stderr if line.startswith("wdanalysis: error") else sys.stdout)
+    return status
 
-        report = write_report(deltas, args.out, pool=args.pool)
-        print("\n" + report.fit_table)
-        for written in report.paths:
-            print(f"wrote {written}")
+
+def _write_result(deltas: pd.DataFrame, stage, args: argparse.Namespace, said: list) -> int:
+    """The table, its record and (unless ``--no-figures``) the report, into ``stage``."""
+    path = write_csv_atomic(deltas, stage.path / "deltas.csv")
+    _write_record(args, deltas, stage.path)
+    print(summarize(deltas))
+    _print_left_out(deltas)
+    backend = deltas.attrs.get("backend")
+    record = stage.final(stage.path / "run.json")
+    said += [f"\nwrote {stage.final(path)}", f"wrote {record} (backend: {backend})"]
+    if args.no_figures:
+        return 0
+    from wdanalysis.plots.report import write_report
+
+    try:
+        report = write_report(deltas, stage.path, pool=args.pool)
+    except Exception as error:  # noqa: BLE001 - the computed table must not be lost
+        stage.discard_new(keep={"deltas.csv", "run.json"})
+        text = " ".join(str(error).split()) or type(error).__name__
+        said.append(
+            f"wdanalysis: error: the figures failed ({text}); only the table and "
+            "run.json were written"
+        )
+        return 2
+    print("\n" + report.fit_table)
+    said += [f"wrote {stage.final(written)}" for written in report.paths]
     return 0
+
+
+def _print_left_out(table: pd.DataFrame) -> None:
+    """The checkpoints not in the table (being written, or refused under --skip-bad)."""
+    for item in table.attrs.get("left_out", []):
+        print(
+            f"left out: {item['run']} {Path(item['checkpoint']).name} ({item['left_out']}: "
+            f"{' '.join(str(item['reason']).split())})"
+        )
 
 
 def claim_positionals(args: argparse.Namespace) -> None:
@@ -264,38 +312,33 @@ def _names_checkpoint(value: str) -> bool:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    """``fits.csv`` and the figures of a saved table, exactly as ``compare --out`` draws them."""
+    """``fits.csv`` and the figures of a saved table, exactly as ``compare --out`` draws them,
+    written into ``--out`` as one transaction (the table itself kept when it lies there)."""
     from wdanalysis.plots.report import write_report
+    from wdanalysis.storage.out_folder import output_folder
+    from wdanalysis.storage.small_files import regular_file
     from wdanalysis.table.schema import read_table
 
+    if args.table.exists() or args.table.is_symlink():  # missing: read_table says so
+        regular_file(args.table)  # a FIFO or device as the table would block or never end
     table = read_table(args.table)
-    _check_out_folder(args.out)
-    print(summarize(table))
-    report = write_report(table, args.out, dpi=args.dpi, pool=args.pool)
+    keep = set()
+    if args.table.resolve().parent == args.out.resolve():  # plot results/deltas.csv --out results
+        keep = {args.table.name, "run.json"}
+    with output_folder(args.out, keep=keep) as stage:
+        print(summarize(table))
+        report = write_report(table, stage.path, dpi=args.dpi, pool=args.pool)
     print("\n" + report.fit_table)
     for note in report.notes:
         print(f"note: {note}")
     for written in report.paths:
-        print(f"wrote {written}")
+        print(f"wrote {stage.final(written)}")
     return 0
 
 
-def _check_out_folder(out: Path) -> None:
-    """Fail before a long computation, not after it, when ``--out`` cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise WDAnalysisError("--out is a file, not a folder", out, "choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise WDAnalysisError(
-            f"cannot create the output folder: {error.strerror}", out, "choose another --out"
-        ) from None
-    if not os.access(out, os.W_OK):
-        raise WDAnalysisError("the output folder is not writable", out, "choose another --out")
-
-
-def _write_record(args: argparse.Namespace, table: pd.DataFrame) -> Path:
-    """``run.json`` beside ``deltas.csv``: the backend that ran and the options."""
+def _write_record(args: argparse.Namespace, table: pd.DataFrame, folder: Path) -> Path:
+    """``run.json`` beside ``deltas.csv``: the backend that ran, the options, and every
+    checkpoint left out (still being written, or refused under ``--skip-bad``)."""
     from wdanalysis.cli.entry_point import version
     from wdanalysis.table.run_record import write_run_record
 
@@ -303,20 +346,22 @@ def _write_record(args: argparse.Namespace, table: pd.DataFrame) -> Path:
     # torchrun's rank 0) gives the same bytes
     skip = ("handler", "command", "out")
     options = {k: v for k, v in vars(args).items() if k not in skip}
-    return write_run_record(args.out, table, options, version())
+    return write_run_record(folder, table, options, version())
 
 
-def _write_partial(partial: PartialResultError, out: Path, args: argparse.Namespace) -> int:
-    path = write_csv_atomic(partial.table, out / "deltas.csv")
-    _write_record(args, partial.table)
+def _write_partial(partial: PartialResultError, stage, args: argparse.Namespace) -> int:
+    path = write_csv_atomic(partial.table, stage.path / "deltas.csv")
+    _write_record(args, partial.table, stage.path)
     print(summarize(partial.table))
+    _print_left_out(partial.table)
     for run, step, error in partial.failures:
         where = run if step is None else f"{run} step {step}"
         print(f"wdanalysis: error: {where}: {error}", file=sys.stderr)
     kept = partial.table[["run", "checkpoint"]].drop_duplicates()
     print(
-        f"wdanalysis: wrote {path} with the {len(kept)} checkpoints that succeeded; "
-        f"the {len(partial.failures)} above failed and are not in it; no figures were made",
+        f"wdanalysis: wrote {stage.final(path)} with the {len(kept)} checkpoints that "
+        f"succeeded; the {len(partial.failures)} above failed and are not in it; no figures "
+        "were made",
         file=sys.stderr,
     )
     return 2

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from wdanalysis.cli.command_index import help_of
 from wdanalysis.cli.train_command import require_training_libraries
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.storage.atomic_write import write_csv_atomic
+from wdanalysis.storage.out_folder import folder_lock, output_folder
 
 if TYPE_CHECKING:  # the demo (torch, transformers) is imported when it runs, not for --help
     from wdanalysis.demo.reproduction import DemoSettings
@@ -137,7 +139,8 @@ def run_demo_command(args) -> int:
     print("\n" + format_summary(result.summary))
     print("\n" + sign_verdict(result.summary))
     if args.figures:
-        publish_figures(result, args.figures)
+        with output_folder(args.figures, update=True) as stage:  # all published, or none
+            publish_figures(result, stage.path)
         print(f"published figures and tables to {args.figures}/")
     print(f"done in {result.seconds / 60:.1f} min; outputs in {result.out_dir}/")
     return 0
@@ -153,7 +156,8 @@ def _seed_study_command(args, settings: DemoSettings) -> int:
     print(f"\npooled Pearson r over {args.seeds} seeds:\n")
     print(format_seed_table(study.summary, study.per_seed))
     if args.figures:
-        publish_figures(study.first, args.figures, extra=study.files, seeds=args.seeds)
+        with output_folder(args.figures, update=True) as stage:
+            publish_figures(study.first, stage.path, extra=study.files, seeds=args.seeds)
         print(f"published seed 0's figures and the seed study to {args.figures}/")
     print(f"done in {study.seconds / 60:.1f} min; outputs in {args.out}/")
     return 0
@@ -161,13 +165,13 @@ def _seed_study_command(args, settings: DemoSettings) -> int:
 
 def _ablation_command(args, settings: DemoSettings) -> int:
     from wdanalysis.demo.studies import run_ablation
-    from wdanalysis.storage.atomic_write import write_csv_atomic
 
     table = run_ablation(args.out, settings, progress=not args.quiet)
     columns = ["cell", "method", "module", "accuracy", "pearson_r", "within_step_r"]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
     if args.figures:
-        write_csv_atomic(table, args.figures / "ablation.csv")
+        with output_folder(args.figures, update=True) as stage:
+            write_csv_atomic(table, stage.path / "ablation.csv")
         print(f"published ablation.csv to {args.figures}/")
     return 0
 
@@ -190,13 +194,14 @@ def _dose_study_command(args, settings: DemoSettings) -> int:
         cells = [DoseCell.parse(name) for name in args.cells]
     else:
         cells = study_cells(lengths=args.lengths or LENGTHS)
-    if args.analyse_only:  # the table and figure from the finished cells, no training
-        table = cached_table(cache)
-        write_outputs(table, args.figures or args.out)
-    else:
-        table = run_dose_study(
-            args.out, cache, args.figures or args.out, settings, cells, progress=not args.quiet
-        )
+    figures = Path(args.figures or args.out).absolute()
+    figures.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(figures):  # no demo --figures swaps the folder while cells are written
+        if args.analyse_only:  # the table and figure from the finished cells, no training
+            table = cached_table(cache)
+            write_outputs(table, figures)
+        else:
+            table = run_dose_study(args.out, cache, figures, settings, cells, not args.quiet)
     print("\n" + format_study_table(table))
     left = missing_cells(cells, cache)
     print(f"\n{len(cells) - len(left)} of {len(cells)} cells finished; cache in {cache}/")

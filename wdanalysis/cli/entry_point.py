@@ -133,8 +133,10 @@ def run_handler(args: argparse.Namespace) -> int:
         except WDAnalysisError as error:
             print(f"wdanalysis: error: {error}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("wdanalysis: interrupted; no partial output was left behind", file=sys.stderr)
+        except KeyboardInterrupt as interrupt:
+            # an output folder's transaction says what it left (storage.out_folder)
+            left = getattr(interrupt, "left", None)
+            print(f"wdanalysis: interrupted{f'; {left}' if left else ''}", file=sys.stderr)
             return 130
         except OSError as error:  # e.g. an --out folder that cannot be written, a full disk
             where = f"{error.filename}: " if error.filename else ""

@@ -13,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.loaders.run_checks import warn_left_out
 from wdanalysis.loaders.runs import (
     STEP_FOLDER,
     Run,
+    add_checkpoint,
     open_checkpoint,
     open_run,
     run_name,
@@ -43,7 +45,7 @@ def adapter_names(folder: Path) -> list[str]:
     )
 
 
-def open_runs(path: str | Path, name: str | None = None) -> list[Run]:
+def open_runs(path: str | Path, name: str | None = None, skip_bad: bool = False) -> list[Run]:
     """The runs ``path`` holds: one, or one per named adapter of a multi-adapter save.
 
     A single adapter (or a full model) gives :func:`~wdanalysis.loaders.runs.open_run`'s
@@ -57,14 +59,14 @@ def open_runs(path: str | Path, name: str | None = None) -> list[Run]:
     if not steps:
         names = adapter_names(folder)
     if not names:
-        return [open_run(path, name)]
+        return [open_run(path, name, skip_bad)]
     runs = []
     if _has_default(folder, steps):
-        root = open_run(path, name)
+        root = open_run(path, name, skip_bad)
         root.name, root.label = f"{name}/{DEFAULT}", DEFAULT
         runs.append(root)
     for adapter in names:
-        runs.append(_named_run(folder, steps, adapter, f"{name}/{adapter}"))
+        runs.append(_named_run(folder, steps, adapter, f"{name}/{adapter}", skip_bad))
     return runs
 
 
@@ -83,25 +85,23 @@ def _has_default(folder: Path, steps: list[tuple[int, Path]]) -> bool:
     return any((step_folder / CONFIG).is_file() for _, step_folder in steps)
 
 
-def _named_run(folder: Path, steps, adapter: str, run_name: str) -> Run:
-    """The adapter ``adapter`` of every step (or of the folder itself), as one run."""
+def _named_run(folder: Path, steps, adapter: str, run_name: str, skip_bad: bool) -> Run:
+    """The adapter ``adapter`` of every step (or of the folder itself), as one run: a step
+    without it is skipped, a refused one fails unless ``skip_bad`` (as :func:`open_run`)."""
     if not steps:
         run = Run(folder / adapter, run_name, [open_checkpoint(folder / adapter)])
     else:
-        checkpoints, skipped = [], []
+        run = Run(folder, run_name, [])
         for step, step_folder in steps:
             if not (step_folder / adapter).is_dir():
-                skipped.append((step_folder, f"no adapter {adapter!r}"))
+                run.skipped.append((step_folder, f"no adapter {adapter!r}"))
                 continue
-            try:
-                checkpoints.append(open_checkpoint(step_folder / adapter, step))
-            except CheckpointFormatError as error:
-                skipped.append((step_folder, error.problem))
-        if not checkpoints:
+            add_checkpoint(run, step_folder, step, skip_bad, step_folder / adapter)
+        warn_left_out(run)
+        if not run.checkpoints:
             raise CheckpointFormatError(
                 f"adapter {adapter!r}: none of the {len(steps)} checkpoints holds it complete",
                 folder,
             )
-        run = Run(folder, run_name, checkpoints, skipped)
     run.label = adapter
     return run

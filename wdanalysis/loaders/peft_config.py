@@ -9,14 +9,14 @@ weight in a way not read, by :mod:`wdanalysis.loaders.lora_fields`.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
 from wdanalysis.loaders import lora_fields, tuner_kinds
+from wdanalysis.storage.safe_regex import check_pattern, peft_pattern_key
+from wdanalysis.storage.small_files import read_json
 
 SUPPORTED_PEFT_TYPES = {"LORA", "DORA"}
 
@@ -62,17 +62,15 @@ class AdapterConfig:
 
 
 def _pattern_key(patterns: dict, module: str) -> str | None:
-    """PEFT's rule: a pattern key applies when ``(.*\\.)?(key)$`` matches the module name."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    """PEFT's rule: a pattern key applies when ``(.*\\.)?(key)$`` matches the module name
+    (matched by RE2 in linear time: :mod:`wdanalysis.storage.safe_regex`)."""
+    return peft_pattern_key(patterns, module)
 
 
 def read_adapter_config(path: Path) -> AdapterConfig:
     """Parse and validate ``adapter_config.json``."""
     try:
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
     except OSError as error:
         raise CheckpointFormatError(
             f"cannot read adapter config: {error.strerror}",
@@ -182,14 +180,7 @@ def _check_patterns(raw: dict, path: Path) -> None:
                     path,
                     _FIX_CONFIG,
                 )
-            try:
-                re.compile(key)
-            except re.error as error:
-                raise CheckpointFormatError(
-                    f"{field_name} key {key!r} is not a valid regular expression ({error})",
-                    path,
-                    _FIX_CONFIG,
-                ) from None
+            check_pattern(key, f"{field_name} key", path)  # linear time, or refused
 
 
 def refuse_missing_magnitude(config: AdapterConfig, modules: dict, where: Path) -> None:

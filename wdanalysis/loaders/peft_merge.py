@@ -31,6 +31,7 @@ from torch import nn
 
 from wdanalysis.errors import AdapterMismatchError, CheckpointFormatError
 from wdanalysis.loaders.layer_shapes import is_embedding_name
+from wdanalysis.loaders.peft_patterns import decided_for
 
 ADAPTER = "default"
 PEFT_EXTRA = "pip install 'wdanalysis[peft]'"
@@ -117,7 +118,7 @@ def merge_module(config, name: str, layer: nn.Module, saved: dict, where: Path) 
 
     root = _tree_with(name, layer)
     tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
-    config = _for_module(config, name)
+    config = decided_for(_for_module(config, name), name, where)  # patterns: RE2, not re
     try:
         tuner = _wrap(tuner_cls, root, config, layer)
     except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as error:

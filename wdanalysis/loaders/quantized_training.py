@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from wdanalysis.storage.atomic_write import write_text_atomic
+from wdanalysis.storage.small_files import read_json, read_small_bytes
 
 __all__ = ["MARKER", "quantized_base", "write_marker"]
 
@@ -36,13 +37,13 @@ def quantized_base(folder: str | Path) -> str | None:
     if not folder.is_dir():
         return None
     try:
-        marker = json.loads((folder / MARKER).read_text("utf-8"))
+        marker = read_json(folder / MARKER)
         if isinstance(marker, dict) and isinstance(marker.get("quantized_base"), str):
             return marker["quantized_base"]
     except (OSError, ValueError):
         pass
     try:
-        card = (folder / "README.md").read_text("utf-8", errors="replace")
+        card = read_small_bytes(folder / "README.md", 1 << 20).decode("utf-8", "replace")
     except OSError:
         return None
     if _CARD_PREFIX not in card:

@@ -5,15 +5,19 @@ Reads only headers and configs; tensors are read later, one at a time, by the an
 
 from __future__ import annotations
 
-import json
+import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from wdanalysis.errors import CheckpointFormatError, NumericalError
+from wdanalysis.errors import (
+    CheckpointFormatError,
+    IncompleteCheckpointError,
+    NumericalError,
+    WDAnalysisError,
+)
 from wdanalysis.loaders import formats, peft_tuners
 from wdanalysis.loaders.checkpoint_kinds import AdapterCheckpoint, FullModel
 from wdanalysis.loaders.formats import fp8quant, mlxquant, pipeline
@@ -26,7 +30,9 @@ from wdanalysis.loaders.peft_adapter import (
     read_adapter_config,
 )
 from wdanalysis.loaders.peft_config import refuse_missing_magnitude
+from wdanalysis.loaders.run_checks import refuse_odd_path, still_growing, warn_left_out
 from wdanalysis.storage.hub_cache import resolve_model_path
+from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import (
     TensorStore,
     open_shard_files,
@@ -47,6 +53,14 @@ FULL_WEIGHT_FILES = (
     "pytorch_model.bin",
     *formats.DIFFUSERS_WEIGHT_FILES,
 )
+# What a save writes beside the weights: found without any weights, the save is unfinished.
+SAVED_BESIDE_WEIGHTS = ("config.json", "trainer_state.json", "training_args.bin", "optimizer.pt")
+KNOWN_FILES = (
+    "adapter_config.json",
+    *ADAPTER_WEIGHT_FILES,
+    *FULL_WEIGHT_FILES,
+    *SAVED_BESIDE_WEIGHTS,
+)
 _VLBART_MARKERS = (".weight_m", ".lora_A", ".lora_B")
 
 Checkpoint = FullModel | AdapterCheckpoint
@@ -59,7 +73,8 @@ class Run:
     path: Path
     name: str
     checkpoints: list[Checkpoint]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # being written
+    refused: list[tuple[Path, str]] = field(default_factory=list)  # left out (--skip-bad)
     label: str | None = None  # the user's display name (table column label); None: method
 
     @property
@@ -78,6 +93,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     Hugging Face cache (:mod:`wdanalysis.storage.hub_cache`).
     """
     path = resolve_model_path(path)
+    refuse_odd_path(path)
     if not path.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
     if step is None:
@@ -86,6 +102,9 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
         return _open_file(path, step)
     if pipeline.is_pipeline(path):  # a diffusers pipeline: its components as one model
         return FullModel(path, pipeline.open_pipeline(path), None, step)
+    for name in KNOWN_FILES:  # e.g. adapter_config.json → /dev/zero: named, not skipped
+        if os.path.lexists(path / name):
+            refuse_odd_path(path / name)
     found = formats.open_folder(path, step)
     if found is not None:
         return found
@@ -98,15 +117,21 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     if loose:
         return _full(path, open_shard_files(loose, path), step)
     if any(path.glob("adapter_model.*")):
-        raise CheckpointFormatError(
+        raise IncompleteCheckpointError(
             "adapter weights without adapter_config.json", path, "copy the config beside them"
         )
     if not any(path.iterdir()):
-        raise CheckpointFormatError(
+        raise IncompleteCheckpointError(
             "empty folder",
             path,
             "point at the folder holding model.safetensors, pytorch_model.bin, an adapter, "
             "or checkpoint-N sub-folders",
+        )
+    if any((path / name).is_file() for name in SAVED_BESIDE_WEIGHTS):
+        raise IncompleteCheckpointError(
+            "a save without its weights (config or trainer state, no weight file)",
+            path,
+            "the save was cut short or is still being written",
         )
     raise CheckpointFormatError(
         "no recognisable checkpoint (expected model.safetensors, pytorch_model.bin, "
@@ -155,7 +180,7 @@ def _open_adapter_folder(folder: Path, step: int | None) -> AdapterCheckpoint:
     for name in ADAPTER_WEIGHT_FILES:
         if (folder / name).is_file():
             return _adapter(folder, open_tensor_file(folder / name), config, step)
-    raise CheckpointFormatError(
+    raise IncompleteCheckpointError(
         "adapter_config.json found but no adapter_model.safetensors or adapter_model.bin",
         folder,
         "the save was cut short or the weights were not copied; copy them beside the config",
@@ -173,7 +198,7 @@ def _adapter(path: Path, store: TensorStore, config: AdapterConfig, step) -> Ada
 
 def _model_type(folder: Path) -> str | None:
     try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
+        return read_json(folder / "config.json").get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -189,20 +214,23 @@ def step_of(path: Path) -> int | None:
         if match:
             return int(match.group(1))
     try:
-        return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+        return int(read_json(folder / "trainer_state.json")["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def step_folders(path: Path) -> list[tuple[int, Path]]:
     """``checkpoint-N`` style sub-folders (or ``EpochNN.pth`` style weight files), sorted by
-    N as a number (not as text)."""
+    N as a number (not as text). An entry named like a step that is neither (a symbolic link
+    loop, a dangling link, a FIFO) is listed too, so that opening it says what it is."""
     found = []
     for child in path.iterdir() if path.is_dir() else ():
         if child.is_dir():
             match = STEP_FOLDER.match(child.name)
         elif child.suffix in STEP_FILE_SUFFIXES:
             match = STEP_FOLDER.match(child.stem)
+        elif not child.is_file():  # not a folder nor a file: say why when opening it
+            match = STEP_FOLDER.match(child.name)
         else:
             match = None
         if match:
@@ -212,15 +240,18 @@ def step_folders(path: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def open_run(path: str | Path, name: str | None = None) -> Run:
+def open_run(path: str | Path, name: str | None = None, skip_bad: bool = False) -> Run:
     """A run folder of ``checkpoint-N`` sub-folders, or a single checkpoint as a one-step run.
 
-    Sub-folders that hold no complete checkpoint (a run killed mid-save) are skipped with
-    a warning and listed in ``Run.skipped``; the others are kept. A cached hub id is opened
+    A checkpoint still being written or whose save was cut short
+    (:class:`~wdanalysis.errors.IncompleteCheckpointError`) is skipped with a warning and
+    listed in ``Run.skipped``. Any other refusal fails the run, unless ``skip_bad``: then it
+    is left out with a warning and listed in ``Run.refused``. A cached hub id is opened
     from its snapshot folder and named by the id; a local path by :func:`run_name` (a
     single checkpoint ``runs/ft/checkpoint-10`` by its run folder: ``ft``).
     """
     resolved = resolve_model_path(path)
+    refuse_odd_path(resolved)
     if not resolved.exists():
         raise CheckpointFormatError("no such file or folder", path, "check the path")
     name = name or (run_name(Path(path)) if resolved == Path(path) else str(path))
@@ -228,25 +259,40 @@ def open_run(path: str | Path, name: str | None = None) -> Run:
     folders = step_folders(path)
     if not folders:
         return Run(path, name, [open_checkpoint(path)])
-    checkpoints, skipped = [], []
+    run = Run(path, name, [])
     for step, folder in folders:
-        try:
-            checkpoints.append(open_checkpoint(folder, step))
-        except CheckpointFormatError as error:
-            skipped.append((folder, error.problem))
-    if skipped:
-        warnings.warn(
-            f"{path}: skipped {len(skipped)} incomplete checkpoint(s): "
-            + ", ".join(f"{p.name} ({why})" for p, why in skipped),
-            stacklevel=2,
-        )
-    if not checkpoints:
+        add_checkpoint(run, folder, step, skip_bad)
+    warn_left_out(run)
+    if not run.checkpoints:
+        skipped = run.skipped + run.refused
+        what = "could be read" if run.refused else "is complete"
         raise CheckpointFormatError(
-            f"none of the {len(folders)} checkpoint folders is complete "
+            f"none of the {len(folders)} checkpoint folders {what} "
             f"(first: {skipped[0][0].name}: {skipped[0][1]})",
             path,
         )
-    return Run(path, name, checkpoints, skipped)
+    return run
+
+
+def add_checkpoint(
+    run: Run, folder: Path, step: int | None, skip_bad: bool, path: Path | None = None
+) -> None:
+    """Open the checkpoint at ``path`` (default ``folder``) into ``run``: one still being
+    written or cut short is listed in ``run.skipped``; any other refusal fails, unless
+    ``skip_bad``: then it is listed in ``run.refused``."""
+    try:
+        run.checkpoints.append(open_checkpoint(path or folder, step))
+    except IncompleteCheckpointError as error:
+        run.skipped.append((folder, error.problem))
+    except WDAnalysisError as error:
+        if still_growing(folder):  # a save in progress, not a bad checkpoint
+            run.skipped.append((folder, f"its files are still growing ({error.problem})"))
+            return
+        if not skip_bad:
+            error.hint = "; ".join(filter(None, [error.hint, "--skip-bad leaves it out"]))
+            error.args = (error._format(),)
+            raise error from None
+        run.refused.append((folder, error.problem))
 
 
 # Weight and config files named by their format, not by the run (shards included).

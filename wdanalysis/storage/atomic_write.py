@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from wdanalysis.storage.kill_points import kill_point
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -27,6 +29,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        kill_point("file-written")  # tests: a kill with the temporary file on disk
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

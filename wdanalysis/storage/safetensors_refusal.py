@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.errors import CheckpointFormatError, IncompleteCheckpointError
 
 # Bits per element of every safetensors dtype, to check each tensor's byte range.
 DTYPE_BITS = {
@@ -83,7 +83,7 @@ def _explain_refusal(header, path: Path, data_bytes: int) -> None:
                 _REFETCH,
             )
         if end > data_bytes:
-            raise CheckpointFormatError(
+            raise IncompleteCheckpointError(
                 f"truncated safetensors: tensor {key!r} ends at byte {end} but only "
                 f"{data_bytes} data bytes are present",
                 path,

@@ -7,7 +7,6 @@ weights_only=True)``), so the analysis never holds two whole state dicts in memo
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import struct
@@ -20,8 +19,9 @@ from typing import ClassVar
 import torch
 from safetensors import SafetensorError, safe_open
 
-from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.errors import CheckpointFormatError, IncompleteCheckpointError
 from wdanalysis.storage.safetensors_refusal import first_line, refusal
+from wdanalysis.storage.small_files import read_json, regular_file
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -102,7 +102,7 @@ def _header_bounds(path: Path) -> tuple[int, int]:
             f"cannot read file: {error.strerror}", path, "check the path and its permissions"
         ) from None
     if len(prefix) < 8:
-        raise CheckpointFormatError(
+        raise IncompleteCheckpointError(
             f"not a safetensors file: only {size} bytes, too short for a header",
             path,
             "the file is empty or was cut short; re-download or re-save it",
@@ -212,11 +212,11 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = _torch_load(path, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # noqa: BLE001 - untrusted bytes: any failure is the file's
-        found = re.search(r"Unsupported global: GLOBAL \S+", str(error))
-        if isinstance(error, pickle.UnpicklingError) and found:
+        danger = pickle_danger(error)
+        if danger:
             raise CheckpointFormatError(
                 "refusing to load: the pickle holds objects other than tensors, which could "
-                f"run code (weights_only=True rejected it: {found.group(0)})",
+                f"run code (weights_only=True rejected {danger})",
                 path,
                 "if you trust its source, convert it to safetensors in an isolated environment",
             ) from None
@@ -227,6 +227,35 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "the download or save was cut short; re-download or re-save the file",
         ) from None
     return _unwrap_state_dict(obj, path)
+
+
+# What ``weights_only=True`` says when a pickle names code, in every torch we support:
+# 2.3-2.5 "Unsupported global: GLOBAL os.system was not an allowed global by default",
+# 2.6+ "Trying to load unsupported GLOBAL os.system whose module os is blocked", and the
+# other refusals of the restricted unpickler ("Unsupported class …", "Unsupported operand
+# …", "Trying to call reduce for unrecognized function …"), all under "Weights only load
+# failed" since 2.4.
+_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+_UNSAFE = re.compile(
+    r"(Unsupported (?:class|operand|global)[^\n.]*|Trying to (?:call reduce|load unsupported)"
+    r"[^\n.]*|Weights only load failed)"
+)
+
+
+def pickle_danger(error: BaseException) -> str | None:
+    """What in the pickle ``weights_only=True`` refused (``"the global os.system"``), or
+    ``None`` when the error is not that refusal (a corrupt or truncated file)."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    text = str(error)
+    found = _GLOBAL.search(text)
+    if found:
+        return f"the global {found.group(1)}"
+    found = _UNSAFE.search(text)
+    if found is None:
+        return None
+    detail = [line for line in text.splitlines() if _UNSAFE.search(line)]
+    return " ".join((detail[-1] if detail else found.group(0)).split())[:160]
 
 
 def _torch_load(path: Path, mmap: bool):
@@ -260,9 +289,16 @@ def _bin_infos(path: Path) -> dict[str, TensorInfo]:
 
 
 def open_tensor_file(path: Path) -> TensorStore:
-    """One ``.safetensors`` or ``.bin``/``.pt``/``.pth`` file."""
-    if not path.is_file():
-        raise CheckpointFormatError("no such file", path)
+    """One ``.safetensors`` or ``.bin``/``.pt``/``.pth`` file (a regular file: a FIFO, a
+    device or a link loop is refused in one line, never opened)."""
+    try:
+        regular_file(path)
+    except FileNotFoundError:
+        raise CheckpointFormatError("no such file", path) from None
+    except OSError as error:
+        raise CheckpointFormatError(
+            f"cannot read file: {error.strerror}", path, "check the path and its permissions"
+        ) from None
     if path.suffix == ".safetensors":
         return TensorStore(path, "safetensors", read_safetensors_header(path))
     if path.suffix in {".bin", ".pt", ".pth", ".ckpt"}:
@@ -275,7 +311,7 @@ def open_tensor_file(path: Path) -> TensorStore:
 def open_sharded(index_file: Path) -> TensorStore:
     """Shards listed by a ``*.index.json`` weight map; every listed shard must be present."""
     try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
+        weight_map = read_json(index_file)["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
@@ -302,7 +338,7 @@ def open_sharded(index_file: Path) -> TensorStore:
     shard_names = sorted(set(weight_map.values()))
     missing = [name for name in shard_names if not (folder / name).is_file()]
     if missing:
-        raise CheckpointFormatError(
+        raise IncompleteCheckpointError(
             f"shard {missing[0]} listed in the index is missing"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
             index_file,

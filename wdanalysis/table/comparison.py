@@ -23,6 +23,7 @@ from wdanalysis.loaders.auto_base import base_named_by, is_auto
 from wdanalysis.loaders.formats import prepare_base
 from wdanalysis.loaders.key_alignment import KeyAligner
 from wdanalysis.loaders.named_adapters import open_runs
+from wdanalysis.loaders.run_checks import left_out
 from wdanalysis.loaders.runs import (
     AdapterCheckpoint,
     FullModel,
@@ -73,6 +74,7 @@ def compare(
     device: str = "cpu",
     workers: int | None = None,
     whole: Sequence[str] = (),
+    skip_bad: bool = False,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every selected weight, for every checkpoint of every run.
 
@@ -107,6 +109,9 @@ def compare(
         whole: Fused weights (leaf names, paths or regexes) to analyse unsplit, one row
             each, their parts' rows averaged: a fused weight with no known split is
             otherwise refused (``--whole NAME``; ``docs/guides/architectures.md``).
+        skip_bad: Leave out (with a warning) a checkpoint refused for its content instead
+            of failing; checkpoints still being written are always skipped. Both are
+            listed in ``table.attrs["left_out"]``.
 
     Returns:
         A long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
@@ -120,7 +125,7 @@ def compare(
             every other checkpoint's rows, complete.
     """
     notices.check_options(modules, workers)
-    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, whole)
+    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, whole, skip_bad)
     rows, errors = compute_rows(plan, plan.selected, progress, device, workers)
     return assemble_table(plan, rows, errors)
 
@@ -142,15 +147,24 @@ class ComparisonPlan:
 
 
 def plan_comparison(
-    base, runs: RunsArg, modules=None, labels=None, axis="out", fan_in_fan_out=None, whole=()
+    base,
+    runs: RunsArg,
+    modules=None,
+    labels=None,
+    axis="out",
+    fan_in_fan_out=None,
+    whole=(),
+    skip_bad=False,
 ) -> ComparisonPlan:
-    """Open and check every input (headers and configs only); see :func:`compare`."""
+    """Open and check every input (headers and configs only); see :func:`compare`.
+    ``skip_bad``: a checkpoint refused for its content is left out (listed in
+    ``table.attrs["left_out"]``) instead of failing the comparison."""
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
     notices.check_options(modules, None)
     whole = [whole] if isinstance(whole, str) else list(whole or ())
     notices.check_options(whole, None)
-    run_list = _open_runs(runs, labels)
+    run_list = _open_runs(runs, labels, skip_bad)
     notices.note_quantized_training(run_list)
     if is_auto(base):
         base = base_named_by(run_list)
@@ -218,7 +232,7 @@ def assemble_table(
     raise PartialResultError(_table(rows, plan.run_list, plan.backend), failures, len(bound))
 
 
-def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
+def _open_runs(runs: RunsArg, labels: Sequence[str] | None, skip_bad=False) -> list[Run]:
     if isinstance(runs, (str, Path)):
         runs = [runs]
     if isinstance(runs, Mapping):
@@ -230,7 +244,7 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
         raise WDAnalysisError(f"got {len(labels)} labels for {len(runs)} runs")
     opened, given = [], []
     for path, label in zip(runs, labels or [None] * len(runs), strict=True):
-        group = open_runs(path)  # several for a folder of named PEFT adapters
+        group = open_runs(path, skip_bad=skip_bad)  # several for a folder of named PEFT adapters
         given.append(group[0])
         for run in group:
             if len(group) == 1 or label is not None:
@@ -374,6 +388,7 @@ def _table(rows: list[dict], runs: list[Run], backend: str) -> pd.DataFrame:
         kind="stable",
     ).reset_index(drop=True)
     table.attrs["backend"] = backend
+    table.attrs["left_out"] = left_out(runs)  # skipped or refused checkpoints, for run.json
     _warn_zero_norms(table)
     return table
 

@@ -87,6 +87,7 @@ def compare_distributed(
     device: str = "cpu",
     workers: int | None = None,
     whole=(),
+    skip_bad: bool = False,
 ) -> pd.DataFrame | None:
     """:func:`~wdanalysis.table.comparison.compare` over the job: the table on rank 0,
     ``None`` on the other ranks. Same arguments, same result, same errors."""
@@ -99,7 +100,7 @@ def compare_distributed(
     status: tuple = ("ok",)
     plan, rows, errors, failure = None, [], {}, None
     try:
-        plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, whole)
+        plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, whole, skip_bad)
         sizes = [_numel(plan.shapes[key]) for key in plan.selected]
         share = weight_share(plan.selected, sizes, job.rank, job.size)
         rows, errors = compute_rows(plan, share, progress and job.is_main, device, workers)

@@ -29,6 +29,8 @@ def run_record(table: pd.DataFrame, options: dict, version: str) -> dict:
         "backend": table.attrs.get("backend", "unknown"),
         "options": options,
         "rows": len(table),
+        # checkpoints not in the table: still being written, or refused under --skip-bad
+        "left_out": table.attrs.get("left_out", []),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),

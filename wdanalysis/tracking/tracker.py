@@ -23,6 +23,7 @@ was before or after the write: whole lines only.
 
 from __future__ import annotations
 
+import glob
 import io
 import warnings
 from dataclasses import replace
@@ -38,6 +39,8 @@ from wdanalysis.engine.streaming import Engine
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.runs import Run, aligner_for, open_base, refuse_quantized
 from wdanalysis.storage.atomic_write import atomic_path
+from wdanalysis.storage.out_folder import acquire_lock, release_lock
+from wdanalysis.storage.small_files import regular_file
 from wdanalysis.table.schema import COLUMNS, deltas_row
 from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.identity import identity_namer
@@ -73,6 +76,7 @@ class Tracker:
         self.writes = True  # False on the other ranks of a sharded run: they compute only
         self.bound: tuple | None = None
         self.last_rows: pd.DataFrame | None = None  # the rows of the last tracked step
+        self.lock: Path | None = None  # the table's lock file while this tracker writes
 
     # -- begin ----------------------------------------------------------------------
 
@@ -111,6 +115,9 @@ class Tracker:
         live, selected, base = self.bound
         if live.method != "FT" or step == 0:  # FT weights have moved once training began
             check_same_weights(live, base, selected[0], self.base_path)
+        if self.writes and self.lock is None:  # one writer per table; stale temporaries go
+            self.lock = acquire_lock(self.out)
+            remove_stale_temporaries(self.out)
         self.done = read_steps(self.out) if done is None else set(done)
         if step == 0 and self.done:
             raise WDAnalysisError(
@@ -183,9 +190,16 @@ class Tracker:
         """Report a failure once and stop tracking; rows already written stay as they are."""
         began = self.live is not None
         self.active, self.failure = False, error
+        self.close()
         text = " ".join(str(error).split()) or type(error).__name__
         what = "stopped" if began else "could not begin"
         self.warn_once(f"weight tracking {what}, training goes on ({self.out}): {text}")
+
+    def close(self) -> None:
+        """Let another process write the table (the lock also dies with this process)."""
+        if self.lock is not None:
+            release_lock(self.lock)
+            self.lock = None
 
     def warn_once(self, message: str) -> None:
         """A ``RuntimeWarning``, given once per tracker for each message."""
@@ -206,6 +220,7 @@ def read_steps(path: Path) -> set[int]:
     """Steps already in a tracking table (none when it does not exist yet)."""
     if not path.exists():
         return set()
+    regular_file(path)  # a FIFO or device as the table would block or never end
     try:
         columns = list(pd.read_csv(path, nrows=0).columns)
         if columns == [c for c in COLUMNS if c != "label"]:
@@ -225,6 +240,12 @@ def read_steps(path: Path) -> set[int]:
             "choose another out path, or delete the file to start afresh",
         ) from None
     return {int(s) for s in table["step"].dropna()}
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """The ``.<table>.XXXX.tmp`` files a process killed mid-write left beside ``path``."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def append_rows(path: Path, rows: pd.DataFrame) -> None:

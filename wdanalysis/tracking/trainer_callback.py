@@ -95,6 +95,7 @@ def _build():
         def on_train_end(self, args, state, control, **kwargs):
             if self.tracker.active:
                 self._track(state.global_step)
+            self.tracker.close()  # the table may be written by another run now
             if self.dashboards is not None:
                 dashboards, self.dashboards = self.dashboards, None
                 _guard(self.tracker, lambda: dashboards.finish(self.tracker.out), None, True)

@@ -4,7 +4,6 @@ only; nothing is ever downloaded)."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torch import nn
 
 from wdanalysis.errors import CheckpointFormatError, WDAnalysisError
 from wdanalysis.storage.hub_cache import resolve_model_path
+from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import read_safetensors_header
 from wdanalysis.train.data import CAUSAL_LM, CLASSIFICATION
 
@@ -27,7 +27,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return [single]
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         return [model_dir / shard for shard in shards]
     raise CheckpointFormatError(
         "no model.safetensors (or sharded index) in the model folder",

@@ -21,12 +21,12 @@ unknown model type) is refused with one line when it is selected, never averaged
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.storage.small_files import read_json
 from wdanalysis.weights.fused_parts import Missing as _Missing
 from wdanalysis.weights.fused_parts import Part, requested
 from wdanalysis.weights.fused_parts import config_int as _int
@@ -90,7 +90,7 @@ def read_config(path: Path) -> tuple[dict | None, Path]:
     folder = path if path.is_dir() else path.parent
     file = folder / "config.json"
     try:
-        config = json.loads(file.read_text())
+        config = read_json(file)
     except (OSError, ValueError):
         return None, file
     return (config if isinstance(config, dict) else None), file

@@ -4,11 +4,13 @@ and the helpers that read head counts from a ``config.json``."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from wdanalysis.storage.safe_regex import REGEX_CHARS
+from wdanalysis.storage.safe_regex import search as safe_search
 
 __all__ = ["Missing", "Part", "config_int", "heads_of", "interleave", "qkv", "requested"]
 
@@ -77,6 +79,6 @@ def requested(key: str, modules: Sequence[str]) -> bool:
     for name in modules:
         if name == leaf or name == path or path.endswith("." + name):
             return True
-        if any(ch in name for ch in "*[]()|+?\\^$") and re.search(name, path):
+        if any(ch in name for ch in REGEX_CHARS) and safe_search(name, path):
             return True
     return False

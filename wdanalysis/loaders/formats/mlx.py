@@ -17,7 +17,6 @@ expert's ``(out, in)`` matrix, so the table has one row per expert (:mod:`.moe`)
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -33,6 +32,7 @@ from wdanalysis.loaders.formats.foreign import (
 )
 from wdanalysis.loaders.formats.moe import expert_name
 from wdanalysis.loaders.layer_shapes import is_embedding_name
+from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import TensorStore, open_tensor_file
 
 FINAL_FILE = "adapters.safetensors"
@@ -52,7 +52,7 @@ def is_mlx_folder(folder: Path) -> bool:
     ):
         return False
     try:
-        raw = json.loads(config.read_text())
+        raw = read_json(config)
     except (OSError, ValueError):
         return True  # read_config reports the broken file
     return isinstance(raw, dict) and is_mlx_config(raw)
@@ -81,7 +81,7 @@ def step_files(folder: Path, config_needed: bool = True) -> list[tuple[int, Path
 
 def read_config(path: Path) -> dict:
     try:
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
     except OSError as error:
         raise CheckpointFormatError(f"cannot read adapter config: {error.strerror}", path) from None
     except ValueError as error:

@@ -13,7 +13,6 @@ the affine mode is read; ``mxfp4``/``nvfp4``/``mxfp8`` are refused by name.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import TensorInfo, TensorStore
 
 _CHUNK = 1 << 24  # unpacked bits per chunk of rows: bounds the temporary memory
@@ -124,7 +124,7 @@ def dequantized(store: TensorStore, folder: Path) -> TensorStore:
 
 def _quantization(folder: Path, where: Path) -> dict:
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json")
     except (OSError, ValueError):
         config = {}
     quantization = config.get("quantization") if isinstance(config, dict) else None

@@ -15,10 +15,10 @@ fine-tune's table. Pass ``sd15/vae`` itself to analyse one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import (
     TensorInfo,
     TensorStore,
@@ -39,7 +39,7 @@ def is_pipeline(folder: Path) -> bool:
 def components(folder: Path) -> dict[str, list[Path]]:
     """The components of ``model_index.json`` with weights, in its order → their files."""
     try:
-        index = json.loads((folder / INDEX_FILE).read_text())
+        index = read_json(folder / INDEX_FILE)
     except (OSError, ValueError) as error:
         raise CheckpointFormatError(f"unreadable {INDEX_FILE}: {error}", folder) from None
     if not isinstance(index, dict):

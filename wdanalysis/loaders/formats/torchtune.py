@@ -11,7 +11,6 @@ torchtune writes beside the file, the head counts from the copied ``config.json`
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from wdanalysis.loaders.formats.foreign import (
     plain_config,
 )
 from wdanalysis.loaders.peft_adapter import read_adapter_config
+from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import open_tensor_file
 
 WEIGHT_FILE = "adapter_model.pt"
@@ -151,7 +151,7 @@ def _module(name, found, store: ViewStore, config, heads, path: Path) -> Foreign
 
 def _head_counts(folder: Path) -> tuple[str, int, int, int | None] | None:
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json")
         heads = int(config["num_attention_heads"])
         kv = int(config.get("num_key_value_heads") or heads)
         head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
