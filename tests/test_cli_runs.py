@@ -235,9 +235,11 @@ from wdanalysis.cli import main
 
 stdout_file = Path(sys.argv[1])
 
+real = report.write_report
+
 def spying(*args, **kwargs):  # what a reader of the file sees when figures begin
     Path(sys.argv[2]).write_text(stdout_file.read_text())
-    sys.exit(0)  # the figures themselves are not needed here
+    return real(*args, **kwargs)
 
 report.write_report = spying
 sys.exit(main(sys.argv[3:]))
@@ -246,8 +248,9 @@ sys.exit(main(sys.argv[3:]))
 
 def test_wrote_lines_reach_a_file_as_they_happen(runs, tmp_path):
     """stdout to a file is block-buffered by Python (unless PYTHONUNBUFFERED is set, as it
-    is left unset here): "wrote …deltas.csv" must be in the file when the figures begin,
-    not only at exit."""
+    is left unset here): the summary table must be in the file when the figures begin,
+    not only at exit. The "wrote …" lines follow once the output folder is swapped in
+    whole (before that, nothing is written in ``--out``)."""
     stdout_file, seen = tmp_path / "stdout.txt", tmp_path / "seen.txt"
     argv = ["compare", runs / "base", runs / "runs" / "lora", "--out", tmp_path / "o", "--quiet"]
     with stdout_file.open("w") as handle:
@@ -260,5 +263,7 @@ def test_wrote_lines_reach_a_file_as_they_happen(runs, tmp_path):
             env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
         )
     assert done.returncode == 0, done.stderr
-    assert "wrote " in seen.read_text() and "deltas.csv" in seen.read_text()
+    assert "ΔM last" in seen.read_text() and "lora" in seen.read_text()
+    assert "wrote " not in seen.read_text()  # not yet: --out still holds the old result
+    assert f"wrote {tmp_path / 'o' / 'deltas.csv'}" in stdout_file.read_text()
     assert json.loads((tmp_path / "o" / "run.json").read_text())

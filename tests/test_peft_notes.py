@@ -138,7 +138,8 @@ def test_named_adapters_each_their_own_run(base, tmp_path):
     assert (tmp_path / "multi" / "wide" / "adapter_config.json").is_file()
     table = wdanalysis.compare(base_folder, tmp_path / "multi", modules=QV, progress=False)
     assert set(table["label"]) == {"default", "wide"}  # the adapter names
-    assert set(zip(table["label"], table["method"])) == {("default", "LoRA"), ("wide", "DoRA")}
+    pairs = set(zip(table["label"], table["method"], strict=True))
+    assert pairs == {("default", "LoRA"), ("wide", "DoRA")}
     assert set(table["run"]) == {"multi/default", "multi/wide"}
     _check(table, _reference(model, tmp_path / "multi"), run="multi/default")
     wide = _reference(model, tmp_path / "multi" / "wide", adapter_name="wide")
