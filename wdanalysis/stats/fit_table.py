@@ -17,7 +17,7 @@ import pandas as pd
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.table.schema import IDENTITY_COLUMNS
 
-__all__ = ["fit_table_legend", "format_fit_table"]
+__all__ = ["fit_table_legend", "format_fit_table", "sign_held"]
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -32,7 +32,7 @@ def _text(value) -> str:
     return "—" if empty else str(value)
 
 
-def _sign_consistency(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
+def sign_held(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
     """'4/5' = the slope has the pooled slope's sign at 4 of the 5 steps with a fit."""
     steps = fits.loc[fits["scope"] == "step"]
     for key in keys:
@@ -110,7 +110,7 @@ def format_fit_table(fits: pd.DataFrame) -> str:
             _fmt(row.get("spearman_rho", math.nan), "+.2f"),
         ]
         if has_steps:
-            cells.append(_sign_consistency(fits, row, keys))
+            cells.append(sign_held(fits, row, keys))
         note = row.get("note")
         if isinstance(note, str) and note:  # NaN when the fits were read back from CSV
             cells.append(f"  ({note})")
