@@ -111,6 +111,7 @@ def _register_compare(subparsers) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    _add_format(parser)
     _add_pool(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_compare)
@@ -128,8 +129,30 @@ def _register_plot(subparsers) -> None:
     parser.add_argument("table", type=Path, help="deltas.csv or tracking.csv")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--dpi", type=float, default=200, help="PNG resolution (default 200)")
+    _add_format(parser)
     _add_pool(parser)
     parser.set_defaults(handler=run_plot)
+
+
+def figure_formats(text: str) -> tuple[str, ...]:
+    """An ``argparse`` type: comma-separated figure formats among png, svg, pdf."""
+    chosen = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
+    bad = [p for p in chosen if p not in ("png", "svg", "pdf")]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown figure format(s) {', '.join(bad) or '(none)'}: choose from png, svg, pdf"
+        )
+    return chosen
+
+
+def _add_format(parser) -> None:
+    parser.add_argument(
+        "--format",
+        type=figure_formats,
+        default=("png", "svg"),
+        metavar="FORMATS",
+        help="figure formats, comma-separated among png, svg, pdf (default: png,svg)",
+    )
 
 
 def _add_pool(parser) -> None:
@@ -199,7 +222,14 @@ def run_compare(args: argparse.Namespace) -> int:
     if not args.no_figures:
         from wdanalysis.plots.report import write_report
 
-        report = write_report(deltas, args.out, pool=args.pool)
+        report = write_report(
+            deltas,
+            args.out,
+            pool=args.pool,
+            formats=args.format,
+            workers=None,
+            progress=not args.quiet,
+        )
         print("\n" + report.fit_table)
         for written in report.paths:
             print(f"wrote {written}")
@@ -249,7 +279,15 @@ def run_plot(args: argparse.Namespace) -> int:
     table = read_table(args.table)
     _check_out_folder(args.out)
     print(summarize(table))
-    report = write_report(table, args.out, dpi=args.dpi, pool=args.pool)
+    report = write_report(
+        table,
+        args.out,
+        dpi=args.dpi,
+        pool=args.pool,
+        formats=args.format,
+        workers=None,
+        progress=not getattr(args, "quiet", False),
+    )
     print("\n" + report.fit_table)
     for note in report.notes:
         print(f"note: {note}")
