@@ -15,9 +15,11 @@ Cases, each timed in one run on the same machine:
 2. ``32-layer``: a synthetic deltas table, 32 layers × 8 steps × 3 runs × 2 modules;
 3. ``reference``: the demo's own ``figures/deltas.csv`` (6 layers × 2 modules).
 
-Both report paths run in a fresh subprocess and are timed inside it around
-``write_report`` (fits, every figure in PNG + SVG, and index.html for the new one), so
-interpreter start-up is left out of both; the new path's worker start-up is counted.
+Every report runs in a fresh subprocess and is timed inside it around ``write_report``
+(fits and every figure; the old path PNG + SVG serially, 2 figures per module; the new
+path 3 figures per module and index.html, as PNG + SVG serially, PNG + SVG in parallel
+workers, and PNG only in parallel workers, the CLI's default), so interpreter start-up is
+left out; the workers' start-up is counted. The machine's load average is recorded.
 Prints a table and writes ``benchmarks/results/bench_figures.json``.
 """
 
@@ -159,15 +161,24 @@ def timed_report(tree: Path, table: Path, out: Path, kwargs: dict) -> tuple[floa
     return float(seconds), int(files)
 
 
+#: The new path three ways: as the old one (PNG + SVG) drawn here, the same in parallel
+#: workers, and the CLI's default (PNG only, parallel).
+NEW = {
+    "new_serial": {"workers": 1, "formats": "png,svg"},
+    "new_parallel": {"workers": None, "formats": "png,svg"},
+    "new_cli_default": {"workers": None, "formats": "png"},
+}
+
+
 def run_case(name: str, table: Path, scratch: Path, before: Path | None) -> dict:
     row: dict = {"case": name}
     if before is not None:
         row["old_seconds"], row["old_files"] = timed_report(
             before, table, scratch / f"{name}-old", {}
         )
-    row["new_seconds"], row["new_files"] = timed_report(
-        REPO, table, scratch / f"{name}-new", {"workers": None}
-    )
+    for label, kwargs in NEW.items():
+        seconds, files = timed_report(REPO, table, scratch / f"{name}-{label}", kwargs)
+        row[f"{label}_seconds"], row[f"{label}_files"] = seconds, files
     return row
 
 
@@ -207,12 +218,14 @@ def main() -> None:
         "before": BEFORE,
         "cases": rows,
     }
-    print(f"{'case':<10} {'analysis s':>10} {'old figures s':>14} {'new figures s':>14} files")
+    columns = ["analysis", "old", *NEW]
+    print(f"{'case':<10}" + "".join(f"{c + ' s':>18}" for c in columns) + "  files old → new")
     for row in rows:
+        values = [row.get(f"{c}_seconds", float("nan")) for c in columns]
         print(
-            f"{row['case']:<10} {row.get('analysis_seconds', float('nan')):>10.1f} "
-            f"{row.get('old_seconds', float('nan')):>14.1f} {row['new_seconds']:>14.1f} "
-            f"{row.get('old_files', '?')} → {row['new_files']}"
+            f"{row['case']:<10}"
+            + "".join(f"{v:>18.1f}" for v in values)
+            + f"  {row.get('old_files', '?')} → {row['new_serial_files']}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

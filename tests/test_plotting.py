@@ -139,8 +139,8 @@ def test_figure2_scientific_tick_labels_for_tiny_values():
     figure = plot_figure2(make_deltas())
     figure.draw_without_rendering()
     ax = panels(figure)[0]
-    assert "10^{−3}" in ax.yaxis.get_offset_text().get_text()  # unicode minus
-    assert "10^{−4}" in ax.xaxis.get_offset_text().get_text()
+    assert ax.yaxis.get_offset_text().get_text() == "×10⁻³"  # plain text, no mathtext
+    assert ax.xaxis.get_offset_text().get_text() == "×10⁻⁴"
     plain = plot_figure2(make_deltas(), scientific=False)
     plain.draw_without_rendering()
     assert panels(plain)[0].yaxis.get_offset_text().get_text() == ""

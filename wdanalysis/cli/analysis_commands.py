@@ -149,9 +149,10 @@ def _add_format(parser) -> None:
     parser.add_argument(
         "--format",
         type=figure_formats,
-        default=("png", "svg"),
+        default=("png",),
         metavar="FORMATS",
-        help="figure formats, comma-separated among png, svg, pdf (default: png,svg)",
+        help="figure formats, comma-separated among png, svg, pdf (default: png; "
+        "e.g. png,svg,pdf for papers)",
     )
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.colors import BoundaryNorm, Colormap, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.stats.fits import drop_undefined, select_module, validate_deltas
@@ -24,6 +24,7 @@ from wdanalysis.stats.fits import drop_undefined, select_module, validate_deltas
 __all__ = [
     "MANY_LAYERS",
     "PAPER_ORDER",
+    "PowerOfTen",
     "X_LABEL",
     "axes_grid",
     "colourbar",
@@ -137,15 +138,31 @@ def axes_grid(
     return figure, grid
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+class PowerOfTen(ScalarFormatter):
+    """A scalar formatter whose multiplier reads ×10⁻⁴ in plain text: the look of
+    matplotlib's mathtext offset without parsing mathtext at every draw (a third of a
+    figure's drawing time)."""
+
+    def __init__(self) -> None:
+        super().__init__(useOffset=False, useMathText=False)
+        self.set_scientific(True)
+        self.set_powerlimits((-2, 3))
+
+    def get_offset(self) -> str:
+        if not self.orderOfMagnitude or len(self.locs) == 0:
+            return ""
+        return "×10" + str(self.orderOfMagnitude).translate(_SUPERSCRIPT)
+
+
 def scientific(ax: Axes, axes: Sequence[str] = ("x", "y")) -> None:
     """×10⁻ⁿ multipliers instead of long decimals: ΔM and ΔD are often ~1e-4."""
-    for axis in axes:
-        try:
-            ax.ticklabel_format(
-                axis=axis, style="sci", scilimits=(-2, 3), useMathText=True, useOffset=False
-            )
-        except AttributeError:  # a non-scalar formatter (e.g. log axis) keeps its own
-            pass
+    for name in axes:
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        if isinstance(axis.get_major_formatter(), ScalarFormatter):  # not a log axis
+            axis.set_major_formatter(PowerOfTen())
 
 
 def colourbar(figure: Figure, axes: np.ndarray, colours, label: str = "layer", ticks=None):

@@ -19,7 +19,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from wdanalysis.plots.common import panel_titles, prepare, y_label
+from wdanalysis.plots.common import PowerOfTen, panel_titles, prepare, y_label
 from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind
 
 __all__ = ["HEATMAP_GID", "heatmap_grid", "plot_heatmap"]
@@ -72,9 +72,7 @@ def _panel(ax: Axes, figure: Figure, frame: pd.DataFrame, column: str) -> None:
             lambda v, _: str(layers[int(v)]) if 0 <= int(v) < len(layers) else ""
         )
     )
-    bar = figure.colorbar(mesh, ax=ax, fraction=0.08, pad=0.02)
-    bar.formatter.set_powerlimits((-2, 3))
-    bar.formatter.set_useMathText(True)
+    bar = figure.colorbar(mesh, ax=ax, fraction=0.08, pad=0.02, format=PowerOfTen())
     bar.ax.tick_params(labelsize="small")
 
 
