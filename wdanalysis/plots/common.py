@@ -152,9 +152,12 @@ class PowerOfTen(ScalarFormatter):
         self.set_powerlimits((-2, 3))
 
     def get_offset(self) -> str:
-        if not self.orderOfMagnitude or len(self.locs) == 0:
-            return ""
-        return "×10" + str(self.orderOfMagnitude).translate(_SUPERSCRIPT)
+        text = super().get_offset().replace("\u2212", "-")  # e.g. "1e-4", "" when none
+        mantissa, _, exponent = text.partition("e")
+        if not exponent:
+            return text
+        power = "10" + str(int(exponent)).translate(_SUPERSCRIPT)
+        return f"×{power}" if mantissa in ("", "1") else f"{mantissa}×{power}"
 
 
 def scientific(ax: Axes, axes: Sequence[str] = ("x", "y")) -> None:
