@@ -139,9 +139,11 @@ def test_bad_input_is_a_user_error(tmp_path):
 
 
 def test_figure_names_do_not_depend_on_the_number_of_modules(tmp_path):
-    one = write_report(make_deltas(modules=("query",)), tmp_path / "one", dpi=20, formats="png")
+    one = write_report(
+        make_deltas(modules=("query",), layers=3), tmp_path / "one", dpi=20, formats="png"
+    )
     two = write_report(
-        make_deltas(modules=("query", "value")), tmp_path / "two", dpi=20, formats="png"
+        make_deltas(modules=("query", "value"), layers=3), tmp_path / "two", dpi=20, formats="png"
     )
     names_one = {p.name for p in one.figures["query"]}
     assert names_one == {p.name for p in two.figures["query"]}
@@ -171,7 +173,7 @@ def test_vector_files_are_identical_on_rerun(tmp_path):
 
 
 def test_parallel_workers_write_the_same_files(tmp_path, capsys):
-    deltas = make_deltas(modules=("query", "value"))
+    deltas = make_deltas(modules=("query", "value"), layers=3)
     serial = write_report(deltas, tmp_path / "serial", dpi=30, formats="svg", workers=1)
     parallel = write_report(
         deltas, tmp_path / "parallel", dpi=30, formats="svg", workers=2, progress=True
