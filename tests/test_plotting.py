@@ -6,6 +6,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import warnings  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -21,8 +23,10 @@ from wdanalysis.plots.figures import (  # noqa: E402
     Y_LABEL,
     order_runs,
     plot_figure2,
+    plot_heatmap,
     plot_trajectories,
 )
+from wdanalysis.plots.heatmap import HEATMAP_GID  # noqa: E402
 from wdanalysis.stats import fit_lines  # noqa: E402
 from wdanalysis.storage.atomic_write import save_figure_atomic  # noqa: E402
 
@@ -135,8 +139,8 @@ def test_figure2_scientific_tick_labels_for_tiny_values():
     figure = plot_figure2(make_deltas())
     figure.draw_without_rendering()
     ax = panels(figure)[0]
-    assert "10^{−3}" in ax.yaxis.get_offset_text().get_text()  # unicode minus
-    assert "10^{−4}" in ax.xaxis.get_offset_text().get_text()
+    assert ax.yaxis.get_offset_text().get_text() == "×10⁻³"  # plain text, no mathtext
+    assert ax.xaxis.get_offset_text().get_text() == "×10⁻⁴"
     plain = plot_figure2(make_deltas(), scientific=False)
     plain.draw_without_rendering()
     assert panels(plain)[0].yaxis.get_offset_text().get_text() == ""
@@ -220,7 +224,11 @@ def test_figure2_unknown_layers_and_steps():
 
 def test_figure2_many_steps_warn_about_repeated_markers():
     with pytest.warns(UserWarning, match="markers repeat"):
-        plot_figure2(make_deltas(steps=tuple(range(12)), layers=2))
+        plot_figure2(make_deltas(steps=tuple(range(12)), layers=2), colour_by="layer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto: colour = step, nothing repeats
+        figure = plot_figure2(make_deltas(steps=tuple(range(12)), layers=2))
+    assert colourbars(figure)[0].get_ylabel() == "training step"
 
 
 def test_figure2_written_png_and_svg(tmp_path):
@@ -290,3 +298,99 @@ def test_table_read_back_from_csv_plots_the_same(tmp_path):
     fits = fit_lines(again)
     assert fits["step"].dtype == "Int64"
     np.testing.assert_allclose(fits["slope"], fit_lines(deltas)["slope"])
+
+
+# --------------------------------------------------------------------------- many layers
+
+
+def test_figure2_at_48_layers_colours_by_step():
+    deltas = make_deltas(layers=48, steps=tuple(range(100, 900, 100)))
+    figure = plot_figure2(deltas)
+    ax = panels(figure)[0]
+    collections = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert len(collections) == 8  # one per step, each a single step colour
+    for rank, collection in enumerate(collections):
+        np.testing.assert_array_equal(collection.get_array(), np.full(48, rank))
+    (bar,) = colourbars(figure)
+    assert bar.get_ylabel() == "training step"
+    assert [t.get_text() for t in bar.get_yticklabels()][:2] == ["100", "200"]
+    assert len(scatter_offsets(ax)) == 48 * 8
+    layer_view = plot_figure2(deltas, colour_by="layer")
+    assert colourbars(layer_view)[0].get_ylabel() == "layer"
+
+
+def test_trajectories_at_48_layers_summarise_depth_groups():
+    deltas = make_deltas(layers=48, steps=(100, 200, 300, 400))
+    figure = plot_trajectories(deltas)
+    top = panels(figure)[0]
+    bold = [line for line in top.get_lines() if line.get_linewidth() > 2]
+    assert len(bold) == 4  # one median per depth group
+    ft = deltas.loc[(deltas["method"] == "FT") & (deltas["layer"] < 12)]
+    np.testing.assert_allclose(bold[0].get_ydata(), ft.groupby("step")["delta_m"].median())
+    labels = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert labels == ["layers 0–11", "layers 12–23", "layers 24–35", "layers 36–47"]
+    assert colourbars(figure) == []
+    assert len(top.get_lines()) == 48 + 4  # every layer still drawn, thin
+
+
+# --------------------------------------------------------------------------- heatmap
+
+
+def meshes(figure: Figure) -> list:
+    return [c for ax in panels(figure) for c in ax.collections if c.get_gid() == HEATMAP_GID]
+
+
+def test_heatmap_cells_are_the_tables_values():
+    deltas = make_deltas(stacks=("encoder", "decoder"))
+    deltas = deltas.drop(index=deltas.index[5])  # one missing cell shows as masked
+    figure = plot_heatmap(deltas)
+    grid = meshes(figure)
+    assert len(grid) == 3 * 4  # runs × (ΔM, ΔD) × two stacks
+    row = 0
+    for stack in ("encoder", "decoder"):
+        for column in ("delta_m", "delta_d"):
+            for run in ("ft-run", "lora-run", "dora-run"):
+                rows = deltas[(deltas["run"] == run) & (deltas["stack"] == stack)]
+                want = rows.pivot(index="layer", columns="step", values=column)
+                got = grid[row].get_array().reshape(want.shape)
+                np.testing.assert_array_equal(np.ma.getmaskarray(got), want.isna().to_numpy())
+                np.testing.assert_allclose(got.filled(np.nan), want.to_numpy(float))
+                row += 1
+    ft_m = panels(figure)[0]
+    assert ft_m.get_title() == "FT · encoder"
+    assert "ΔM" in ft_m.get_ylabel() and "layer" in ft_m.get_ylabel()
+    assert [t.get_text() for t in ft_m.get_xticklabels()] == [str(s) for s in STEPS]
+
+
+def test_heatmap_signed_values_get_a_diverging_scale_centred_on_zero():
+    from matplotlib.colors import TwoSlopeNorm
+
+    deltas = make_deltas(spec=(("FT", -0.6),))
+    deltas["delta_m"] -= deltas["delta_m"].mean()
+    mesh = meshes(plot_heatmap(deltas))[0]
+    assert isinstance(mesh.norm, TwoSlopeNorm) and mesh.norm.vcenter == 0
+
+
+def test_y_parameter_sets_the_column_and_the_axis_labels():
+    deltas = make_deltas()
+    deltas["delta_m_learned"] = -deltas["delta_m"]
+    figure = plot_figure2(deltas, y="delta_m_learned")
+    ax = panels(figure)[0]
+    assert ax.get_ylabel() == "delta_m_learned"
+    ft = deltas[deltas["method"] == "FT"]
+    np.testing.assert_allclose(
+        np.sort(scatter_offsets(ax)[:, 1]), np.sort(ft["delta_m_learned"].to_numpy())
+    )
+    (line,) = fit_lines_in(ax)
+    want = fit_lines(ft, per_step=False, y="delta_m_learned")["slope"].item()
+    slope = np.diff(line.get_ydata()) / np.diff(line.get_xdata())
+    assert slope.item() == pytest.approx(want, rel=1e-9)
+    trajectories = plot_trajectories(deltas, y="delta_m_learned")
+    assert panels(trajectories)[0].get_ylabel() == "delta_m_learned"
+    np.testing.assert_allclose(
+        panels(trajectories)[0].get_lines()[0].get_ydata(),
+        ft[ft["layer"] == 0].sort_values("step")["delta_m_learned"],
+    )
+    heat = plot_heatmap(deltas, y="delta_m_learned")
+    assert panels(heat)[0].get_ylabel().startswith("delta_m_learned")
+    assert Y_LABEL in panels(plot_figure2(deltas))[0].get_ylabel()

@@ -27,9 +27,14 @@ REQUIRED_FIT_COLUMNS = [
     "slope",
     "intercept",
     "pearson_r",
-    "pearson_p",
+    "pearson_r_boot_low",
+    "pearson_r_boot_high",
+    "slope_boot_low",
+    "slope_boot_high",
+    "within_step_r",
     "spearman_rho",
 ]
+FIGURES = ["figure2_q_proj", "trajectories_q_proj", "heatmap_q_proj"]
 
 
 def make_deltas(modules=("q_proj",), steps=(10, 20), layers=4, seed=0) -> pd.DataFrame:
@@ -50,9 +55,9 @@ def test_single_module_report(tmp_path):
     result = write_report(make_deltas(), tmp_path, dpi=50)
     assert isinstance(result, ReportResult)
     names = sorted(p.name for p in result.paths)
-    assert names == sorted(
-        ["fits.csv", "figure2.png", "figure2.svg", "trajectories.png", "trajectories.svg"]
-    )
+    figures = [f"{stem}.{fmt}" for stem in FIGURES for fmt in ("png", "svg")]
+    assert names == sorted(["fits.csv", "index.html", *figures])
+    assert result.paths[-1] == result.html == tmp_path / "index.html"
     for path in result.paths:
         assert path.parent == tmp_path
         assert_written(path)
@@ -80,7 +85,7 @@ def test_several_modules_get_one_file_each(tmp_path):
     result = write_report(make_deltas(modules=("query", "value")), tmp_path, dpi=50)
     assert set(result.figures) == {"query", "value"}
     for module in ("query", "value"):
-        for stem in ("figure2", "trajectories"):
+        for stem in ("figure2", "trajectories", "heatmap"):
             for suffix in ("png", "svg"):
                 assert_written(tmp_path / f"{stem}_{module}.{suffix}")
     assert not (tmp_path / "figure2.png").exists()
@@ -103,7 +108,7 @@ def test_dpi_sets_png_resolution(tmp_path):
 
 def test_pdf_vector_copy(tmp_path):
     result = write_report(make_deltas(), tmp_path, dpi=50, vector_format="pdf")
-    pdf = tmp_path / "figure2.pdf"
+    pdf = tmp_path / "figure2_q_proj.pdf"
     assert pdf in result.paths and pdf.read_bytes()[:5] == b"%PDF-"
     with pytest.raises(ValueError, match="vector_format"):
         write_report(make_deltas(), tmp_path, vector_format="eps")
@@ -113,8 +118,9 @@ def test_unknown_steps_skip_trajectories_with_note(tmp_path):
     deltas = make_deltas()
     deltas["step"] = pd.array([pd.NA] * len(deltas), dtype="Int64")
     result = write_report(deltas, tmp_path, dpi=50)
-    assert (tmp_path / "figure2.png").is_file()
-    assert not (tmp_path / "trajectories.png").exists()
+    assert (tmp_path / "figure2_q_proj.png").is_file()
+    assert (tmp_path / "heatmap_q_proj.png").is_file()  # the heatmap skips unknown steps
+    assert not (tmp_path / "trajectories_q_proj.png").exists()
     assert any("no known training step" in note for note in result.notes)
 
 
@@ -130,3 +136,58 @@ def test_bad_input_is_a_user_error(tmp_path):
     with pytest.raises(WDAnalysisError, match="lacks column"):
         write_report(make_deltas().drop(columns=["module"]), tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_figure_names_do_not_depend_on_the_number_of_modules(tmp_path):
+    one = write_report(
+        make_deltas(modules=("query",), layers=3), tmp_path / "one", dpi=20, formats="png"
+    )
+    two = write_report(
+        make_deltas(modules=("query", "value"), layers=3), tmp_path / "two", dpi=20, formats="png"
+    )
+    names_one = {p.name for p in one.figures["query"]}
+    assert names_one == {p.name for p in two.figures["query"]}
+    assert "figure2_query.png" in names_one
+
+
+def test_formats_png_svg_pdf_and_only_png(tmp_path):
+    result = write_report(make_deltas(), tmp_path / "all", dpi=30, formats="png,svg,pdf")
+    suffixes = {p.suffix for p in result.figures["q_proj"]}
+    assert suffixes == {".png", ".svg", ".pdf"}
+    for path in result.figures["q_proj"]:
+        assert_written(path)
+        if path.suffix == ".pdf":
+            assert path.read_bytes()[:5] == b"%PDF-"
+    only = write_report(make_deltas(), tmp_path / "png", dpi=30, formats=["png"])
+    assert {p.suffix for p in only.figures["q_proj"]} == {".png"}
+    with pytest.raises(ValueError, match="unknown figure format.*eps"):
+        write_report(make_deltas(), tmp_path / "bad", formats="png,eps")
+
+
+def test_vector_files_are_identical_on_rerun(tmp_path):
+    """The layout is computed once and frozen for the other formats: still reproducible."""
+    a = write_report(make_deltas(), tmp_path / "a", dpi=30, formats="svg,pdf", html=False)
+    b = write_report(make_deltas(), tmp_path / "b", dpi=30, formats="svg,pdf", html=False)
+    for left, right in zip(a.figures["q_proj"], b.figures["q_proj"], strict=True):
+        assert left.read_bytes() == right.read_bytes(), left.name
+
+
+def test_parallel_workers_write_the_same_files(tmp_path, capsys):
+    deltas = make_deltas(modules=("query", "value"), layers=3)
+    serial = write_report(deltas, tmp_path / "serial", dpi=30, formats="svg", workers=1)
+    parallel = write_report(
+        deltas, tmp_path / "parallel", dpi=30, formats="svg", workers=2, progress=True
+    )
+    assert [p.name for p in serial.paths] == [p.name for p in parallel.paths]
+    for left, right in zip(serial.paths[1:-1], parallel.paths[1:-1], strict=True):
+        assert left.read_bytes() == right.read_bytes(), left.name
+    assert "figures" in capsys.readouterr().err  # the tqdm bar
+
+
+def test_y_parameter_labels_the_figures_and_fits(tmp_path):
+    deltas = make_deltas()
+    deltas["delta_m_learned"] = deltas["delta_m"] * 0.5
+    result = write_report(deltas, tmp_path, dpi=30, formats="svg", y="delta_m_learned")
+    assert (result.fits["y"] == "delta_m_learned").all()
+    svg = (tmp_path / "figure2_q_proj.svg").read_text()
+    assert "delta_m_learned" in svg and "magnitude change" not in svg

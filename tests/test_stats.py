@@ -68,15 +68,18 @@ def test_fit_one_matches_closed_forms():
     x = rng.normal(size=40) * 1e-4
     y = -3.0 * x + rng.normal(size=40) * 1e-4
     got, want = fit_one(x, y), closed_form(x, y)
-    for key in ("slope", "intercept", "slope_se", "intercept_se", "pearson_r", "spearman_rho"):
+    for key in ("slope", "intercept", "pearson_r", "spearman_rho"):
         assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-15), key
-    assert got["pearson_ci_low"] == pytest.approx(want["pearson_ci_low"], rel=1e-9)
-    assert got["pearson_ci_high"] == pytest.approx(want["pearson_ci_high"], rel=1e-9)
+    for key in ("slope_se", "intercept_se"):  # the textbook SEs: points taken as independent
+        assert got[f"{key}_iid"] == pytest.approx(want[key], rel=1e-9, abs=1e-15), key
+    assert got["pearson_r_fisher_low_iid"] == pytest.approx(want["pearson_ci_low"], rel=1e-9)
+    assert got["pearson_r_fisher_high_iid"] == pytest.approx(want["pearson_ci_high"], rel=1e-9)
     t = sps.t.ppf(0.975, 38)
-    assert got["slope_ci_low"] == pytest.approx(want["slope"] - t * want["slope_se"])
-    assert got["slope_ci_high"] == pytest.approx(want["slope"] + t * want["slope_se"])
-    assert got["intercept_ci_low"] == pytest.approx(want["intercept"] - t * want["intercept_se"])
-    assert got["pearson_p"] == pytest.approx(2 * sps.t.sf(abs(want["t"]), 38), rel=1e-6)
+    assert got["slope_ci_low_iid"] == pytest.approx(want["slope"] - t * want["slope_se"])
+    assert got["slope_ci_high_iid"] == pytest.approx(want["slope"] + t * want["slope_se"])
+    intercept_low = want["intercept"] - t * want["intercept_se"]
+    assert got["intercept_ci_low_iid"] == pytest.approx(intercept_low)
+    assert got["pearson_p_iid"] == pytest.approx(2 * sps.t.sf(abs(want["t"]), 38), rel=1e-6)
     assert got["note"] == ""
 
 
@@ -88,7 +91,7 @@ def test_anscombe_quartet_known_values():
     assert got["slope"] == pytest.approx(0.5001, abs=1e-4)
     assert got["intercept"] == pytest.approx(3.0001, abs=1e-4)
     assert got["pearson_r"] == pytest.approx(0.8164, abs=1e-4)
-    assert got["slope_se"] == pytest.approx(0.1179, abs=1e-4)
+    assert got["slope_se_iid"] == pytest.approx(0.1179, abs=1e-4)
 
 
 def test_perfect_line():
@@ -133,15 +136,22 @@ def test_two_points_exact_line_without_uncertainty():
     assert got["slope"] == pytest.approx(2.0)
     assert got["intercept"] == pytest.approx(1.0)
     assert got["pearson_r"] == pytest.approx(1.0)
-    for key in ("slope_se", "slope_ci_low", "pearson_p", "pearson_ci_low", "spearman_p"):
+    for key in (
+        "slope_se_iid",
+        "slope_ci_low_iid",
+        "pearson_p_iid",
+        "pearson_r_fisher_low_iid",
+        "spearman_p_iid",
+    ):
         assert math.isnan(got[key]), key
     assert "2 points" in got["note"]
 
 
 def test_three_points_have_se_but_no_fisher_ci():
     got = fit_one(np.array([0.0, 1.0, 2.0]), np.array([0.0, 2.0, 1.0]))
-    assert np.isfinite(got["slope_se"]) and np.isfinite(got["pearson_p"])
-    assert math.isnan(got["pearson_ci_low"]) and math.isnan(got["pearson_ci_high"])
+    assert np.isfinite(got["slope_se_iid"]) and np.isfinite(got["pearson_p_iid"])
+    assert math.isnan(got["pearson_r_fisher_low_iid"])
+    assert math.isnan(got["pearson_r_fisher_high_iid"])
     assert "CI" in got["note"]
 
 
@@ -169,7 +179,7 @@ def test_fit_lines_pooled_and_per_step_rows():
     deltas = make_deltas()
     fits = fit_lines(deltas)
     assert list(fits.columns[:3]) == ["method", "run", "module"]
-    for column in ("step", "n", "slope", "intercept", "pearson_r", "pearson_p", "spearman_rho"):
+    for column in ("step", "n", "slope", "intercept", "pearson_r", "spearman_rho"):
         assert column in fits.columns
     pooled = fits.loc[fits["scope"] == "pooled"]
     assert list(pooled["method"]) == ["FT", "LoRA", "DoRA"]  # input order kept
@@ -192,8 +202,9 @@ def test_fit_lines_recovers_paper_signs():
     assert r["FT"] < 0 < r["LoRA"] and r["DoRA"] < 0
     for method, rho in (("FT", -0.62), ("LoRA", 0.83), ("DoRA", -0.31)):
         row = fits.loc[fits["method"] == method].iloc[0]
-        assert row["pearson_ci_low"] < rho < row["pearson_ci_high"]
-        assert row["slope_ci_low"] < row["slope"] < row["slope_ci_high"]
+        assert row["pearson_r_boot_low"] < rho < row["pearson_r_boot_high"]
+        assert row["slope_boot_low"] < row["slope"] < row["slope_boot_high"]
+        assert row["pearson_r_fisher_low_iid"] < rho < row["pearson_r_fisher_high_iid"]
 
 
 def test_fit_lines_per_step_false_and_custom_by():
@@ -306,16 +317,23 @@ def test_compare_correlations_errors_and_small_n():
 
 
 def test_format_fit_table_content():
-    text = format_fit_table(fit_lines(make_deltas()))
+    fits = fit_lines(make_deltas())
+    text = format_fit_table(fits)
     lines = text.splitlines()
-    assert len(lines) == 4  # header + one row per pooled fit
+    assert len(lines) == 5  # header + one row per pooled fit + the legend
     header = lines[0].split()
-    for column in ("method", "run", "module", "n", "slope", "r", "ρ", "CI"):
+    for column in ("method", "run", "module", "n", "slope", "r", "within", "ρ", "CI]"):
         assert column in header
     assert lines[1].startswith("FT") and "−" in lines[1]  # unicode minus for negative r
     assert "3/3" in text or "2/3" in text  # slope-sign consistency over steps
-    widths = {len(line) for line in lines}
+    widths = {len(line) for line in lines[:4]}
     assert len(widths) == 1  # aligned columns
+    ft = fits.iloc[0]
+    interval = f"[{ft['pearson_r_boot_low']:+.2f}, {ft['pearson_r_boot_high']:+.2f}]"
+    assert interval.replace("-", "−") in lines[1]  # the layer-bootstrap interval of r
+    assert f"{ft['within_step_r']:+.2f}".replace("-", "−") in lines[1]
+    legend = lines[-1]
+    assert legend.startswith("legend:") and "layer bootstrap (2000" in legend and "seed 0" in legend
 
 
 def test_format_fit_table_undefined_values():

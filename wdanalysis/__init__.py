@@ -41,6 +41,7 @@ _LAZY = {
     "across_seed_summary": "wdanalysis.stats.resampling",
     "plot_figure2": "wdanalysis.plots.figures",
     "plot_trajectories": "wdanalysis.plots.figures",
+    "plot_heatmap": "wdanalysis.plots.heatmap",
     "write_report": "wdanalysis.plots.report",
     "read_table": "wdanalysis.table.schema",
     # transformers stays optional: the callback class is built on first use

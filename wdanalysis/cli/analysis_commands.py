@@ -140,6 +140,7 @@ def _register_compare(subparsers) -> None:
         "of failing (default: fail); checkpoints still being written are always skipped "
         "and listed",
     )
+    _add_format(parser)
     _add_pool(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     parser.set_defaults(handler=run_compare)
@@ -157,8 +158,31 @@ def _register_plot(subparsers) -> None:
     parser.add_argument("table", type=Path, help="deltas.csv or tracking.csv")
     parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
     parser.add_argument("--dpi", type=float, default=200, help="PNG resolution (default 200)")
+    _add_format(parser)
     _add_pool(parser)
     parser.set_defaults(handler=run_plot)
+
+
+def figure_formats(text: str) -> tuple[str, ...]:
+    """An ``argparse`` type: comma-separated figure formats among png, svg, pdf."""
+    chosen = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
+    bad = [p for p in chosen if p not in ("png", "svg", "pdf")]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown figure format(s) {', '.join(bad) or '(none)'}: choose from png, svg, pdf"
+        )
+    return chosen
+
+
+def _add_format(parser) -> None:
+    parser.add_argument(
+        "--format",
+        type=figure_formats,
+        default=("png",),
+        metavar="FORMATS",
+        help="figure formats, comma-separated among png, svg, pdf (default: png; "
+        "e.g. png,svg,pdf for papers)",
+    )
 
 
 def _add_pool(parser) -> None:
@@ -253,7 +277,14 @@ def _write_result(deltas: pd.DataFrame, stage, args: argparse.Namespace, said: l
     from wdanalysis.plots.report import write_report
 
     try:
-        report = write_report(deltas, stage.path, pool=args.pool)
+        report = write_report(
+            deltas,
+            stage.path,
+            pool=args.pool,
+            formats=args.format,
+            workers=None,
+            progress=not args.quiet,
+        )
     except Exception as error:  # noqa: BLE001 - the computed table must not be lost
         stage.discard_new(keep={"deltas.csv", "run.json"})
         text = " ".join(str(error).split()) or type(error).__name__
@@ -327,7 +358,15 @@ def run_plot(args: argparse.Namespace) -> int:
         keep = {args.table.name, "run.json"}
     with output_folder(args.out, keep=keep) as stage:
         print(summarize(table))
-        report = write_report(table, stage.path, dpi=args.dpi, pool=args.pool)
+        report = write_report(
+            table,
+            stage.path,
+            dpi=args.dpi,
+            pool=args.pool,
+            formats=args.format,
+            workers=None,
+            progress=not getattr(args, "quiet", False),
+        )
     print("\n" + report.fit_table)
     for note in report.notes:
         print(f"note: {note}")

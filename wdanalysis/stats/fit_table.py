@@ -1,7 +1,10 @@
 """The pooled fits as an aligned text table for the terminal (``compare`` prints it).
 
+Beside each pooled slope and r stands its 95 % layer-bootstrap interval (whole layers
+resampled, the design-valid interval), and beside the pooled r the within-step r.
 Undefined values print as — with the reason in a note; "sign held" says at how many steps
-the slope has the pooled sign, the paper's claim being about that sign.
+the slope has the pooled sign, the paper's claim being about that sign. The table ends
+with a one-line legend (:func:`fit_table_legend`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pandas as pd
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.table.schema import IDENTITY_COLUMNS, name_column
 
-__all__ = ["format_fit_table"]
+__all__ = ["fit_table_legend", "format_fit_table", "sign_held"]
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -29,7 +32,7 @@ def _text(value) -> str:
     return "—" if empty else str(value)
 
 
-def _sign_consistency(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
+def sign_held(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
     """'4/5' = the slope has the pooled slope's sign at 4 of the 5 steps with a fit."""
     steps = fits.loc[fits["scope"] == "step"]
     for key in keys:
@@ -42,12 +45,45 @@ def _sign_consistency(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) ->
     return f"{agree}/{len(slopes)}"
 
 
+def _interval(row: pd.Series, stem: str, spec: str) -> str:
+    low, high = row.get(f"{stem}_boot_low", math.nan), row.get(f"{stem}_boot_high", math.nan)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "—"
+    return f"[{_fmt(low, spec)}, {_fmt(high, spec)}]"
+
+
+def _setting(fits: pd.DataFrame, column: str, default):
+    """One value of a per-row setting (n_boot, boot_seed, y) for the legend."""
+    if column not in fits.columns or fits[column].dropna().empty:
+        return default
+    return fits[column].dropna().iloc[0]
+
+
+def fit_table_legend(fits: pd.DataFrame) -> str:
+    """The one-line legend printed under :func:`format_fit_table`'s table."""
+    n_boot, seed = int(_setting(fits, "n_boot", 0)), _setting(fits, "boot_seed", 0)
+    y = str(_setting(fits, "y", "delta_m"))
+    what = "ΔM" if y == "delta_m" else y
+    interval = (
+        f"[95% CI] layer bootstrap ({n_boot} whole-layer resamples, seed {seed})"
+        if n_boot
+        else "no layer bootstrap (n_boot=0)"
+    )
+    return (
+        f"legend: slope, r of {what} on ΔD pooled over layers × steps; {interval}; "
+        "within r: r within each step; ρ: Spearman; sign held: steps with the pooled "
+        "slope's sign — docs/guides/reading-results.md"
+    )
+
+
 def format_fit_table(fits: pd.DataFrame) -> str:
     """A compact, aligned text table of the pooled fits, for the terminal.
 
-    Columns: method, run, module, n, slope, r, ρ, r's 95% CI and, when per-step fits are
-    present, at how many steps the slope has the pooled sign; undefined values print as —
-    and the reason follows in a note.
+    Columns: method, run, module (and the kinds of matrix), n, slope with its 95 %
+    layer-bootstrap interval, r with its interval, the within-step r, Spearman's ρ and,
+    when per-step fits are present, at how many steps the slope has the pooled sign;
+    undefined values print as — and the reason follows in a note. The last line is the
+    legend.
     """
     validate_deltas_like = [c for c in ("scope", "n", "slope", "pearson_r") if c not in fits]
     if validate_deltas_like:
@@ -58,27 +94,28 @@ def format_fit_table(fits: pd.DataFrame) -> str:
     pooled = fits.loc[fits["scope"] == "pooled"]
     keys = [c for c in (name_column(fits), "run", "module", *IDENTITY_COLUMNS) if c in fits]
     has_steps = bool((fits["scope"] == "step").any())
-    header = [*keys, "n", "slope", "r", "ρ", "95% CI of r"]
+    header = [*keys, "n", "slope", "[95% CI]", "r", "[95% CI]", "within r", "ρ"]
     if has_steps:
         header.append("sign held")
     lines = []
     for _, row in pooled.iterrows():
         cells = [_text(row[key]) for key in keys]
-        ci = f"[{_fmt(row['pearson_ci_low'], '.2f')}, {_fmt(row['pearson_ci_high'], '.2f')}]"
         cells += [
             str(int(row["n"])),
             _fmt(row["slope"], "#.3g"),
+            _interval(row, "slope", "#.3g"),
             _fmt(row["pearson_r"], "+.2f"),
+            _interval(row, "pearson_r", "+.2f"),
+            _fmt(row.get("within_step_r", math.nan), "+.2f"),
             _fmt(row.get("spearman_rho", math.nan), "+.2f"),
-            ci if np.isfinite(row["pearson_ci_low"]) else "—",
         ]
         if has_steps:
-            cells.append(_sign_consistency(fits, row, keys))
+            cells.append(sign_held(fits, row, keys))
         note = row.get("note")
         if isinstance(note, str) and note:  # NaN when the fits were read back from CSV
             cells.append(f"  ({note})")
         lines.append(cells)
-    return _align([header, *lines], numeric_from=len(keys))
+    return _align([header, *lines], numeric_from=len(keys)) + "\n" + fit_table_legend(fits)
 
 
 def _align(rows: list[list[str]], numeric_from: int) -> str:

@@ -3,9 +3,15 @@
 The paper's claim is about a *sign*: full fine-tuning and DoRA change magnitude and
 direction in opposite senses (negative ΔM–ΔD slope), LoRA in the same sense (positive
 slope). Every number here serves to check that claim with its uncertainty: a least-squares
-line of ΔM on ΔD, Pearson's r with a Fisher-z interval, Spearman's ρ (robust to the few
-outlying layers that often dominate r), pooled over layers and steps as in the paper and
-again per step, so a reader sees whether the sign holds throughout training.
+line of ΔM on ΔD, Pearson's r and Spearman's ρ (robust to the few outlying layers that
+often dominate r), pooled over layers and steps as in the paper and again per step, so a
+reader sees whether the sign holds throughout training.
+
+The points of one run are layers seen at several steps, not independent draws, so the
+default intervals resample whole layers (a layer bootstrap, :mod:`wdanalysis.stats.clusters`)
+and the within-step r (ΔM and ΔD centred per step) stands beside the pooled r. The
+textbook intervals and p-values, which take every point as independent, are kept as extra
+columns whose names end in ``_iid``.
 
 Everything takes and returns tidy :class:`pandas.DataFrame` objects; undefined statistics
 (one point, constant ΔD, ...) are NaN with the reason in the ``note`` column, never a crash.
@@ -22,6 +28,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.stats.clusters import LayerBootstrap, note_few_clusters, within_step
 from wdanalysis.table.schema import (
     REQUIRED_COLUMNS,
     identity_columns,
@@ -30,7 +37,10 @@ from wdanalysis.table.schema import (
 )
 
 __all__ = [
+    "BOOT_SEED",
     "FIT_COLUMNS",
+    "IID_COLUMNS",
+    "N_BOOT",
     "MODULE_ALIASES",
     "compare_correlations",
     "drop_undefined",
@@ -45,25 +55,40 @@ __all__ = [
 FIT_COLUMNS: tuple[str, ...] = (
     "scope",
     "step",
+    "y",
     "n",
     "n_layers",
     "n_steps",
     "slope",
-    "slope_se",
-    "slope_ci_low",
-    "slope_ci_high",
+    "slope_boot_low",
+    "slope_boot_high",
     "intercept",
-    "intercept_se",
-    "intercept_ci_low",
-    "intercept_ci_high",
     "pearson_r",
-    "pearson_p",
-    "pearson_ci_low",
-    "pearson_ci_high",
+    "pearson_r_boot_low",
+    "pearson_r_boot_high",
+    "within_step_r",
     "spearman_rho",
-    "spearman_p",
+    "n_clusters",
+    "n_boot",
+    "boot_seed",
+    # the textbook statistics, every point taken as independent (extra, not the default)
+    "slope_se_iid",
+    "slope_ci_low_iid",
+    "slope_ci_high_iid",
+    "intercept_se_iid",
+    "intercept_ci_low_iid",
+    "intercept_ci_high_iid",
+    "pearson_p_iid",
+    "pearson_r_fisher_low_iid",
+    "pearson_r_fisher_high_iid",
+    "spearman_p_iid",
     "note",
 )
+#: Columns of one fit (:func:`fit_one`) that take every point as independent.
+IID_COLUMNS: tuple[str, ...] = tuple(c for c in FIT_COLUMNS if c.endswith("_iid"))
+#: Layer-bootstrap resamples and seed of :func:`fit_lines` (recorded in each row).
+N_BOOT = 2000
+BOOT_SEED = 0
 
 #: Names the same attention projection goes by in different model families, so that
 #: ``module="query"`` (paper Fig. 2) and ``module="value"`` (Fig. 6) work on any of them.
@@ -80,27 +105,28 @@ CONFIDENCE = 0.95
 # --------------------------------------------------------------------------- validation
 
 
-def drop_undefined(deltas: pd.DataFrame) -> pd.DataFrame:
-    """Drop rows whose ΔM or ΔD is NaN/±inf, warning how many per run; raise if none is left.
+def drop_undefined(deltas: pd.DataFrame, y: str = "delta_m") -> pd.DataFrame:
+    """Drop rows whose ΔD or ``y`` (ΔM) is NaN/±inf, warning how many per run; raise if none
+    is left.
 
     ΔD is NaN when every vector of a weight had zero norm; such a matrix has no direction,
     so it cannot sit on the ΔM–ΔD plane. Silently dropping it would hide a broken checkpoint,
     so the warning names the runs.
     """
-    values = deltas[["delta_m", "delta_d"]].to_numpy(dtype=float, na_value=np.nan)
+    values = deltas[[y, "delta_d"]].to_numpy(dtype=float, na_value=np.nan)
     bad = ~np.isfinite(values).all(axis=1)
     if not bad.any():
         return deltas
     if bad.all():
         raise WDAnalysisError(
-            f"every one of the {len(deltas)} rows has a NaN or infinite delta_m/delta_d; "
+            f"every one of the {len(deltas)} rows has a NaN or infinite {y}/delta_d; "
             "nothing is left to fit",
             hint="ΔD is NaN when all vectors of a weight have zero norm: check the checkpoints",
         )
     per_run = deltas.loc[bad, "run"].astype(str).value_counts(sort=False)
     detail = ", ".join(f"{count} in run {run!r}" for run, count in per_run.items())
     warnings.warn(
-        f"dropped {int(bad.sum())} of {len(deltas)} rows with NaN/infinite delta_m or "
+        f"dropped {int(bad.sum())} of {len(deltas)} rows with NaN/infinite {y} or "
         f"delta_d ({detail})",
         UserWarning,
         stacklevel=3,
@@ -144,27 +170,31 @@ def select_module(deltas: pd.DataFrame, module: str | None) -> pd.DataFrame:
 
 
 def _nan_fit() -> dict[str, float]:
-    keys = [c for c in FIT_COLUMNS if c not in ("scope", "step", "n", "n_layers", "n_steps")]
-    return {key: math.nan for key in keys if key != "note"}
+    """Every statistic of :func:`fit_one`, NaN."""
+    keys = ("slope", "intercept", "pearson_r", "spearman_rho", *IID_COLUMNS)
+    return {key: math.nan for key in keys}
 
 
 def _line(x: np.ndarray, y: np.ndarray, out: dict) -> None:
-    """Least-squares line of y on x with t-based 95% intervals (needs n ≥ 3 for SEs)."""
+    """Least-squares line of y on x with t-based 95% intervals (needs n ≥ 3 for SEs; they
+    take the points as independent, hence ``_iid``)."""
     n = len(x)
     result = sps.linregress(x, y)
     out["slope"], out["intercept"] = float(result.slope), float(result.intercept)
     if n < 3:  # two points define the line exactly: no residual, no uncertainty
         return
     t = sps.t.ppf(0.5 + CONFIDENCE / 2, n - 2)
-    out["slope_se"], out["intercept_se"] = float(result.stderr), float(result.intercept_stderr)
-    out["slope_ci_low"] = out["slope"] - t * out["slope_se"]
-    out["slope_ci_high"] = out["slope"] + t * out["slope_se"]
-    out["intercept_ci_low"] = out["intercept"] - t * out["intercept_se"]
-    out["intercept_ci_high"] = out["intercept"] + t * out["intercept_se"]
+    slope_se, intercept_se = float(result.stderr), float(result.intercept_stderr)
+    out["slope_se_iid"], out["intercept_se_iid"] = slope_se, intercept_se
+    out["slope_ci_low_iid"] = out["slope"] - t * slope_se
+    out["slope_ci_high_iid"] = out["slope"] + t * slope_se
+    out["intercept_ci_low_iid"] = out["intercept"] - t * intercept_se
+    out["intercept_ci_high_iid"] = out["intercept"] + t * intercept_se
 
 
 def _correlations(x: np.ndarray, y: np.ndarray, out: dict) -> None:
-    """Pearson r (+ Fisher-z 95% CI when n ≥ 4) and Spearman ρ; p-values need n ≥ 3."""
+    """Pearson r (+ Fisher-z 95% CI when n ≥ 4) and Spearman ρ; p-values need n ≥ 3 (the
+    interval and p-values take the points as independent, hence ``_iid``)."""
     n = len(x)
     pearson = sps.pearsonr(x, y)
     out["pearson_r"] = float(pearson.statistic)
@@ -174,17 +204,20 @@ def _correlations(x: np.ndarray, y: np.ndarray, out: dict) -> None:
     out["spearman_rho"] = float(spearman.statistic)
     if n < 3:  # r = ±1 by construction; a p-value would be meaningless
         return
-    out["pearson_p"] = float(pearson.pvalue)
-    out["spearman_p"] = float(spearman.pvalue)
+    out["pearson_p_iid"] = float(pearson.pvalue)
+    out["spearman_p_iid"] = float(spearman.pvalue)
     if n >= 4:  # Fisher z: se = 1/sqrt(n - 3)
         interval = pearson.confidence_interval(confidence_level=CONFIDENCE)
-        out["pearson_ci_low"], out["pearson_ci_high"] = float(interval.low), float(interval.high)
+        out["pearson_r_fisher_low_iid"] = float(interval.low)
+        out["pearson_r_fisher_high_iid"] = float(interval.high)
 
 
 def fit_one(delta_d: np.ndarray, delta_m: np.ndarray) -> dict[str, float | str]:
     """All statistics of one ΔM-on-ΔD regression, NaN (with a ``note``) where undefined.
 
     Kept separate from the grouping so that it can be tested against closed forms directly.
+    Its intervals and p-values take the points as independent (``_iid`` keys);
+    :func:`fit_lines` adds the layer-bootstrap intervals that do not.
     """
     x = np.asarray(delta_d, dtype=float)
     y = np.asarray(delta_m, dtype=float)
@@ -211,12 +244,25 @@ def fit_one(delta_d: np.ndarray, delta_m: np.ndarray) -> dict[str, float | str]:
 # --------------------------------------------------------------------------- grouped fits
 
 
-def _group_row(keys: dict, frame: pd.DataFrame, scope: str, step) -> dict:
-    row = {**keys, "scope": scope, "step": step, "n": len(frame)}
+def _group_row(keys: dict, frame: pd.DataFrame, scope: str, step, design: LayerBootstrap) -> dict:
+    """One fit: the line and correlations, the within-step r and the layer bootstrap."""
+    row = {**keys, "scope": scope, "step": step, "y": design.y, "n": len(frame)}
     row["n_layers"] = int(frame["layer"].nunique(dropna=True))
     row["n_steps"] = int(frame["step"].nunique(dropna=True))
-    row.update(fit_one(frame["delta_d"].to_numpy(float), frame["delta_m"].to_numpy(float)))
+    row.update(fit_one(frame["delta_d"].to_numpy(float), frame[design.y].to_numpy(float)))
+    row["within_step_r"] = within_step(frame, design.y)[0]
+    row.update(design.columns(frame, scope))
     return row
+
+
+def _check_y(deltas: pd.DataFrame, y: str) -> None:
+    if y not in deltas.columns:
+        raise WDAnalysisError(
+            f"y={y!r} is not a column of the deltas table",
+            hint="y names the quantity regressed on ΔD, e.g. delta_m",
+        )
+    if not pd.api.types.is_numeric_dtype(deltas[y]):
+        raise WDAnalysisError(f"column {y} must be numeric, found dtype {deltas[y].dtype}")
 
 
 def fit_groups(deltas: pd.DataFrame, pool: bool = False) -> list[str]:
@@ -232,33 +278,44 @@ def fit_lines(
     per_step: bool = True,
     *,
     pool: bool = False,
+    y: str = "delta_m",
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
 ) -> pd.DataFrame:
-    """Fit ΔM = intercept + slope·ΔD per group, pooled over layers and steps, then per step.
+    """Fit y = intercept + slope·ΔD per group (y = ΔM by default), pooled over layers and
+    steps, then per step.
 
     Groups: ``by``, else :func:`fit_groups` (method, run, module and, where the table holds
     several kinds of matrix, component, stack and attention kind: T5's encoder self-,
     decoder self- and cross-attention get a fit each). ``pool=True`` pools the kinds of
     one module into one fit, as the paper's Figure 2 does.
 
-    Returns one tidy row per fit: ``scope="pooled"`` rows (``step`` is <NA>) are the
-    paper's numbers; ``scope="step"`` rows (one per known step) show whether the slope's
-    sign holds at every step. Rows with NaN ΔM/ΔD are dropped with a warning. Groups keep
-    the input order, so FT/LoRA/DoRA come out as the user listed them.
+    Returns one tidy row per fit (:data:`FIT_COLUMNS`): ``scope="pooled"`` rows (``step``
+    is <NA>) are the paper's numbers; ``scope="step"`` rows (one per known step) show
+    whether the slope's sign holds at every step. Beside the pooled r stand the
+    within-step r and the 95 % layer-bootstrap intervals of the slope and of r
+    (``n_boot`` resamples of whole layers, generator seeded with ``seed``: the same call
+    gives the same numbers; ``n_boot=0`` leaves them out). Rows with NaN ΔD or ``y`` are
+    dropped with a warning. Groups keep the input order, so FT/LoRA/DoRA come out as the
+    user listed them.
     """
     validate_deltas(deltas)
     by = list(by) if by is not None else fit_groups(deltas, pool)
     validate_deltas(deltas, required=[*REQUIRED_COLUMNS, *by])
-    clean = drop_undefined(deltas)
+    _check_y(deltas, y)
+    design = LayerBootstrap(y, int(n_boot), int(seed), CONFIDENCE)
+    clean = drop_undefined(deltas, y=y)
     rows = []
     for key, group in clean.groupby(by, sort=False, dropna=False):
         keys = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
-        rows.append(_group_row(keys, group, "pooled", pd.NA))
+        rows.append(_group_row(keys, group, "pooled", pd.NA, design))
         if not per_step:
             continue
         for step, at_step in group.groupby("step", sort=True, dropna=True):
-            rows.append(_group_row(keys, at_step, "step", step))
+            rows.append(_group_row(keys, at_step, "step", step, design))
     fits = pd.DataFrame(rows, columns=[*by, *FIT_COLUMNS])
     fits["step"] = fits["step"].astype("Int64")
+    note_few_clusters(fits)
     return fits
 
 

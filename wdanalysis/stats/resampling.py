@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.stats.clusters import CLUSTER, bootstrap_group, layer_sums, slope_r, within_step
 from wdanalysis.stats.fits import drop_undefined, fit_groups, validate_deltas
 from wdanalysis.table.schema import identity_columns, name_column
 
@@ -41,60 +42,33 @@ __all__ = [
 ]
 
 GROUP = ("method", "run", "module")  # and the identity columns a table's kinds differ in
-CLUSTER = "parameter"  # one matrix = one layer of one module (encoder and decoder apart)
 
 
-def _layer_sums(frame: pd.DataFrame) -> np.ndarray:
-    """Per layer: [n, Σx, Σy, Σxx, Σxy, Σyy] of x = ΔD, y = ΔM (float64)."""
-    x = frame["delta_d"].to_numpy(np.float64)
-    y = frame["delta_m"].to_numpy(np.float64)
-    parts = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
-    codes, _ = pd.factorize(frame[CLUSTER], sort=False)
-    sums = np.zeros((codes.max() + 1, 6))
-    np.add.at(sums, codes, parts)
-    return sums
-
-
-def _slope_r(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares slope of y on x and Pearson r from summed moments (any leading shape)."""
-    n, sx, sy, sxx, sxy, syy = np.moveaxis(totals, -1, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cxx = sxx - sx * sx / n
-        cxy = sxy - sx * sy / n
-        cyy = syy - sy * sy / n
-        slope = cxy / cxx
-        r = cxy / np.sqrt(cxx * cyy)
-    return slope, np.clip(r, -1.0, 1.0)
-
-
-def _groups(deltas: pd.DataFrame, by: Sequence[str] | None):
-    validate_deltas(deltas, required=("delta_m", "delta_d"))  # a frame, before its columns
+def _groups(deltas: pd.DataFrame, by: Sequence[str] | None, y: str = "delta_m"):
+    validate_deltas(deltas, required=(y, "delta_d"))  # a frame, before its columns
     by = fit_groups(deltas) if by is None else list(by)  # kinds apart, as fit_lines
-    validate_deltas(deltas, required=[*by, "step", CLUSTER, "delta_m", "delta_d"])
-    clean = drop_undefined(deltas)
+    validate_deltas(deltas, required=[*by, "step", CLUSTER, y, "delta_d"])
+    clean = drop_undefined(deltas, y=y)
     for key, group in clean.groupby(list(by), sort=False, dropna=False):
         yield dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)), group
 
 
-def within_step_correlation(deltas: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
-    """Pearson r and slope of ΔM on ΔD after centring both per step (the pooled within-step
-    association; steps with a single layer carry no within-step information and drop out)."""
+def within_step_correlation(
+    deltas: pd.DataFrame, by: Sequence[str] | None = None, *, y: str = "delta_m"
+) -> pd.DataFrame:
+    """Pearson r and slope of ΔM (or ``y``) on ΔD after centring both per step (the pooled
+    within-step association; steps with a single layer carry no within-step information
+    and drop out)."""
     rows = []
-    for keys, group in _groups(deltas, by):
-        step = group["step"].fillna(-1)
-        centred = group[["delta_d", "delta_m"]] - group.groupby(step)[
-            ["delta_d", "delta_m"]
-        ].transform("mean")
-        x, y = centred["delta_d"].to_numpy(), centred["delta_m"].to_numpy()
-        sxx, sxy, syy = float(x @ x), float(x @ y), float(y @ y)
-        ok = sxx > 0 and syy > 0
+    for keys, group in _groups(deltas, by, y):
+        r, slope = within_step(group, y)
         rows.append(
             {
                 **keys,
                 "n": len(group),
-                "n_steps": int(step.nunique()),
-                "within_step_r": sxy / math.sqrt(sxx * syy) if ok else math.nan,
-                "within_step_slope": sxy / sxx if sxx > 0 else math.nan,
+                "n_steps": int(group["step"].fillna(-1).nunique()),
+                "within_step_r": r,
+                "within_step_slope": slope,
             }
         )
     return pd.DataFrame(rows)
@@ -106,6 +80,8 @@ def cluster_bootstrap(
     level: float = 0.95,
     seed: int = 0,
     by: Sequence[str] | None = None,
+    *,
+    y: str = "delta_m",
 ) -> pd.DataFrame:
     """Percentile intervals for the pooled slope and r, resampling whole layers.
 
@@ -113,23 +89,16 @@ def cluster_bootstrap(
     a drawn layer's steps together, so the interval reflects between-layer variation rather
     than treating a layer's repeated points as new evidence. With few layers (6 in the
     demo) the interval is itself rough: it cannot see variation the layers did not show.
+    One generator seeded with ``seed`` serves the groups in table order, as
+    :func:`~wdanalysis.stats.fits.fit_lines` does for its pooled rows (the same numbers).
     """
     if n_boot < 100 or not 0 < level < 1:
         raise WDAnalysisError("cluster_bootstrap needs n_boot >= 100 and 0 < level < 1")
     rng = np.random.default_rng(seed)
-    tail = (1 - level) / 2 * 100
     rows = []
-    for keys, group in _groups(deltas, by):
-        sums = _layer_sums(group)
-        k = len(sums)
-        counts = rng.multinomial(k, np.full(k, 1 / k), size=n_boot).astype(np.float64)
-        slopes, rs = _slope_r(counts @ sums)
-        row = {**keys, "n_layers": k, "n_boot": n_boot}
-        for name, values in (("slope", slopes), ("pearson_r", rs)):
-            values = values[np.isfinite(values)]
-            low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (np.nan,) * 2
-            row[f"{name}_boot_low"], row[f"{name}_boot_high"] = float(low), float(high)
-        rows.append(row)
+    for keys, group in _groups(deltas, by, y):
+        boot = bootstrap_group(group, rng, n_boot, level, y)
+        rows.append({**keys, "n_layers": boot.pop("n_clusters"), "n_boot": n_boot, **boot})
     return pd.DataFrame(rows)
 
 
@@ -141,7 +110,7 @@ def _standardised_sums(frame: pd.DataFrame) -> np.ndarray:
         values = z[column].astype(np.float64)
         spread = values.std(ddof=0)
         z[column] = (values - values.mean()) / (spread if spread > 0 else 1.0)
-    return _layer_sums(z)
+    return layer_sums(z)
 
 
 def layer_permutation_test(
@@ -176,7 +145,7 @@ def layer_permutation_test(
         raise WDAnalysisError(f"runs {run_a!r} and {run_b!r} do not adapt the same layers")
     order = sorted(set(layers[0]))
     a, b = (_sums_in_order(f, ids, order) for f, ids in zip(frames, layers, strict=True))
-    observed = float(np.subtract(*(_slope_r(s.sum(axis=0))[1] for s in (a, b))))
+    observed = float(np.subtract(*(slope_r(s.sum(axis=0))[1] for s in (a, b))))
     k = len(order)
     if k <= 14:
         swaps = np.array(list(itertools.product((False, True), repeat=k)))
@@ -184,8 +153,8 @@ def layer_permutation_test(
         swaps = np.random.default_rng(seed).random((n_perm, k)) < 0.5
         swaps[0] = False  # the observed pattern is one of the permutations
     mask = swaps[..., None]
-    r_a = _slope_r(np.where(mask, b, a).sum(axis=1))[1]
-    r_b = _slope_r(np.where(mask, a, b).sum(axis=1))[1]
+    r_a = slope_r(np.where(mask, b, a).sum(axis=1))[1]
+    r_b = slope_r(np.where(mask, a, b).sum(axis=1))[1]
     null = r_a - r_b
     p = float(np.mean(np.abs(null) >= abs(observed) - 1e-12))
     return pd.Series(
@@ -193,8 +162,8 @@ def layer_permutation_test(
             "run_a": run_a,
             "run_b": run_b,
             "module": module,
-            "r_a": _slope_r(a.sum(axis=0))[1].item(),
-            "r_b": _slope_r(b.sum(axis=0))[1].item(),
+            "r_a": slope_r(a.sum(axis=0))[1].item(),
+            "r_b": slope_r(b.sum(axis=0))[1].item(),
             "difference": observed,
             "n_layers": k,
             "n_permutations": len(swaps),
@@ -212,14 +181,16 @@ def _layer_id(parameter: str) -> str:
 
 def _sums_in_order(frame: pd.DataFrame, ids: pd.Series, order: list[str]) -> np.ndarray:
     sums = _standardised_sums(frame.assign(**{CLUSTER: ids}))
-    first = list(dict.fromkeys(ids))  # _layer_sums numbers layers in order of appearance
+    first = list(dict.fromkeys(ids))  # layer_sums numbers layers in order of appearance
     return sums[[first.index(name) for name in order]]
 
 
-def design_statistics(deltas: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def design_statistics(
+    deltas: pd.DataFrame, n_boot: int = 2000, seed: int = 0, *, y: str = "delta_m"
+) -> pd.DataFrame:
     """Within-step r and the cluster-bootstrap intervals, one row per run and module."""
-    within = within_step_correlation(deltas)
-    boot = cluster_bootstrap(deltas, n_boot=n_boot, seed=seed)
+    within = within_step_correlation(deltas, y=y)
+    boot = cluster_bootstrap(deltas, n_boot=n_boot, seed=seed, y=y)
     return within.merge(boot, on=fit_groups(deltas), how="outer")
 
 

@@ -76,7 +76,7 @@ def step_scalars(rows: pd.DataFrame) -> dict[str, float]:
     from wdanalysis.stats.fits import fit_lines
 
     rows = _labelled(rows)
-    fits = fit_lines(rows, by=("method", "run", "module"), per_step=False)
+    fits = fit_lines(rows, by=("method", "run", "module"), per_step=False, n_boot=0)
     r_of = dict(zip(fits["module"], fits["pearson_r"], strict=True))
     scalars: dict[str, float] = {}
     for module, group in rows.groupby("module", sort=False):

@@ -1,0 +1,236 @@
+"""Figures against the analysis: does drawing the report cost more than computing it?
+
+One command::
+
+    python benchmarks/bench_figures.py                  # ~1.4 GB of checkpoints (8 × 7)
+    python benchmarks/bench_figures.py --hidden 256     # a quick, small set
+
+Cases, each timed in one run on the same machine:
+
+1. ``8x7``: a LLaMA-shaped fp16 set written under ``--workdir`` (base + 3 runs × 2
+   checkpoints, 8 layers × 7 linear modules: q, k, v, o, gate, up, down; ~1.4 GB at the
+   default ``--hidden 1024``), analysed with :func:`wdanalysis.compare` (the analysis),
+   then the report drawn by the code before issue 31 (``git archive`` of
+   :data:`BEFORE`, serial) and by the current code (parallel workers);
+2. ``32-layer``: a synthetic deltas table, 32 layers × 8 steps × 3 runs × 2 modules;
+3. ``reference``: the demo's own ``figures/deltas.csv`` (6 layers × 2 modules).
+
+Every report runs in a fresh subprocess and is timed inside it around ``write_report``
+(fits and every figure; the old path PNG + SVG serially, 2 figures per module; the new
+path 3 figures per module and index.html, as PNG + SVG serially, PNG + SVG in parallel
+workers, and PNG only in parallel workers, the CLI's default), so interpreter start-up is
+left out; the workers' start-up is counted. The machine's load average is recorded.
+Prints a table and writes ``benchmarks/results/bench_figures.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+#: The commit before issue 31 (serial figures, no heatmap, no index.html).
+BEFORE = "faa14c56407da0069f6a723ee7352cb6f7d83444"
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {"q_proj": "hh", "k_proj": "hh", "v_proj": "hh", "o_proj": "hh"}
+SHAPES |= {"gate_proj": "ih", "up_proj": "ih", "down_proj": "hi"}
+
+TIMED = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import matplotlib
+matplotlib.use("Agg")
+from wdanalysis.plots.report import write_report
+from wdanalysis.table.schema import read_table
+table = read_table(sys.argv[2])
+kwargs = eval(sys.argv[4])
+started = time.perf_counter()
+result = write_report(table, sys.argv[3], **kwargs)
+print("SECONDS", time.perf_counter() - started, len(result.paths))
+"""
+
+
+def write_set(work: Path, hidden: int, layers: int) -> dict[str, Path]:
+    """Base and three runs of two full checkpoints each (fp16 safetensors + config.json)."""
+    import torch
+    from safetensors.torch import save_file
+
+    inter = int(hidden * 2.75)
+    dims = {"h": hidden, "i": inter}
+    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers}
+    config |= {"intermediate_size": inter, "num_attention_heads": max(hidden // 64, 1)}
+    generator = torch.Generator().manual_seed(0)
+    base = {}
+    for layer in range(layers):
+        for module, (rows, cols) in SHAPES.items():
+            part = (
+                "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            )
+            key = f"model.layers.{layer}.{part}.{module}.weight"
+            base[key] = torch.randn(dims[rows], dims[cols], generator=generator) * 0.02
+
+    def save(folder: Path, tensors: dict) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.half().contiguous() for k, v in tensors.items()}, folder / "model.safetensors"
+        )
+        (folder / "config.json").write_text(json.dumps(config))
+
+    save(work / "base", base)
+    runs = {}
+    for index, label in enumerate(("FT", "LoRA", "DoRA")):
+        for step in (100, 200):
+            scale = 1e-3 * step / 100 * (index + 1)
+            moved = {
+                k: v * (1 + scale * torch.randn(v.shape[0], 1, generator=generator))
+                + scale * 0.02 * torch.randn(v.shape, generator=generator)
+                for k, v in base.items()
+            }
+            save(work / label.lower() / f"checkpoint-{step}", moved)
+        runs[label] = work / label.lower()
+    return runs
+
+
+def synthetic_table(layers: int, steps: int, modules: tuple[str, ...]) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for method, rho in (("FT", -0.6), ("LoRA", 0.8), ("DoRA", -0.3)):
+        for module in modules:
+            for step in range(1, steps + 1):
+                for layer in range(layers):
+                    d, e = rng.normal(size=2)
+                    m = rho * d + (1 - rho**2) ** 0.5 * e
+                    rows.append(
+                        {
+                            "method": method,
+                            "run": method.lower(),
+                            "step": step * 100,
+                            "layer": layer,
+                            "module": module,
+                            "parameter": f"model.layers.{layer}.{module}.weight",
+                            "stack": "",
+                            "axis": "out",
+                            "delta_m": 1e-3 * (2 + 0.5 * m) * step,
+                            "delta_d": 1e-4 * (2 + 0.5 * d) * step,
+                            "n_vectors": 64,
+                            "zero_norm_vectors": 0,
+                            "checkpoint": "",
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def old_tree(scratch: Path) -> Path | None:
+    """The package as it was at :data:`BEFORE`, unpacked under ``scratch``."""
+    target = scratch / "before"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", BEFORE, "wdanalysis"], capture_output=True
+    )
+    if archive.returncode != 0:
+        print(f"no git history with {BEFORE[:10]}: the old path is not timed", file=sys.stderr)
+        return None
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target
+
+
+def timed_report(tree: Path, table: Path, out: Path, kwargs: dict) -> tuple[float, int]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, "-c", TIMED, str(tree), str(table), str(out), repr(kwargs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(out.parent),
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("SECONDS")), None)
+    if line is None:
+        raise RuntimeError(done.stderr[-3000:])
+    _, seconds, files = line.split()
+    return float(seconds), int(files)
+
+
+#: The new path three ways: as the old one (PNG + SVG) drawn here, the same in parallel
+#: workers, and the CLI's default (PNG only, parallel).
+NEW = {
+    "new_serial": {"workers": 1, "formats": "png,svg"},
+    "new_parallel": {"workers": None, "formats": "png,svg"},
+    "new_cli_default": {"workers": None, "formats": "png"},
+}
+
+
+def run_case(name: str, table: Path, scratch: Path, before: Path | None) -> dict:
+    row: dict = {"case": name}
+    if before is not None:
+        row["old_seconds"], row["old_files"] = timed_report(
+            before, table, scratch / f"{name}-old", {}
+        )
+    for label, kwargs in NEW.items():
+        seconds, files = timed_report(REPO, table, scratch / f"{name}-{label}", kwargs)
+        row[f"{label}_seconds"], row[f"{label}_files"] = seconds, files
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_figures.json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from wdanalysis import compare
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench_figures_", dir=args.workdir))
+    try:
+        before = old_tree(scratch)
+        runs = write_set(scratch / "set", args.hidden, args.layers)
+        size = sum(p.stat().st_size for p in (scratch / "set").rglob("*.safetensors"))
+        started = time.perf_counter()
+        deltas = compare(scratch / "set" / "base", runs, modules=list(MODULES), progress=False)
+        analysis = time.perf_counter() - started
+        deltas.to_csv(scratch / "8x7.csv", index=False)
+        synthetic_table(32, 8, ("q_proj", "v_proj")).to_csv(scratch / "32.csv", index=False)
+        rows = [run_case("8x7", scratch / "8x7.csv", scratch, before)]
+        rows[0] |= {"analysis_seconds": analysis, "checkpoint_bytes": size}
+        rows.append(run_case("32-layer", scratch / "32.csv", scratch, before))
+        if (REPO / "figures/deltas.csv").is_file():
+            rows.append(run_case("reference", REPO / "figures/deltas.csv", scratch, before))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = {
+        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "before": BEFORE,
+        "cases": rows,
+    }
+    columns = ["analysis", "old", *NEW]
+    print(f"{'case':<10}" + "".join(f"{c + ' s':>18}" for c in columns) + "  files old → new")
+    for row in rows:
+        values = [row.get(f"{c}_seconds", float("nan")) for c in columns]
+        print(
+            f"{row['case']:<10}"
+            + "".join(f"{v:>18.1f}" for v in values)
+            + f"  {row.get('old_files', '?')} → {row['new_serial_files']}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

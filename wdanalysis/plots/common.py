@@ -1,0 +1,206 @@
+"""What every figure of the analysis shares: panel order, data preparation, the grid of
+axes, colour scales, legends and axis labels.
+
+Figures are built with :class:`~matplotlib.figure.Figure`, not ``pyplot``, so that nothing
+registers in pyplot's global figure list: a CLI that draws hundreds of figures leaks no
+memory and tests run headless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.colors import BoundaryNorm, Colormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+from wdanalysis.errors import WDAnalysisError
+from wdanalysis.stats.fits import drop_undefined, select_module, validate_deltas
+from wdanalysis.table.schema import name_column
+
+__all__ = [
+    "MANY_LAYERS",
+    "PAPER_ORDER",
+    "PowerOfTen",
+    "X_LABEL",
+    "axes_grid",
+    "colourbar",
+    "cycle",
+    "layer_colours",
+    "legend_below",
+    "n_layers",
+    "order_runs",
+    "panel_titles",
+    "prepare",
+    "scientific",
+    "y_label",
+]
+
+#: Panel order of the paper; other methods follow in input order.
+PAPER_ORDER: tuple[str, ...] = ("FT", "LoRA", "DoRA")
+#: Above this many layers a colour per layer cannot be told apart: the figures switch to
+#: their scalable design (steps as colour, layers summarised; docs/guides/report.md).
+MANY_LAYERS = 12
+
+X_LABEL = "ΔD (direction change)"
+_Y_LABELS = {"delta_m": "ΔM (magnitude change)", "delta_d": "ΔD (direction change)"}
+
+
+def y_label(y: str, short: bool = False) -> str:
+    """The axis label of a column: ``delta_m`` → "ΔM (magnitude change)", others by name."""
+    if short:
+        return {"delta_m": "ΔM (magnitude)", "delta_d": "ΔD (direction)"}.get(y, y)
+    return _Y_LABELS.get(y, y)
+
+
+def order_runs(deltas: pd.DataFrame, runs: Sequence[str] | None = None) -> list[str]:
+    """Runs in panel order: as given, else FT, LoRA, DoRA first (as in the paper), then input order.
+
+    ``runs`` may name runs or method labels; a method label stands for all its runs.
+    """
+    present = list(dict.fromkeys(deltas["run"].astype(str)))
+    if runs is not None:
+        chosen: list[str] = []
+        for name in runs:
+            by_method = deltas.loc[deltas[name_column(deltas)].astype(str) == str(name), "run"]
+            hits = [str(name)] if str(name) in present else list(dict.fromkeys(by_method))
+            if not hits:
+                raise WDAnalysisError(
+                    f"no run or method called {name!r}; runs present: {', '.join(present)}"
+                )
+            chosen += [run for run in hits if run not in chosen]
+        return chosen
+    method_of = deltas.groupby("run", sort=False)[name_column(deltas)].first()
+    rank = {m.lower(): i for i, m in enumerate(PAPER_ORDER)}
+    return sorted(present, key=lambda run: rank.get(str(method_of[run]).lower(), len(rank)))
+
+
+def prepare(
+    deltas: pd.DataFrame, module: str | None, runs: Sequence[str] | None, y: str = "delta_m"
+) -> tuple[pd.DataFrame, list[str]]:
+    """Validate, drop undefined rows, select one module and fix the panel order."""
+    validate_deltas(deltas)
+    validate_deltas(deltas, required=[y])
+    data = select_module(drop_undefined(deltas, y=y), module)
+    data = data.assign(run=data["run"].astype(str))
+    order = order_runs(data, runs)
+    return data.loc[data["run"].isin(order)], order
+
+
+def panel_titles(data: pd.DataFrame, order: list[str]) -> dict[str, str]:
+    """Method name per panel; the run name is added only where two runs share a method."""
+    method_of = data.groupby("run", sort=False)[name_column(data)].first().astype(str)
+    counts = method_of.loc[order].value_counts()
+    return {
+        run: method_of[run] if counts[method_of[run]] == 1 else f"{method_of[run]} · {run}"
+        for run in order
+    }
+
+
+def n_layers(data: pd.DataFrame) -> int:
+    """How many distinct layer indices the rows hold."""
+    return int(pd.to_numeric(data["layer"], errors="coerce").nunique())
+
+
+def layer_colours(data: pd.DataFrame, cmap: str | Colormap) -> tuple[Colormap, Normalize] | None:
+    """A discrete norm over the layer indices (one colour band per layer), or None if unknown."""
+    layers = pd.to_numeric(data["layer"], errors="coerce").dropna()
+    if layers.empty:
+        return None
+    low, high = int(layers.min()), int(layers.max())
+    colormap = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
+    colormap = colormap.with_extremes(bad="0.55")  # a row without a layer shows grey
+    norm = BoundaryNorm(np.arange(low - 0.5, high + 1.5), colormap.N)
+    return colormap, norm
+
+
+def axes_grid(
+    nrows: int,
+    ncols: int,
+    axes,
+    figsize: tuple[float, float] | None,
+    dpi: float | None,
+    sharex: bool | str,
+    sharey: bool | str,
+) -> tuple[Figure, np.ndarray]:
+    """A fresh constrained-layout figure, or the caller's axes checked for the right count."""
+    if axes is not None:
+        grid = np.asarray(axes, dtype=object).reshape(-1)
+        if grid.size != nrows * ncols:
+            raise ValueError(f"need {nrows * ncols} axes (one per panel), got {grid.size}")
+        return grid[0].get_figure(), grid.reshape(nrows, ncols)
+    size = figsize or (3.3 * ncols + 1.1, 3.0 * nrows + 0.9)
+    figure = Figure(figsize=size, dpi=dpi or 100, layout="constrained")
+    grid = figure.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=False)
+    return figure, grid
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+class PowerOfTen(ScalarFormatter):
+    """A scalar formatter whose multiplier reads ×10⁻⁴ in plain text: the look of
+    matplotlib's mathtext offset without parsing mathtext at every draw (a third of a
+    figure's drawing time)."""
+
+    def __init__(self) -> None:
+        super().__init__(useOffset=False, useMathText=False)
+        self.set_scientific(True)
+        self.set_powerlimits((-2, 3))
+
+    def get_offset(self) -> str:
+        text = super().get_offset().replace("\u2212", "-")  # e.g. "1e-4", "" when none
+        mantissa, _, exponent = text.partition("e")
+        if not exponent:
+            return text
+        power = "10" + str(int(exponent)).translate(_SUPERSCRIPT)
+        return f"×{power}" if mantissa in ("", "1") else f"{mantissa}×{power}"
+
+
+def scientific(ax: Axes, axes: Sequence[str] = ("x", "y")) -> None:
+    """×10⁻ⁿ multipliers instead of long decimals: ΔM and ΔD are often ~1e-4."""
+    for name in axes:
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        if isinstance(axis.get_major_formatter(), ScalarFormatter):  # not a log axis
+            axis.set_major_formatter(PowerOfTen())
+
+
+def colourbar(figure: Figure, axes: np.ndarray, colours, label: str = "layer", ticks=None):
+    """One colourbar for all panels; integer ticks, or ``ticks`` = (positions, labels)."""
+    colormap, norm = colours
+    mappable = mpl.cm.ScalarMappable(norm=norm, cmap=colormap)
+    bar = figure.colorbar(mappable, ax=list(axes.ravel()), label=label, fraction=0.05, pad=0.02)
+    if ticks is not None:
+        positions, labels = ticks
+        bar.set_ticks(positions, labels=labels)
+    else:
+        bar.ax.yaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    bar.ax.minorticks_off()
+    return bar
+
+
+def legend_below(figure: Figure, axes: np.ndarray, handles: list, title: str) -> None:
+    """Below the panels when we own the layout (never over data), else in the last panel."""
+    if not handles:
+        return
+    if isinstance(figure.get_layout_engine(), mpl.layout_engine.ConstrainedLayoutEngine):
+        figure.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncols=min(len(handles), 7),
+            title=title,
+            frameon=False,
+            handletextpad=0.3,
+            columnspacing=1.2,
+        )
+    else:
+        axes.ravel()[-1].legend(handles=handles, title=title, fontsize="small", loc="best")
+
+
+def cycle(items: Sequence[str], n: int) -> list[str]:
+    """``n`` items, ``items`` repeated as needed."""
+    return [items[i % len(items)] for i in range(n)]
