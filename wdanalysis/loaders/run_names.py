@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from wdanalysis.loaders.runs import Run
+from typing import Any
 
 STEP_FOLDER = re.compile(
     r"^(?:checkpoint|step|epoch|global_step|global-step|iter)[-_]?(\d+)$", re.IGNORECASE
@@ -43,11 +40,11 @@ def run_name(path: Path, parts: int = 1, steps: bool = False) -> str:
     return "/".join(named[-parts:]) if named else Path(path).absolute().name
 
 
-def unique_names(runs: list[Run]) -> None:
+def unique_names(runs: list[Any]) -> None:
     """Runs with the same name but different paths get as many more parts of their paths
     as tell them apart (``a/ft``, ``b/ft``; else the full paths); the same path given
     twice (warned about) gets ``#2``, ``#3``."""
-    by_name: dict[str, list[Run]] = {}
+    by_name: dict[str, list[Any]] = {}  # Runs (``name``, ``path``)
     for run in runs:
         by_name.setdefault(run.name, []).append(run)
     for same in by_name.values():

@@ -30,11 +30,13 @@ from wdanalysis.loaders.peft_adapter import (
 )
 from wdanalysis.loaders.peft_config import refuse_missing_magnitude
 from wdanalysis.loaders.run_checks import refuse_odd_path, still_growing, warn_left_out
-from wdanalysis.loaders.run_names import (  # re-exported: the names users held
-    STEP_FILE_SUFFIXES,
-    STEP_FOLDER,
-    run_name,
+from wdanalysis.loaders.run_names import (  # ``X as X``: re-exported, names users held
+    STEP_FILE_SUFFIXES as STEP_FILE_SUFFIXES,
 )
+from wdanalysis.loaders.run_names import STEP_FOLDER as STEP_FOLDER
+from wdanalysis.loaders.run_names import run_name as run_name
+from wdanalysis.loaders.run_names import same_file as same_file
+from wdanalysis.loaders.run_names import unique_names as unique_names
 from wdanalysis.storage.hub_cache import resolve_model_path
 from wdanalysis.storage.small_files import read_json
 from wdanalysis.storage.tensor_store import (

@@ -197,11 +197,14 @@ def write_html_report(
 ) -> Path:
     """Write ``out_dir/index.html`` (atomically) and return its path."""
     out_dir = Path(out_dir)
+    # named by its runs, not its folder: the report is written into a staging folder and
+    # swapped in, and the same comparison gives the same page wherever it is written
+    runs = ", ".join(dict.fromkeys(fits["run"].astype(str))) if "run" in fits else ""
     files = [n for n in ("deltas.csv", "fits.csv", "run.json") if (out_dir / n).exists()]
     downloads = " · ".join(f'<a href="{n}">{n}</a>' for n in files)
     body = [
         "<h1>Weight-decomposition analysis</h1>",
-        f"<p class='sub'>{escape(out_dir.resolve().name)} · {downloads}</p>",
+        f"<p class='sub'>{escape(runs)} · {downloads}</p>",
         "<nav><a href='#fits'>Fits</a><a href='#notes'>Notes</a>"
         "<a href='#figures'>Figures</a><a href='#run'>Run</a></nav>",
         _fits_section(fits),
@@ -212,7 +215,7 @@ def write_html_report(
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>wdanalysis report: {escape(out_dir.resolve().name)}</title>"
+        f"<title>wdanalysis report: {escape(runs)}</title>"
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     return write_text_atomic(out_dir / HTML_NAME, page)

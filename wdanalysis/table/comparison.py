@@ -18,25 +18,22 @@ from tqdm.auto import tqdm
 
 from wdanalysis.engine.decomposition import AXES
 from wdanalysis.engine.streaming import Engine
-from wdanalysis.errors import AdapterMismatchError, NumericalError, WDAnalysisError
+from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.auto_base import base_named_by, is_auto
 from wdanalysis.loaders.formats import prepare_base
-from wdanalysis.loaders.key_alignment import KeyAligner
 from wdanalysis.loaders.named_adapters import open_runs
 from wdanalysis.loaders.run_checks import left_out
+from wdanalysis.loaders.run_names import unique_names
 from wdanalysis.loaders.runs import (
-    AdapterCheckpoint,
     FullModel,
     Run,
     aligner_for,
-    is_float,
     refuse_quantized,
-    refuse_unreadable,
-    unique_names,
 )
 from wdanalysis.table import notices
+from wdanalysis.table.binding import bind, check_base_dtypes
 from wdanalysis.table.schema import COLUMNS, deltas_row
-from wdanalysis.weights.bound_checkpoint import BoundCheckpoint, vocabulary_rows_added
+from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
 from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.identity import identity_namer
 from wdanalysis.weights.layout import stored_transposed
@@ -177,14 +174,14 @@ def plan_comparison(
     transposed = stored_transposed(base_model, run_list, fan_in_fan_out, aligner)
     fused = fused_layouts(base_model.path, shapes, transposed, whole)
     selected, parts = select_targets(shapes, modules, str(base), fused, whole)
-    _check_base_dtypes(base_model, selected)
+    check_base_dtypes(base_model, selected)
     for key in selected:  # an undecidable layout is refused now, not mid-computation
         transposed(key)
     bound = [
         checkpoint
         for run in run_list
         for checkpoint in notices.once_per_run(
-            run, lambda ckpt, run=run: _bind(run, ckpt, shapes, selected, aligner, transposed)
+            run, lambda ckpt, run=run: bind(run, ckpt, shapes, selected, aligner, transposed)
         )
     ]
     notices.warn_rows_added(bound, selected, shapes)
@@ -253,79 +250,6 @@ def _open_runs(runs: RunsArg, labels: Sequence[str] | None, skip_bad=False) -> l
     unique_names(opened)
     notices.warn_duplicate_runs(given)  # per path given, not per named adapter
     return opened
-
-
-def _check_base_dtypes(base: FullModel, selected: list[str]) -> None:
-    for key in selected:
-        refuse_unreadable(base.store, key)
-        if not is_float(base.store.dtype(key)):
-            raise NumericalError(
-                f"weight {key!r} has dtype {_dtype_name(base.store.dtype(key))}; quantized or "
-                "integer weights are not supported",
-                base.store.infos[key].file,
-                "analyse the unquantized (fp32/fp16/bf16) model",
-            )
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _bind(run, ckpt, shapes, selected, aligner: KeyAligner, transposed):
-    if isinstance(ckpt, AdapterCheckpoint):
-        keys = ckpt.adapter.bind(aligner, shapes, transposed)
-        added = {
-            key: n
-            for key, module in keys.items()
-            if module.replacement and not (module.lora_b or module.magnitude)
-            for n in [vocabulary_rows_added(key, shapes[key], _saved_shape(ckpt, module))]
-            if n
-        }
-    else:
-        keys = _bind_full(ckpt, selected, aligner, shapes)
-        added = {
-            key: n
-            for key in selected
-            for n in [vocabulary_rows_added(key, shapes[key], ckpt.store.shape(keys[key]))]
-            if n
-        }
-    return BoundCheckpoint(run, ckpt, ckpt.method, keys, added)
-
-
-def _saved_shape(ckpt: AdapterCheckpoint, module) -> tuple[int, ...]:
-    return tuple(ckpt.adapter.store.shape(module.replacement))
-
-
-def _bind_full(ckpt: FullModel, selected, aligner: KeyAligner, shapes) -> dict:
-    refuse_quantized(ckpt.store, "checkpoint")
-    mapping = aligner.map_keys(ckpt.store.keys())
-    missing = [key for key in selected if key not in mapping]
-    if missing:
-        raise AdapterMismatchError(
-            f"checkpoint lacks {len(missing)} of the {len(selected)} selected weights, "
-            f"e.g. {missing[0]!r}: base and checkpoint come from different models",
-            ckpt.store.path,
-            "pass the base model this run was fine-tuned from",
-        )
-    for key in selected:
-        refuse_unreadable(ckpt.store, mapping[key])
-        shape = ckpt.store.shape(mapping[key])
-        if shape != tuple(shapes[key]) and not vocabulary_rows_added(key, shapes[key], shape):
-            raise AdapterMismatchError(
-                f"weight {mapping[key]!r} has shape {list(ckpt.store.shape(mapping[key]))} "
-                f"but the base has {list(shapes[key])}: base and checkpoint come from "
-                "different models",
-                ckpt.store.path,
-                "pass the base model this run was fine-tuned from",
-            )
-        if not is_float(ckpt.store.dtype(mapping[key])):
-            raise NumericalError(
-                f"weight {mapping[key]!r} has dtype {_dtype_name(ckpt.store.dtype(mapping[key]))}; "
-                "quantized or integer weights are not supported",
-                ckpt.store.infos[mapping[key]].file,
-                "analyse an unquantized (fp32/fp16/bf16) checkpoint",
-            )
-    return {key: mapping[key] for key in selected}
 
 
 def _compute(

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from wdanalysis.errors import CheckpointFormatError, WDAnalysisError
 from wdanalysis.loaders.checkpoint_kinds import FullModel
 from wdanalysis.loaders.quantized_training import quantized_base
-from wdanalysis.loaders.runs import Run, open_checkpoint, same_file, step_folders
+from wdanalysis.loaders.run_names import same_file
+from wdanalysis.loaders.runs import Run, open_checkpoint, step_folders
 from wdanalysis.storage.hub_cache import resolve_model_path
 from wdanalysis.storage.safe_regex import REGEX_CHARS, check_pattern
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint

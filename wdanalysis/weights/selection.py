@@ -100,8 +100,8 @@ def select_targets(
     chosen, parts = [], {}
     for key in candidates:
         if key in fused.parts:
-            whole = bool(modules) and _requested(key, modules)
-            picked = tuple(p for p in fused.parts[key] if whole or wanted(part_key(key, p)))
+            named = bool(modules) and _requested(key, modules)  # the fused weight itself
+            picked = tuple(p for p in fused.parts[key] if named or wanted(part_key(key, p)))
             if picked:
                 chosen.append(key)
                 parts[key] = picked
