@@ -19,15 +19,13 @@ base, for example. ``wdanalysis compare`` reads the file (``decay_shrink`` and
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from torch import nn
 
 from wdanalysis.errors import CheckpointFormatError
+from wdanalysis.loaders.decay_shrink import SHRINK_FILE, read_shrink
 from wdanalysis.storage.atomic_write import write_text_atomic
-
-SHRINK_FILE = "decay_shrink.json"
 
 
 class ShrinkTracker:
@@ -90,22 +88,6 @@ class ShrinkTracker:
 
 def write_shrink(folder: Path, record: dict) -> Path:
     return write_text_atomic(folder / SHRINK_FILE, json.dumps(record, indent=1) + "\n")
-
-
-def read_shrink(folder: Path) -> dict | None:
-    """A checkpoint's ``decay_shrink.json``, or None when it has none (another trainer)."""
-    path = Path(folder) / SHRINK_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        for group in record["groups"]:
-            shrink = float(group["shrink"])
-            if not (math.isfinite(shrink) and isinstance(group["parameters"], list)):
-                raise ValueError(f"shrink {shrink!r}")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointFormatError(f"unreadable decay record ({error})", path=path) from None
-    return record
 
 
 def restore_shrink(
