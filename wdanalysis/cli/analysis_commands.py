@@ -109,6 +109,20 @@ def _register_compare(subparsers) -> None:
         type=positive_int,
         help="compute threads, at least 1 (default: 2 on machines with 2+ cores)",
     )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        nargs="+",
+        metavar="WD",
+        help="decoupled weight decay of runs without decay_shrink.json (one, or one per "
+        "run): S from trainer_state.json's per-step learning rates (delta_m_learned)",
+    )
+    parser.add_argument(
+        "--decay-shrink",
+        nargs="+",
+        metavar="S",
+        help="the decay's shrink factor per run: S, STEP:S[,STEP:S...] or - (unknown)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_pool(parser)
@@ -132,7 +146,18 @@ def _register_plot(subparsers) -> None:
     parser.set_defaults(handler=run_plot)
 
 
+def _add_y(parser) -> None:
+    parser.add_argument(
+        "--y",
+        choices=["delta_m", "delta_m_learned"],
+        default="delta_m",
+        help="what fits and figures put on the y axis: ΔM (default) or ΔM less the weight "
+        "decay's shrinkage (delta_m_learned)",
+    )
+
+
 def _add_pool(parser) -> None:
+    _add_y(parser)
     parser.add_argument(
         "--pool",
         action="store_true",
@@ -182,6 +207,8 @@ def run_compare(args: argparse.Namespace) -> int:
             device=args.device,
             workers=args.workers,
             progress=not args.quiet,
+            weight_decay=args.weight_decay,
+            decay_shrink=args.decay_shrink,
         )
     except PartialResultError as partial_result:
         return _write_partial(partial_result, args.out, args)
@@ -199,7 +226,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if not args.no_figures:
         from wdanalysis.plots.report import write_report
 
-        report = write_report(deltas, args.out, pool=args.pool)
+        report = write_report(deltas, args.out, pool=args.pool, y=args.y)
         print("\n" + report.fit_table)
         for written in report.paths:
             print(f"wrote {written}")
@@ -249,7 +276,7 @@ def run_plot(args: argparse.Namespace) -> int:
     table = read_table(args.table)
     _check_out_folder(args.out)
     print(summarize(table))
-    report = write_report(table, args.out, dpi=args.dpi, pool=args.pool)
+    report = write_report(table, args.out, dpi=args.dpi, pool=args.pool, y=args.y)
     print("\n" + report.fit_table)
     for note in report.notes:
         print(f"note: {note}")

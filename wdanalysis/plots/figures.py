@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.plots.kinds import identity_frame, kind_label, kinds_of, of_kind, pooled_fit
 from wdanalysis.stats.fits import drop_undefined, fit_lines, select_module, validate_deltas
-from wdanalysis.table.schema import IDENTITY_COLUMNS
+from wdanalysis.table.schema import IDENTITY_COLUMNS, with_y
 
 __all__ = [
     "PAPER_ORDER",
@@ -45,6 +45,7 @@ STACK_STYLES: tuple[str, ...] = ("-", "--", ":", "-.")
 
 X_LABEL = "ΔD (direction change)"
 Y_LABEL = "ΔM (magnitude change)"
+Y_LABEL_LEARNED = "ΔM learned (decay's shrinkage removed)"
 FIT_GID = "fit-line"
 
 
@@ -250,6 +251,7 @@ def plot_figure2(
     scientific: bool = True,
     title: str | None = None,
     pool: bool = False,
+    y: str = "delta_m",
 ) -> Figure:
     """The paper's Figure 2: ΔM against ΔD, one panel per run, with the fitted line.
 
@@ -265,9 +267,9 @@ def plot_figure2(
     ``fits`` (from :func:`wdanalysis.stats.fits.fit_lines`) avoids refitting. Panels follow
     ``runs`` if given, else FT, LoRA, DoRA, then other methods in input order. With
     ``axes=`` the panels are drawn into the caller's axes (one per run) and the legend goes
-    into the last one. Returns the figure; never shows it.
+    into the last one; ``y="delta_m_learned"``: ΔM less the decay's shrinkage. Returns it.
     """
-    data, order = _prepare(deltas, module, runs)
+    data, order = _prepare(with_y(deltas, y), module, runs)
     if fits is None:
         fits = fit_lines(data, per_step=False, pool=pool)
     kinds = kinds_of(data, pool)
@@ -288,7 +290,7 @@ def plot_figure2(
             if scientific:
                 _scientific(ax)
             ax.grid(True, lw=0.4, alpha=0.4)
-        grid[row, 0].set_ylabel(Y_LABEL)
+        grid[row, 0].set_ylabel(Y_LABEL if y == "delta_m" else Y_LABEL_LEARNED)
     if colours is not None:
         _colourbar(figure, grid, colours)
     handles = [

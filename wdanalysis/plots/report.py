@@ -20,7 +20,7 @@ from wdanalysis.plots.figures import plot_figure2, plot_trajectories
 from wdanalysis.stats.fit_table import format_fit_table
 from wdanalysis.stats.fits import drop_undefined, fit_lines
 from wdanalysis.storage.atomic_write import save_figure_atomic, write_csv_atomic
-from wdanalysis.table.schema import read_table, validate_deltas
+from wdanalysis.table.schema import read_table, validate_deltas, with_y
 
 __all__ = ["ReportResult", "read_table", "save_figure_pair", "write_report"]
 
@@ -70,6 +70,7 @@ def write_report(
     sharey: bool = False,
     figsize: tuple[float, float] | None = None,
     pool: bool = False,
+    y: str = "delta_m",
 ) -> ReportResult:
     """Write ``fits.csv`` and, per module, Figure 2 and the trajectory view (PNG + vector).
 
@@ -80,12 +81,13 @@ def write_report(
     holds one module, ``figure2_<module>.*`` and ``trajectories_<module>.*`` when it holds
     several. Trajectories are skipped (with a note) when no checkpoint has a known step.
     The caller writes ``deltas.csv`` itself; the returned table text is for the terminal.
+    ``y="delta_m_learned"``: fits and figures of ΔM less the weight decay's shrinkage.
     """
     if vector_format not in ("svg", "pdf"):
         raise ValueError(f"vector_format must be 'svg' or 'pdf', got {vector_format!r}")
     validate_deltas(deltas)
     out_dir = Path(out_dir)
-    data = drop_undefined(deltas)  # warns once here, not once per figure
+    data = drop_undefined(with_y(deltas, y))  # warns once here, not once per figure
     fits = fit_lines(data, pool=pool)
     fits_csv = write_csv_atomic(fits, out_dir / "fits.csv")
     modules = list(dict.fromkeys(data["module"].astype(str)))

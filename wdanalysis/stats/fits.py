@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.table.schema import REQUIRED_COLUMNS, identity_columns, validate_deltas
+from wdanalysis.table.schema import REQUIRED_COLUMNS, identity_columns, validate_deltas, with_y
 
 __all__ = [
     "FIT_COLUMNS",
@@ -227,6 +227,7 @@ def fit_lines(
     per_step: bool = True,
     *,
     pool: bool = False,
+    y: str = "delta_m",
 ) -> pd.DataFrame:
     """Fit ΔM = intercept + slope·ΔD per group, pooled over layers and steps, then per step.
 
@@ -238,9 +239,11 @@ def fit_lines(
     Returns one tidy row per fit: ``scope="pooled"`` rows (``step`` is <NA>) are the
     paper's numbers; ``scope="step"`` rows (one per known step) show whether the slope's
     sign holds at every step. Rows with NaN ΔM/ΔD are dropped with a warning. Groups keep
-    the input order, so FT/LoRA/DoRA come out as the user listed them.
+    the input order, so FT/LoRA/DoRA come out as the user listed them. ``y``:
+    ``"delta_m_learned"`` fits ΔM less the weight decay's shrinkage (issue 36).
     """
     validate_deltas(deltas)
+    deltas = with_y(deltas, y)
     by = list(by) if by is not None else fit_groups(deltas, pool)
     validate_deltas(deltas, required=[*REQUIRED_COLUMNS, *by])
     clean = drop_undefined(deltas)

@@ -32,7 +32,7 @@ from wdanalysis.loaders.runs import (
     open_run,
     refuse_quantized,
 )
-from wdanalysis.table import notices
+from wdanalysis.table import decay, notices
 from wdanalysis.table.schema import COLUMNS, deltas_row
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint, vocabulary_rows_added
 from wdanalysis.weights.fused import fused_layouts
@@ -71,6 +71,8 @@ def compare(
     progress: bool = True,
     device: str = "cpu",
     workers: int | None = None,
+    weight_decay: decay.WeightDecayArg = None,
+    decay_shrink: decay.ShrinkArg = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every selected weight, for every checkpoint of every run.
 
@@ -96,13 +98,21 @@ def compare(
     workers: threads computing the checkpoints of one block in parallel (1: one compute
         thread beside the reader thread). ``None``: 2 where there are 2 or more cores, which
         kept up with the disk in ``benchmarks/bench_streaming.py`` where 1 did not.
+    weight_decay, decay_shrink: for runs without the bundled trainer's
+        ``decay_shrink.json``: the decoupled weight decay (with the per-step learning rates
+        of each checkpoint's ``trainer_state.json``), or ``S`` itself (``"STEP:S,..."``);
+        one value for every run or one per run (:mod:`wdanalysis.loaders.decay_shrink`).
+        They fill ``decay_shrink`` and ``delta_m_learned`` (empty, with a note, where S is
+        unknown).
 
     Returns a long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
     ``table.attrs["backend"]`` says which backend computed the sums (the fused C kernel and
     its file, or torch and why), as ``run.json`` beside ``deltas.csv`` records it.
     """
     notices.check_options(modules, workers)
-    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out)
+    plan = plan_comparison(
+        base, runs, modules, labels, axis, fan_in_fan_out, weight_decay, decay_shrink
+    )
     rows, errors = compute_rows(plan, plan.selected, progress, device, workers)
     return assemble_table(plan, rows, errors)
 
@@ -124,13 +134,21 @@ class ComparisonPlan:
 
 
 def plan_comparison(
-    base, runs: RunsArg, modules=None, labels=None, axis="out", fan_in_fan_out=None
+    base,
+    runs: RunsArg,
+    modules=None,
+    labels=None,
+    axis="out",
+    fan_in_fan_out=None,
+    weight_decay: decay.WeightDecayArg = None,
+    decay_shrink: decay.ShrinkArg = None,
 ) -> ComparisonPlan:
     """Open and check every input (headers and configs only); see :func:`compare`."""
     if axis not in AXES:
         raise WDAnalysisError(f"axis must be 'out' or 'in', got {axis!r}")
     notices.check_options(modules, None)
     run_list = _open_runs(runs, labels)
+    decay_options = decay.run_options(run_list, weight_decay, decay_shrink)
     notices.note_quantized_training(run_list)
     if is_auto(base):
         base = base_named_by(run_list)
@@ -151,6 +169,7 @@ def plan_comparison(
         for ckpt in run.checkpoints
     ]
     notices.warn_rows_added(bound, selected, shapes)
+    decay.attach(bound, selected, decay_options, run_list)
     return ComparisonPlan(
         base_model, run_list, list(selected), bound, axis, transposed, shapes, parts
     )
@@ -319,7 +338,7 @@ def _compute(
             name = name_of(key)
             if change.part is not None:  # a part of a fused weight: q_proj, k_proj, …
                 name = replace(name, module=change.part)
-            rows.append(_row(item, name, axis, change))
+            rows.append(_row(item, name, axis, change, item.decay_shrink.get(key)))
         bar.update()
 
     with bar:
@@ -328,7 +347,7 @@ def _compute(
     return rows, errors, engine.describe_backend()
 
 
-def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
+def _row(item: BoundCheckpoint, name, axis: str, change, shrink: float | None) -> dict:
     return deltas_row(
         item.method,
         item.run.name,
@@ -338,6 +357,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
         change,
         checkpoint=str(item.checkpoint.path),
         rows_added=item.rows_added.get(name.parameter, 0),
+        decay_shrink=shrink,
     )
 
 

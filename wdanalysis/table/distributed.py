@@ -86,6 +86,8 @@ def compare_distributed(
     progress: bool = True,
     device: str = "cpu",
     workers: int | None = None,
+    weight_decay=None,
+    decay_shrink=None,
 ) -> pd.DataFrame | None:
     """:func:`~wdanalysis.table.comparison.compare` over the job: the table on rank 0,
     ``None`` on the other ranks. Same arguments, same result, same errors."""
@@ -98,7 +100,8 @@ def compare_distributed(
     status: tuple = ("ok",)
     plan, rows, errors, failure = None, [], {}, None
     try:
-        plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out)
+        options = (weight_decay, decay_shrink)
+        plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, *options)
         sizes = [_numel(plan.shapes[key]) for key in plan.selected]
         share = weight_share(plan.selected, sizes, job.rank, job.size)
         rows, errors = compute_rows(plan, share, progress and job.is_main, device, workers)

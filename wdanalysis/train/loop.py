@@ -159,9 +159,9 @@ def train(
         records = [data.train[i] for i in distributed.shard(indices, world)]
         batch = collate(records, tokenizer, task, config.max_length)
         shrink.before_update(optimizer)  # the factor AdamW applies in this update
+        rate = optimizer.param_groups[0]["lr"]  # logged as the HF Trainer does: this update's
         loss = training_step(model, batch, task, world, optimizer, scheduler, config.max_grad_norm)
         seconds += time.perf_counter() - tick
-        rate = scheduler.get_last_lr()[0]
         history.append({"step": step + 1, "loss": loss, "learning_rate": rate})
         bar.set_postfix(loss=f"{loss:.4f}")
         if on_step is not None:
