@@ -202,3 +202,21 @@ def test_fits_on_learned_differ_from_raw(table):
     ft = lambda f: f[f["method"] == "FT"]["slope"].to_numpy()  # noqa: E731
     assert lora(raw) == pytest.approx(lora(learned), rel=0, abs=0)
     assert not ft(raw) == pytest.approx(ft(learned), rel=1e-3)
+
+
+def test_demo_summary_and_figure_carry_the_learned_fit(table):
+    from wdanalysis.demo.summary import summarize
+    from wdanalysis.plots.figures import Y_LABEL_LEARNED, plot_figure2
+
+    decayed = table[table["method"].isin(["FT", "LoRA", "DoRA"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = summarize(fit_lines(decayed), {}, decayed, n_boot=200)
+        learned = fit_lines(decayed, per_step=False, y="delta_m_learned")
+    assert len(summary) == 6
+    for _, row in summary.iterrows():
+        fit = learned[(learned["method"] == row["method"]) & (learned["module"] == row["module"])]
+        assert row["pearson_r_learned"] == pytest.approx(fit["pearson_r"].iloc[0])
+        assert row["pearson_r_learned_boot_low"] <= row["pearson_r_learned_boot_high"]
+    figure = plot_figure2(decayed, "query", y="delta_m_learned")
+    assert figure.axes[0].get_ylabel() == Y_LABEL_LEARNED

@@ -109,13 +109,19 @@ def summarize(
     return _with_learned(pd.DataFrame(rows), deltas, keys, n_boot)
 
 
-LEARNED = ("slope", "pearson_r", "pearson_r_boot_low", "pearson_r_boot_high", "within_step_r")
+LEARNED = {  # column of the fits / design statistics → its name on delta_m_learned
+    "slope": "slope_learned",
+    "pearson_r": "pearson_r_learned",
+    "pearson_r_boot_low": "pearson_r_learned_boot_low",
+    "pearson_r_boot_high": "pearson_r_learned_boot_high",
+    "within_step_r": "within_step_r_learned",
+}
 
 
 def _with_learned(summary: pd.DataFrame, deltas: pd.DataFrame, keys, n_boot: int):
     """The same fit and intervals on ``delta_m_learned`` (ΔM less the decay's shrinkage,
     issue 36) as ``*_learned`` columns; NaN where the runs' decay is unknown."""
-    columns = [f"{name}_learned" for name in LEARNED]
+    columns = list(LEARNED.values())
     known = "delta_m_learned" in deltas and deltas["delta_m_learned"].notna().all()
     if summary.empty or not known:
         return summary.assign(**{c: math.nan for c in columns})
@@ -123,8 +129,8 @@ def _with_learned(summary: pd.DataFrame, deltas: pd.DataFrame, keys, n_boot: int
     fits = fit_lines(learned, per_step=False)
     fits = fits[fits["scope"] == "pooled"].set_index(keys)
     design = design_statistics(learned, n_boot=n_boot).set_index(keys)
-    both = fits[["slope", "pearson_r"]].join(design[list(LEARNED[2:])])
-    both = both.droplevel("run").add_suffix("_learned").reset_index()
+    both = fits[["slope", "pearson_r"]].join(design[list(LEARNED)[2:]])
+    both = both.droplevel("run").rename(columns=LEARNED).reset_index()
     return summary.merge(both, on=[k for k in keys if k != "run"], how="left")
 
 
