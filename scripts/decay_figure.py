@@ -41,8 +41,13 @@ def main() -> None:
     parser.add_argument("runs", type=Path)
     parser.add_argument("--study", type=Path, default=Path("figures/dose_study"))
     parser.add_argument("--out", type=Path, default=Path("figures/decay"))
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="also runs that have not finished: their complete checkpoints (marked in source)",
+    )
     args = parser.parse_args()
-    deltas = decay_study.seed_deltas(args.runs, args.study)
+    deltas = decay_study.seed_deltas(args.runs, args.study, partial=args.partial)
     if deltas.empty:
         raise SystemExit(f"no finished run under {args.runs}")
     per_seed = decay_study.per_seed_statistics(deltas)

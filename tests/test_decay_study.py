@@ -103,3 +103,19 @@ def test_figures_have_a_panel_per_method_and_y(deltas, per_seed):
     assert len(figure.axes) == 6 and all("2 seeds" in t for t in titles)
     assert titles[0].startswith("FT raw") and titles[3].startswith("FT learned")
     assert len(plot_r_intervals(per_seed, across).axes) == 2
+
+
+def test_dose_response_gains_a_learned_line_where_cells_have_it():
+    from wdanalysis.plots.dose_response import plot_dose_response
+
+    rows = []
+    for dose, learned in ((0.0025, float("nan")), (0.05, -0.2), (0.5, 0.4)):
+        for module in ("query", "value"):
+            rows.append(
+                {"method": "DoRA", "module": module, "steps": 500, "seed": 0,
+                 "decay_dose": dose, "pearson_r": 0.1, "pearson_r_boot_low": 0.0,
+                 "pearson_r_boot_high": 0.2, "pearson_r_learned": learned}
+            )  # fmt: skip
+    figure = plot_dose_response(pd.DataFrame(rows))
+    learned = [line for line in figure.axes[0].get_lines() if "learned" in str(line.get_label())]
+    assert len(learned) == 1 and list(learned[0].get_xdata()) == [0.05, 0.5]

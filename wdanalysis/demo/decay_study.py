@@ -27,6 +27,7 @@ from wdanalysis.stats.resampling import (
 )
 from wdanalysis.table.comparison import compare
 from wdanalysis.table.schema import with_y
+from wdanalysis.train.checkpoint import list_checkpoints
 
 CELL = "paper_steps500_seed{seed}"
 KEEP = ["method", "run", "step", "layer", "module", "parameter", "delta_m", "delta_d"]
@@ -35,15 +36,24 @@ Y = {"raw": "delta_m", "learned": "delta_m_learned"}
 BY = ["method", "run", "module"]
 
 
-def finished_seeds(runs_dir: Path) -> dict[int, dict[str, Path]]:
-    """seed → {label: run folder} of every run that finished (its accuracy.json exists)."""
+def finished_seeds(runs_dir: Path, partial: bool = False) -> dict[int, dict[str, Path]]:
+    """seed → {label: run folder} of every run that finished (its accuracy.json exists);
+    ``partial``: also runs still training or stopped, with one complete checkpoint or more
+    (their checkpoints are exact as far as they go)."""
     found: dict[int, dict[str, Path]] = {}
     for folder in sorted(Path(runs_dir).glob("paper_steps500_seed*")):
         seed = int(folder.name.rsplit("seed", 1)[1])
         for method, label in RUN_LABELS.items():
-            if (folder / method / ACCURACY_FILE).is_file():
-                found.setdefault(seed, {})[label] = folder / method
+            run = folder / method
+            if (run / ACCURACY_FILE).is_file() or (partial and list_checkpoints(run)):
+                found.setdefault(seed, {})[label] = run
     return found
+
+
+def _source(run: Path) -> str:
+    if (run / ACCURACY_FILE).is_file():
+        return "trained"
+    return f"trained, stopped at step {list_checkpoints(run)[-1][0]} of 500"
 
 
 def cached_lora(study_dir: Path, seed: int) -> pd.DataFrame | None:
@@ -56,12 +66,15 @@ def cached_lora(study_dir: Path, seed: int) -> pd.DataFrame | None:
     return rows.assign(delta_m_learned=rows["delta_m"], source=f"cache {path.name}")
 
 
-def seed_deltas(runs_dir: Path, study_dir: Path, progress: bool = False) -> pd.DataFrame:
+def seed_deltas(
+    runs_dir: Path, study_dir: Path, progress: bool = False, partial: bool = False
+) -> pd.DataFrame:
     """Every finished seed's table (``seed`` and ``source`` columns added)."""
     frames = []
-    for seed, runs in sorted(finished_seeds(runs_dir).items()):
+    for seed, runs in sorted(finished_seeds(runs_dir, partial).items()):
         table = compare(model_path(), runs, modules=list(MODULES), progress=progress)
-        frames.append(table[KEEP].assign(seed=seed, source="trained"))
+        sources = {label: _source(run) for label, run in runs.items()}
+        frames.append(table[KEEP].assign(seed=seed, source=table["method"].map(sources)))
         lora = None if "LoRA" in runs else cached_lora(study_dir, seed)
         if lora is not None:
             frames.append(lora.assign(seed=seed)[KEEP + ["seed", "source"]])
