@@ -220,3 +220,34 @@ def test_demo_summary_and_figure_carry_the_learned_fit(table):
         assert row["pearson_r_learned_boot_low"] <= row["pearson_r_learned_boot_high"]
     figure = plot_figure2(decayed, "query", y="delta_m_learned")
     assert figure.axes[0].get_ylabel() == Y_LABEL_LEARNED
+
+
+@pytest.mark.parametrize("record_kept", [True, False])
+def test_resumed_run_records_the_same_shrink(setup, tmp_path, record_kept):
+    """Resuming from step 2 (from its record, or replaying the schedule for a checkpoint
+    written before the record existed) ends with the uninterrupted run's S, bit for bit."""
+    root, bert = setup["root"], setup["bert"]
+    config = TrainConfig(
+        method="dora",
+        model_dir=bert,
+        out_dir=tmp_path / "run",
+        data=str(root / "train.jsonl"),
+        max_steps=STEPS,
+        batch_size=4,
+        learning_rate=LR,
+        weight_decay=WD,
+        warmup_steps=WARMUP,
+        save_steps=(2,),
+        progress=False,
+        target_modules=("query",),
+        keep_all_training_states=True,
+    )
+    train(config)
+    final = tmp_path / "run" / f"checkpoint-{STEPS}" / "decay_shrink.json"
+    whole = json.loads(final.read_text())
+    shutil.rmtree(final.parent)
+    if not record_kept:
+        (tmp_path / "run" / "checkpoint-2" / "decay_shrink.json").unlink()
+    config.resume = True
+    train(config)
+    assert json.loads(final.read_text()) == whole
