@@ -172,9 +172,14 @@ def test_options_for_runs_without_a_record(setup, tmp_path):
     assert given["decay_shrink"].tolist() == [exact[s] for s in given["step"]]
     from_log = compare(setup["bert"], [copy], modules=["query"], weight_decay=WD, progress=False)
     assert from_log["decay_shrink"].to_numpy() == pytest.approx(given["decay_shrink"], rel=1e-14)
-    with pytest.warns(UserWarning, match="shrink factor is unknown"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing asked, nothing known: a note, no warning
         unknown = compare(setup["bert"], [copy], modules=["query"], progress=False)
     assert unknown["decay_shrink"].isna().all() and unknown["delta_m_learned"].isna().all()
+    assert "shrink factor is unknown" in unknown.attrs["decay_notes"][0]
+    with pytest.warns(UserWarning, match="no S for step 2"):  # asked, but not for step 2
+        partly = compare(setup["bert"], [copy], modules=["query"], decay_shrink="5:0.5")
+    assert partly.groupby("step")["decay_shrink"].first().fillna(-1).to_dict() == {2: -1, 5: 0.5}
     with pytest.raises(WDAnalysisError, match="has 2 checkpoints"):
         compare(setup["bert"], [copy], modules=["query"], decay_shrink="0.5", progress=False)
     with pytest.raises(WDAnalysisError, match="no known delta_m_learned"):

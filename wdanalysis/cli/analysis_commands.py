@@ -222,6 +222,8 @@ def run_compare(args: argparse.Namespace) -> int:
     path = write_csv_atomic(deltas, args.out / "deltas.csv")
     record = _write_record(args, deltas)
     print(summarize(deltas))
+    for note in deltas.attrs.get("decay_notes", []):
+        print(f"note: {note}")
     print(f"\nwrote {path}\nwrote {record} (backend: {deltas.attrs.get('backend')})")
     if not args.no_figures:
         from wdanalysis.plots.report import write_report

@@ -131,6 +131,7 @@ class ComparisonPlan:
     shapes: dict[str, tuple[int, ...]]
     parts: dict = field(default_factory=dict)  # fused key -> its selected parts
     backend: str = ""  # what computed the sums (Engine.describe_backend), once computed
+    decay_notes: list[str] = field(default_factory=list)  # runs whose decay S is unknown
 
 
 def plan_comparison(
@@ -169,9 +170,9 @@ def plan_comparison(
         for ckpt in run.checkpoints
     ]
     notices.warn_rows_added(bound, selected, shapes)
-    decay.attach(bound, selected, decay_options, run_list)
+    notes = decay.attach(bound, selected, decay_options, run_list)
     return ComparisonPlan(
-        base_model, run_list, list(selected), bound, axis, transposed, shapes, parts
+        base_model, run_list, list(selected), bound, axis, transposed, shapes, parts, "", notes
     )
 
 
@@ -205,13 +206,14 @@ def assemble_table(
     bound = plan.bound
     failed = [(bound[index], errors[index]) for index in sorted(errors)]  # in bound order
     if not failed:
-        return _table(rows, plan.run_list, plan.backend)
+        return _table(rows, plan.run_list, plan.backend, plan.decay_notes)
     if len(failed) == len(bound):
         raise failed[0][1]
     dropped = {(item.run.name, str(item.checkpoint.path)) for item, _ in failed}
     rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
     failures = [(item.run.name, item.checkpoint.step, error) for item, error in failed]
-    raise PartialResultError(_table(rows, plan.run_list, plan.backend), failures, len(bound))
+    table = _table(rows, plan.run_list, plan.backend, plan.decay_notes)
+    raise PartialResultError(table, failures, len(bound))
 
 
 def _open_runs(runs: RunsArg, labels: Sequence[str] | None) -> list[Run]:
@@ -361,7 +363,7 @@ def _row(item: BoundCheckpoint, name, axis: str, change, shrink: float | None) -
     )
 
 
-def _table(rows: list[dict], runs: list[Run], backend: str) -> pd.DataFrame:
+def _table(rows: list[dict], runs: list[Run], backend: str, notes=()) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["step"] = table["step"].astype("Int64")
     table["layer"] = table["layer"].astype("Int64")
@@ -372,6 +374,7 @@ def _table(rows: list[dict], runs: list[Run], backend: str) -> pd.DataFrame:
         kind="stable",
     ).reset_index(drop=True)
     table.attrs["backend"] = backend
+    table.attrs["decay_notes"] = list(notes)  # why delta_m_learned is empty where it is
     _warn_zero_norms(table)
     return table
 

@@ -74,8 +74,12 @@ def carrier(item: BoundCheckpoint, key: str) -> str | float | None:
     return getattr(module, "replacement", None)  # modules_to_save: the copy; else unknown
 
 
-def attach(bound: list[BoundCheckpoint], keys: Sequence[str], options: list, runs: list) -> None:
-    """Fill every checkpoint's ``decay_shrink`` (base key → S) and note unknown runs."""
+def attach(
+    bound: list[BoundCheckpoint], keys: Sequence[str], options: list, runs: list
+) -> list[str]:
+    """Fill every checkpoint's ``decay_shrink`` (base key → S); returns one note per run
+    where S stays unknown (``table.attrs["decay_notes"]``, printed by the CLI), and warns
+    where the user's ``--weight-decay``/``--decay-shrink`` could not give it."""
     index = {id(run): i for i, run in enumerate(runs)}
     unknown: dict[str, str] = {}
     for item in bound:
@@ -90,10 +94,14 @@ def attach(bound: list[BoundCheckpoint], keys: Sequence[str], options: list, run
                 item.decay_shrink[key] = lookup(source)
             else:
                 unknown.setdefault(item.run.name, why or "an adapter layout with no known S")
+    notes = []
+    asked = {run.name for run, o in zip(runs, options, strict=True) if o != DecayOptions()}
     for run, why in unknown.items():
-        warnings.warn(
-            f"note: run {run}: the weight decay's shrink factor is unknown ({why}); "
-            "decay_shrink and delta_m_learned are left empty there",
-            UserWarning,
-            stacklevel=3,
+        note = (
+            f"run {run}: the weight decay's shrink factor is unknown ({why}); "
+            "decay_shrink and delta_m_learned are left empty there"
         )
+        notes.append(note)
+        if run in asked:  # the user's option could not be used: say so loudly
+            warnings.warn(f"note: {note}", UserWarning, stacklevel=3)
+    return notes
