@@ -81,7 +81,17 @@ def seed_deltas(
     if not frames:
         return pd.DataFrame(columns=[*KEEP, "seed", "source"])
     table = pd.concat(frames, ignore_index=True)
-    return table.astype({"step": "Int64", "layer": "Int64"})
+    return common_steps(table.astype({"step": "Int64", "layer": "Int64"}))
+
+
+def common_steps(table: pd.DataFrame) -> pd.DataFrame:
+    """Per seed, only the checkpoints every method of that seed reached, so that a run
+    stopped early is compared with the others at the same steps."""
+    keep = []
+    for _, part in table.groupby("seed", sort=True):
+        steps = set.intersection(*(set(g["step"]) for _, g in part.groupby("method")))
+        keep.append(part[part["step"].isin(steps)])
+    return pd.concat(keep).reset_index(drop=True)
 
 
 def per_seed_statistics(deltas: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:

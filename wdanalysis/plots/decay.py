@@ -80,9 +80,10 @@ def plot_raw_vs_learned(
             ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3))
             ax.grid(True, lw=0.4, alpha=0.4)
     grid[0, -1].legend(fontsize=7, loc="best", title="colour = layer", title_fontsize=7)
+    steps = ", ".join(str(s) for s in sorted(data["step"].dropna().unique()))
     figure.suptitle(
-        f"{module}: Figure 2 raw (top) and with the weight decay's shrinkage removed (bottom); "
-        "r [95 % t-interval over seeds]"
+        f"{module}: Figure 2 raw (top) and with the weight decay's shrinkage removed (bottom), "
+        f"steps {steps}; r [95 % t-interval over seeds; one seed: layer bootstrap]"
     )
     return figure
 
