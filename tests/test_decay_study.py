@@ -119,3 +119,11 @@ def test_dose_response_gains_a_learned_line_where_cells_have_it():
     figure = plot_dose_response(pd.DataFrame(rows))
     learned = [line for line in figure.axes[0].get_lines() if "learned" in str(line.get_label())]
     assert len(learned) == 1 and list(learned[0].get_xdata()) == [0.05, 0.5]
+
+
+def test_a_stopped_run_is_compared_at_the_steps_every_method_reached(deltas):
+    stopped = deltas[~((deltas["method"] == "FT") & (deltas["seed"] == 0) & (deltas["step"] > 250))]
+    kept = decay_study.common_steps(stopped)
+    assert set(kept[kept["seed"] == 0]["step"]) == {125, 250}
+    assert set(kept[kept["seed"] == 7]["step"]) == {125, 250, 375, 500}
+    assert len(kept) == len(deltas) - 3 * 2 * 6 * 2  # seed 0: 2 steps of 3 methods dropped
