@@ -22,7 +22,7 @@ from wdanalysis.demo import decay_study
 from wdanalysis.demo.reproduction import MODULES
 from wdanalysis.plots.decay import plot_r_intervals, plot_raw_vs_learned
 from wdanalysis.plots.report import save_figure_pair
-from wdanalysis.storage.atomic_write import write_csv_atomic
+from wdanalysis.storage.atomic_write import write_csv_atomic, write_text_atomic
 
 
 def markdown(frame: pd.DataFrame, digits: int = 2) -> str:
@@ -63,12 +63,23 @@ def main() -> None:
         save_figure_pair(figure, args.out, f"decay_corrected_figure2_{module}")
     save_figure_pair(plot_r_intervals(per_seed, across), args.out, "decay_r_intervals")
     sources = deltas.groupby(["seed", "method"])["source"].first().reset_index()
-    print(markdown(sources))
+    steps = deltas.groupby(["seed", "method"])["step"].agg(
+        lambda s: " ".join(map(str, sorted(set(s))))
+    )
+    sources = sources.merge(steps.rename("steps compared").reset_index(), on=["seed", "method"])
     columns = ["y", "method", "module", "seed", "pearson_r", "pearson_r_boot_low"]
     columns += ["pearson_r_boot_high", "within_step_r", "slope"]
-    print("\n" + markdown(per_seed[columns].sort_values(["method", "module", "seed", "y"])))
-    print("\n" + markdown(across))
-    print("\n" + markdown(mech))
+    tables = [
+        "## Runs\n\n" + markdown(sources),
+        "## Per seed (pooled r, layer-bootstrap 95 % interval, within-step r)\n\n"
+        + markdown(per_seed[columns].sort_values(["method", "module", "seed", "y"])),
+        "## Over seeds (Student-t 95 % interval)\n\n" + markdown(across),
+        "## Mechanism across layers (last common checkpoint)\n\n" + markdown(mech),
+    ]
+    text = "# Issue 36: raw and decay-corrected r (written by scripts/decay_figure.py)\n\n"
+    text += "\n\n".join(tables) + "\n"
+    write_text_atomic(args.out / "decay_tables.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
