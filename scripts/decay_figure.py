@@ -27,6 +27,8 @@ from wdanalysis.storage.atomic_write import write_csv_atomic, write_text_atomic
 
 def markdown(frame: pd.DataFrame, digits: int = 2) -> str:
     def cell(value) -> str:
+        if isinstance(value, float) and value != value:
+            return "—"
         if isinstance(value, float):
             return f"{value:+.{digits}f}" if abs(value) < 10 else f"{value:.3g}"
         return str(value)
