@@ -131,6 +131,20 @@ def _register_compare(subparsers) -> None:
         type=positive_int,
         help="compute threads, at least 1 (default: 2 on machines with 2+ cores)",
     )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        nargs="+",
+        metavar="WD",
+        help="decoupled weight decay of runs without decay_shrink.json (one, or one per "
+        "run): S from trainer_state.json's per-step learning rates (delta_m_learned)",
+    )
+    parser.add_argument(
+        "--decay-shrink",
+        nargs="+",
+        metavar="S",
+        help="the decay's shrink factor per run: S, STEP:S[,STEP:S...] or - (unknown)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
     parser.add_argument(
         "--no-figures", action="store_true", help="write the tables only (default: figures too)"
@@ -187,7 +201,18 @@ def _add_format(parser) -> None:
     )
 
 
+def _add_y(parser) -> None:
+    parser.add_argument(
+        "--y",
+        choices=["delta_m", "delta_m_learned"],
+        default="delta_m",
+        help="what fits and figures put on the y axis: ΔM (default) or ΔM less the weight "
+        "decay's shrinkage (delta_m_learned)",
+    )
+
+
 def _add_pool(parser) -> None:
+    _add_y(parser)
     parser.add_argument(
         "--pool",
         action="store_true",
@@ -246,6 +271,8 @@ def run_compare(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 skip_bad=args.skip_bad,
                 whole=args.whole,
+                weight_decay=args.weight_decay,
+                decay_shrink=args.decay_shrink,
             )
         except PartialResultError as partial_result:
             status = write_partial(partial_result, stage, args)
@@ -323,6 +350,7 @@ def run_plot(args: argparse.Namespace) -> int:
             pool=args.pool,
             formats=args.format,
             workers=None,
+            y=args.y,
             progress=not getattr(args, "quiet", False),
         )
     print("\n" + report.fit_table)

@@ -22,6 +22,8 @@ def write_result(deltas: pd.DataFrame, stage, args: argparse.Namespace, said: li
     write_record(args, deltas, stage.path)
     print(summarize(deltas))
     print_left_out(deltas)
+    for note in deltas.attrs.get("decay_notes", []):
+        print(f"note: {note}")
     backend = deltas.attrs.get("backend")
     record = stage.final(stage.path / "run.json")
     said += [f"\nwrote {stage.final(path)}", f"wrote {record} (backend: {backend})"]
@@ -37,6 +39,7 @@ def write_result(deltas: pd.DataFrame, stage, args: argparse.Namespace, said: li
             formats=args.format,
             workers=None,
             progress=not args.quiet,
+            y=args.y,
         )
     except Exception as error:  # noqa: BLE001 - the computed table must not be lost
         stage.discard_new(keep={"deltas.csv", "run.json"})

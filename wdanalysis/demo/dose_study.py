@@ -43,6 +43,8 @@ LEVELS = {"today": 0.01, "10x": 0.1, "paper": None}
 LENGTHS = (500, 2000)
 MAIN_CELL = ("paper", 500)  # the candidate main job, run at every seed of MAIN_SEEDS
 MAIN_SEEDS = (0, 1, 2)  # fixed before any cell was run (README)
+DELTA_FIELDS = ["module", "parameter", "layer", "step", "delta_m", "delta_d"]
+DELTA_FIELDS += ["decay_shrink", "delta_m_learned"]  # issue 36
 TABLE_FILE = "dose_study.csv"
 SEEDS_FILE = "dose_study_seeds.csv"
 FIGURE_STEM = "dose_response"
@@ -61,6 +63,10 @@ COLUMNS = [
     "pearson_r_boot_low",
     "pearson_r_boot_high",
     "within_step_r",
+    "pearson_r_learned",  # on ΔM less the decay's shrinkage (issue 36): empty in cells
+    "pearson_r_learned_boot_low",  # cached before the trainer recorded it
+    "pearson_r_learned_boot_high",
+    "within_step_r_learned",
     "r_first_step",
     "r_last_step",
     "slope",
@@ -145,9 +151,7 @@ def run_cell(
         "seconds": time.perf_counter() - started,
         "record": record,
         "summary": summary.to_dict(orient="records"),
-        "deltas": deltas[["module", "parameter", "layer", "step", "delta_m", "delta_d"]].to_dict(
-            orient="records"
-        ),
+        "deltas": deltas[DELTA_FIELDS].to_dict(orient="records"),
     }
     write_text_atomic(path, json.dumps(result, indent=1, default=str) + "\n")
     return result

@@ -36,6 +36,10 @@ FIGURE_FILES = (
     "trajectories_query.svg",
     "trajectories_value.png",
     "trajectories_value.svg",
+    "figure2_learned_query.png",  # ΔM less the weight decay's shrinkage (issue 36)
+    "figure2_learned_query.svg",
+    "figure2_learned_value.png",
+    "figure2_learned_value.svg",
     "deltas.csv",
     "fits.csv",
     "summary.csv",
@@ -277,6 +281,7 @@ def analyse(out_dir: Path, settings: DemoSettings, trained: dict, started: float
     write_csv_atomic(deltas, out_dir / "deltas.csv")
     print("[3/3] fits and figures")
     report = write_report(deltas, out_dir)
+    learned = write_learned_figures(deltas, out_dir)
     summary = summarize(report.fits, trained, deltas)
     write_csv_atomic(summary, out_dir / "summary.csv")
     curves = pd.DataFrame(
@@ -287,10 +292,23 @@ def analyse(out_dir: Path, settings: DemoSettings, trained: dict, started: float
         ]
     )
     write_csv_atomic(curves, out_dir / "accuracy.csv")
-    files = [out_dir / "deltas.csv", out_dir / "summary.csv", *report.paths]
+    files = [out_dir / "deltas.csv", out_dir / "summary.csv", *report.paths, *learned]
     return DemoResult(
         out_dir, settings, deltas, report.fits, summary, time.perf_counter() - started, files
     )
+
+
+def write_learned_figures(deltas: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """``figure2_learned_<module>.png/.svg``: Figure 2 of ``delta_m_learned``, ΔM with the
+    weight decay's uniform shrinkage taken out (the bundled trainer records it exactly)."""
+    from wdanalysis.plots.figures import plot_figure2
+    from wdanalysis.plots.report import save_figure_pair
+
+    paths = []
+    for module in MODULES:
+        figure = plot_figure2(deltas, module, y="delta_m_learned", title=f"{module}: learned ΔM")
+        paths += save_figure_pair(figure, out_dir, f"figure2_learned_{module}")
+    return paths
 
 
 # ------------------------------------------------------------------------- figures/ for CI

@@ -14,8 +14,9 @@ import math
 
 import pandas as pd
 
-from wdanalysis.stats.fits import fit_groups
+from wdanalysis.stats.fits import fit_groups, fit_lines
 from wdanalysis.stats.resampling import design_statistics, layer_permutation_test
+from wdanalysis.table.schema import with_y
 
 PAPER = {"FT": (-1, -0.62), "LoRA": (+1, +0.83), "DoRA": (-1, -0.31)}  # slope sign, VL-BART r
 REFERENCE_RUN = "LoRA"  # the permutation test asks "does this method's r differ from LoRA's?"
@@ -105,7 +106,32 @@ def summarize(
                 **_dose_columns(record, module),
             }
         )
-    return pd.DataFrame(rows)
+    return _with_learned(pd.DataFrame(rows), deltas, keys, n_boot)
+
+
+LEARNED = {  # column of the fits / design statistics → its name on delta_m_learned
+    "slope": "slope_learned",
+    "pearson_r": "pearson_r_learned",
+    "pearson_r_boot_low": "pearson_r_learned_boot_low",
+    "pearson_r_boot_high": "pearson_r_learned_boot_high",
+    "within_step_r": "within_step_r_learned",
+}
+
+
+def _with_learned(summary: pd.DataFrame, deltas: pd.DataFrame, keys, n_boot: int):
+    """The same fit and intervals on ``delta_m_learned`` (ΔM less the decay's shrinkage,
+    issue 36) as ``*_learned`` columns; NaN where the runs' decay is unknown."""
+    columns = list(LEARNED.values())
+    known = "delta_m_learned" in deltas and deltas["delta_m_learned"].notna().all()
+    if summary.empty or not known:
+        return summary.assign(**{c: math.nan for c in columns})
+    learned = with_y(deltas, "delta_m_learned")
+    fits = fit_lines(learned, per_step=False)
+    fits = fits[fits["scope"] == "pooled"].set_index(keys)
+    design = design_statistics(learned, n_boot=n_boot).set_index(keys)
+    both = fits[["slope", "pearson_r"]].join(design[list(LEARNED)[2:]])
+    both = both.droplevel("run").rename(columns=LEARNED).reset_index()
+    return summary.merge(both, on=[k for k in keys if k != "run"], how="left")
 
 
 def format_summary(summary: pd.DataFrame) -> str:

@@ -35,6 +35,9 @@ class DecompositionChange:
     n_vectors: int
     zero_norm_vectors: int
     part: str | None = None  # the part of a fused weight (``q_proj``), None: the whole
+    # mean_n |m_t[n] − S·m_0[n]|: ΔM less the decay's shrinkage S (``change_from_sums``);
+    # NaN where S is unknown
+    delta_m_learned: float = float("nan")
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -155,12 +158,16 @@ def change_from_sums(
     ad: torch.Tensor,
     dd: torch.Tensor,
     new_norm: torch.Tensor | None = None,
+    shrink: float | None = None,
 ) -> DecompositionChange:
     """ΔM and ΔD from the per-vector sums (see module docstring for the algebra).
 
     ``new_norm``: the new vectors' norms when they are known exactly (a DoRA merge rescales
     row n to norm ``|m[n]|``), signed like ``m``; the sums then describe the direction
     update only (``d = s·B@A``, cosine being scale-free) and a negative ``m`` flips the row.
+    ``shrink``: the factor ``S`` decoupled weight decay applied to the weight (or to DoRA's
+    ``m``) so far; ``delta_m_learned = mean_n |m_t[n] − S·m_0[n]|``, formed as
+    ``(m_t − m_0) + (1 − S)·m_0`` so that ``S = 1`` gives ΔM exactly. ``None``: NaN.
     """
     aa, ad, dd = (t.detach().to("cpu", torch.float64) for t in (aa, ad, dd))
     bb = (aa + 2 * ad + dd).clamp_min(0)
@@ -177,11 +184,15 @@ def change_from_sums(
         valid = valid & (m != 0)
     one_minus_cos = one_minus_cos[valid].clamp(0, 2)
     n_valid = int(valid.sum())
+    learned = float("nan")
+    if shrink is not None:
+        learned = float((delta_norm + (1.0 - float(shrink)) * norm_a).abs().mean())
     return DecompositionChange(
         delta_m=float(delta_norm.abs().mean()),
         delta_d=float(one_minus_cos.mean()) if n_valid else float("nan"),
         n_vectors=int(aa.numel()),
         zero_norm_vectors=int(aa.numel() - n_valid),
+        delta_m_learned=learned,
     )
 
 

@@ -73,21 +73,24 @@ def whole_sums(w0, wt, mode: str, parts: Sequence[Part] | None, axis: str, backe
     )
 
 
-def changes(sums, parts: Sequence[Part] | None, magnitude=None) -> list[DecompositionChange]:
+def changes(
+    sums, parts: Sequence[Part] | None, magnitude=None, shrink: float | None = None
+) -> list[DecompositionChange]:
     """One change for the whole weight, or one per part (``change.part`` naming it).
 
     ``magnitude``: DoRA's new norms on the output axis (one per output feature), or None.
+    ``shrink``: the weight's weight-decay factor, for ``delta_m_learned`` (None: unknown).
     """
     if not parts:
-        return [change_from_sums(sums[0], sums[1], sums[2], new_norm=magnitude)]
+        return [change_from_sums(sums[0], sums[1], sums[2], new_norm=magnitude, shrink=shrink)]
     found = []
     for p, part in enumerate(parts):
         if sums.dim() == 3:  # input axis: the part's own sums
-            change = change_from_sums(sums[p][0], sums[p][1], sums[p][2])
+            change = change_from_sums(sums[p][0], sums[p][1], sums[p][2], shrink=shrink)
         else:
             index = part.indices(sums.device)
             aa, ad, dd = (sums[i].index_select(0, index) for i in range(3))
             m = None if magnitude is None else magnitude.reshape(-1)[index.to(magnitude.device)]
-            change = change_from_sums(aa, ad, dd, new_norm=m)
+            change = change_from_sums(aa, ad, dd, new_norm=m, shrink=shrink)
         found.append(dataclasses.replace(change, part=part.name))
     return found

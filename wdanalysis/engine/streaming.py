@@ -365,7 +365,8 @@ class Engine:
         ):
             self._report_non_finite(key, self.bound[job.index])
         new_norm = magnitude if self.axis == "out" else None
-        return part_sums.changes(sums, self._key_parts, new_norm)
+        shrink = self.bound[job.index].decay_shrink.get(key)  # weight decay's S, if known
+        return part_sums.changes(sums, self._key_parts, new_norm, shrink)
 
     def _effective(self, key, job: MergedJob, mode) -> list[DecompositionChange]:
         """Whole-matrix fallback for the rare adapter layouts (``AdapterModule.merged_whole``)."""
@@ -376,7 +377,7 @@ class Engine:
         sums = part_sums.whole_sums(w0, wt, mode, parts, self.axis, self.backend)
         if not torch.isfinite(sums).all():
             self._report_non_finite(key, item)
-        return part_sums.changes(sums, parts)
+        return part_sums.changes(sums, parts, shrink=item.decay_shrink.get(key))
 
     def _check_base(self, key) -> None:
         w0 = self.base.store.get(key)

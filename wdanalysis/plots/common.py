@@ -47,13 +47,18 @@ PAPER_ORDER: tuple[str, ...] = ("FT", "LoRA", "DoRA")
 MANY_LAYERS = 12
 
 X_LABEL = "ΔD (direction change)"
-_Y_LABELS = {"delta_m": "ΔM (magnitude change)", "delta_d": "ΔD (direction change)"}
+_Y_LABELS = {
+    "delta_m": "ΔM (magnitude change)",
+    "delta_d": "ΔD (direction change)",
+    "delta_m_learned": "ΔM learned (decay's shrinkage removed)",
+}
 
 
 def y_label(y: str, short: bool = False) -> str:
     """The axis label of a column: ``delta_m`` → "ΔM (magnitude change)", others by name."""
     if short:
-        return {"delta_m": "ΔM (magnitude)", "delta_d": "ΔD (direction)"}.get(y, y)
+        short_labels = {"delta_m_learned": "ΔM learned"}
+        return {"delta_m": "ΔM (magnitude)", "delta_d": "ΔD (direction)", **short_labels}.get(y, y)
     return _Y_LABELS.get(y, y)
 
 

@@ -30,7 +30,8 @@ def plot_dose_response(
     ``table`` has columns method, module, steps, seed, decay_dose, pearson_r,
     pearson_r_boot_low and pearson_r_boot_high (``dose_study.csv``). Every seed is a dot;
     the line joins the per-dose mean over seeds; the bars are seed 0's layer-bootstrap
-    interval.
+    interval. Cells with a known ``pearson_r_learned`` (ΔM less the decay's shrinkage,
+    issue 36) add hollow markers joined by a thin line: the "learned" r.
     """
     if table.empty:
         raise WDAnalysisError("no finished cells to plot", hint="run wdanalysis demo --study dose")
@@ -44,6 +45,7 @@ def plot_dose_response(
             colour = f"C{i}"
             for j, steps in enumerate(lengths):
                 _line(ax, rows, method, steps, colour, LENGTH_STYLES[j % len(LENGTH_STYLES)])
+                _learned(ax, rows, method, steps, colour)
             if method in PAPER_R:
                 ax.scatter(
                     PAPER_DOSE[method],
@@ -79,3 +81,19 @@ def _line(ax, rows: pd.DataFrame, method: str, steps: int, colour: str, style: s
     ax.errorbar(
         first["decay_dose"], r, yerr=[low, high], fmt="none", ecolor=colour, alpha=0.5, capsize=2
     )
+
+
+def _learned(ax, rows: pd.DataFrame, method: str, steps: int, colour: str) -> None:
+    """The r of ``delta_m_learned`` where the cells have it (cells cached before issue 36
+    have not)."""
+    if "pearson_r_learned" not in rows:
+        return
+    mine = rows.loc[(rows["method"] == method) & (rows["steps"] == steps)]
+    mine = mine.loc[mine["pearson_r_learned"].notna()]
+    if mine.empty:
+        return
+    mean = mine.groupby("decay_dose", sort=True)["pearson_r_learned"].mean()
+    label = f"{method}, {steps} steps, learned ΔM"
+    ax.plot(mean.index, mean.to_numpy(), ":", lw=0.9, color=colour, label=label)
+    ax.scatter(mine["decay_dose"], mine["pearson_r_learned"], s=18, facecolor="none",
+               edgecolor=colour, zorder=3)  # fmt: skip

@@ -221,7 +221,7 @@ def plot_figure2(
     :func:`wdanalysis.stats.fits.fit_lines`, with the same ``y``) avoids refitting. Panels
     follow ``runs`` if given, else FT, LoRA, DoRA, then other methods in input order. With
     ``axes=`` the panels are drawn into the caller's axes (one per run) and the legend goes
-    into the last one. Returns the figure; never shows it.
+    into the last one; ``y="delta_m_learned"``: ΔM less the decay's shrinkage. Returns it.
     """
     data, order = prepare(deltas, module, runs, y)
     if fits is None:

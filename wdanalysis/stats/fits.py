@@ -34,6 +34,7 @@ from wdanalysis.table.schema import (
     identity_columns,
     name_columns,
     validate_deltas,
+    with_y,
 )
 
 __all__ = [
@@ -300,6 +301,7 @@ def fit_lines(
     user listed them.
     """
     validate_deltas(deltas)
+    deltas = with_y(deltas, y)
     by = list(by) if by is not None else fit_groups(deltas, pool)
     validate_deltas(deltas, required=[*REQUIRED_COLUMNS, *by])
     _check_y(deltas, y)

@@ -30,7 +30,7 @@ from wdanalysis.loaders.runs import (
     aligner_for,
     refuse_quantized,
 )
-from wdanalysis.table import notices
+from wdanalysis.table import decay, notices
 from wdanalysis.table.binding import bind, check_base_dtypes
 from wdanalysis.table.schema import COLUMNS, deltas_row
 from wdanalysis.weights.bound_checkpoint import BoundCheckpoint
@@ -72,6 +72,8 @@ def compare(
     workers: int | None = None,
     whole: Sequence[str] = (),
     skip_bad: bool = False,
+    weight_decay: decay.WeightDecayArg = None,
+    decay_shrink: decay.ShrinkArg = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every selected weight, for every checkpoint of every run.
 
@@ -109,6 +111,13 @@ def compare(
         skip_bad: Leave out (with a warning) a checkpoint refused for its content instead
             of failing; checkpoints still being written are always skipped. Both are
             listed in ``table.attrs["left_out"]``.
+        weight_decay: For runs without the bundled trainer's ``decay_shrink.json``: the
+            decoupled weight decay (with the per-step learning rates of each checkpoint's
+            ``trainer_state.json``), one value for every run or one per run
+            (``wdanalysis.loaders.decay_shrink``).
+        decay_shrink: The decay's shrink factor ``S`` itself per run (``"STEP:S,..."``).
+            Both fill ``decay_shrink`` and ``delta_m_learned`` (empty, with a note in
+            ``table.attrs["decay_notes"]``, where S is unknown).
 
     Returns:
         A long-format DataFrame with columns ``COLUMNS`` (one row per run, step, weight);
@@ -122,7 +131,18 @@ def compare(
             every other checkpoint's rows, complete.
     """
     notices.check_options(modules, workers)
-    plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, whole, skip_bad)
+    plan = plan_comparison(
+        base,
+        runs,
+        modules,
+        labels,
+        axis,
+        fan_in_fan_out,
+        whole=whole,
+        skip_bad=skip_bad,
+        weight_decay=weight_decay,
+        decay_shrink=decay_shrink,
+    )
     rows, errors = compute_rows(plan, plan.selected, progress, device, workers)
     return assemble_table(plan, rows, errors)
 
@@ -141,6 +161,7 @@ class ComparisonPlan:
     shapes: dict[str, tuple[int, ...]]
     parts: dict = field(default_factory=dict)  # fused key -> its selected parts
     backend: str = ""  # what computed the sums (Engine.describe_backend), once computed
+    decay_notes: list[str] = field(default_factory=list)  # runs whose decay S is unknown
 
 
 def plan_comparison(
@@ -152,6 +173,8 @@ def plan_comparison(
     fan_in_fan_out=None,
     whole=(),
     skip_bad=False,
+    weight_decay: decay.WeightDecayArg = None,
+    decay_shrink: decay.ShrinkArg = None,
 ) -> ComparisonPlan:
     """Open and check every input (headers and configs only); see :func:`compare`.
     ``skip_bad``: a checkpoint refused for its content is left out (listed in
@@ -162,6 +185,7 @@ def plan_comparison(
     whole = [whole] if isinstance(whole, str) else list(whole or ())
     notices.check_options(whole, None)
     run_list = _open_runs(runs, labels, skip_bad)
+    decay_options = decay.run_options(run_list, weight_decay, decay_shrink)
     notices.note_quantized_training(run_list)
     if is_auto(base):
         base = base_named_by(run_list)
@@ -185,8 +209,9 @@ def plan_comparison(
         )
     ]
     notices.warn_rows_added(bound, selected, shapes)
+    notes = decay.attach(bound, selected, decay_options, run_list)
     return ComparisonPlan(
-        base_model, run_list, list(selected), bound, axis, transposed, shapes, parts
+        base_model, run_list, list(selected), bound, axis, transposed, shapes, parts, "", notes
     )
 
 
@@ -220,13 +245,14 @@ def assemble_table(
     bound = plan.bound
     failed = [(bound[index], errors[index]) for index in sorted(errors)]  # in bound order
     if not failed:
-        return _table(rows, plan.run_list, plan.backend)
+        return _table(rows, plan.run_list, plan.backend, plan.decay_notes)
     if len(failed) == len(bound):
         raise failed[0][1]
     dropped = {(item.run.name, str(item.checkpoint.path)) for item, _ in failed}
     rows = [row for row in rows if (row["run"], row["checkpoint"]) not in dropped]
     failures = [(item.run.name, item.checkpoint.step, error) for item, error in failed]
-    raise PartialResultError(_table(rows, plan.run_list, plan.backend), failures, len(bound))
+    table = _table(rows, plan.run_list, plan.backend, plan.decay_notes)
+    raise PartialResultError(table, failures, len(bound))
 
 
 def _open_runs(runs: RunsArg, labels: Sequence[str] | None, skip_bad=False) -> list[Run]:
@@ -278,7 +304,7 @@ def _compute(
             name = name_of(key)
             if change.part is not None:  # a part of a fused weight: q_proj, k_proj, …
                 name = replace(name, module=change.part)
-            rows.append(_row(item, name, axis, change))
+            rows.append(_row(item, name, axis, change, item.decay_shrink.get(key)))
         bar.update()
 
     with bar:
@@ -287,7 +313,7 @@ def _compute(
     return rows, errors, engine.describe_backend()
 
 
-def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
+def _row(item: BoundCheckpoint, name, axis: str, change, shrink: float | None) -> dict:
     return deltas_row(
         item.method,
         item.run.name,
@@ -298,10 +324,11 @@ def _row(item: BoundCheckpoint, name, axis: str, change) -> dict:
         checkpoint=str(item.checkpoint.path),
         rows_added=item.rows_added.get(name.parameter, 0),
         label=item.run.label or item.method,
+        decay_shrink=shrink,
     )
 
 
-def _table(rows: list[dict], runs: list[Run], backend: str) -> pd.DataFrame:
+def _table(rows: list[dict], runs: list[Run], backend: str, notes=()) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["step"] = table["step"].astype("Int64")
     table["layer"] = table["layer"].astype("Int64")
@@ -313,6 +340,7 @@ def _table(rows: list[dict], runs: list[Run], backend: str) -> pd.DataFrame:
     ).reset_index(drop=True)
     table.attrs["backend"] = backend
     table.attrs["left_out"] = left_out(runs)  # skipped or refused checkpoints, for run.json
+    table.attrs["decay_notes"] = list(notes)  # why delta_m_learned is empty where it is
     _warn_zero_norms(table)
     return table
 

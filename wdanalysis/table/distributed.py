@@ -88,6 +88,8 @@ def compare_distributed(
     workers: int | None = None,
     whole=(),
     skip_bad: bool = False,
+    weight_decay=None,
+    decay_shrink=None,
 ) -> pd.DataFrame | None:
     """:func:`~wdanalysis.table.comparison.compare` over the job: the table on rank 0,
     ``None`` on the other ranks. Same arguments, same result, same errors."""
@@ -100,7 +102,18 @@ def compare_distributed(
     status: tuple = ("ok",)
     plan, rows, errors, failure = None, [], {}, None
     try:
-        plan = plan_comparison(base, runs, modules, labels, axis, fan_in_fan_out, whole, skip_bad)
+        plan = plan_comparison(
+            base,
+            runs,
+            modules,
+            labels,
+            axis,
+            fan_in_fan_out,
+            whole=whole,
+            skip_bad=skip_bad,
+            weight_decay=weight_decay,
+            decay_shrink=decay_shrink,
+        )
         sizes = [_numel(plan.shapes[key]) for key in plan.selected]
         share = weight_share(plan.selected, sizes, job.rank, job.size)
         rows, errors = compute_rows(plan, share, progress and job.is_main, device, workers)

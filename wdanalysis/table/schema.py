@@ -7,6 +7,7 @@ live tracking (``tracking.csv``), the statistics and the plots. Long format, one
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ __all__ = [
     "read_table",
     "upgrade_table",
     "validate_deltas",
+    "with_y",
 ]
 
 #: 2: ``component`` and ``attention`` beside ``stack`` (which no longer holds "cross"),
@@ -36,7 +38,8 @@ __all__ = [
 #: 3: ``label`` beside ``method``: ``method`` is always the inferred one (FT, LoRA, DoRA,
 #: …), ``label`` the display name (``--labels``, the keys of a ``{label: path}`` dict; else
 #: the method). Older tables held the display name in ``method``: it is read as the label.
-SCHEMA_VERSION = 3
+#: 4: ``decay_shrink`` and ``delta_m_learned`` (issue 36); older tables read them as empty.
+SCHEMA_VERSION = 4
 
 COLUMNS = [
     "method",
@@ -52,6 +55,8 @@ COLUMNS = [
     "axis",
     "delta_m",
     "delta_d",
+    "decay_shrink",
+    "delta_m_learned",
     "n_vectors",
     "zero_norm_vectors",
     "rows_added",
@@ -61,6 +66,7 @@ COLUMNS = [
 _ADDED_IN_2 = {"component": "", "attention": "", "rows_added": 0}
 #: The column figures, fits and printed tables name a run by (its display name).
 NAME_COLUMN = "label"
+_ADDED_IN_4 = {"decay_shrink": math.nan, "delta_m_learned": math.nan}
 #: Columns every statistic needs; the rest of the deltas table is carried along unused.
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "method",
@@ -83,12 +89,15 @@ def deltas_row(
     checkpoint: str = "",
     rows_added: int = 0,
     label: str | None = None,
+    decay_shrink: float | None = None,
 ) -> dict:
     """One row of the deltas table (``COLUMNS``); shared by ``compare`` and live tracking.
 
     ``method``: the inferred one; ``label``: the display name (default: the method).
     ``rows_added``: rows of the checkpoint's matrix beyond the base's (a vocabulary resized
-    for added tokens), left out of ΔM/ΔD.
+    for added tokens), left out of ΔM/ΔD. ``decay_shrink``: the weight decay's factor ``S``
+    on the weight's norms (None: unknown, NaN in the table); ``change.delta_m_learned`` is
+    ``mean_n |m_t[n] − S·m_0[n]|``.
     """
     return {
         "method": method,
@@ -104,6 +113,8 @@ def deltas_row(
         "axis": axis,
         "delta_m": change.delta_m,
         "delta_d": change.delta_d,
+        "decay_shrink": math.nan if decay_shrink is None else float(decay_shrink),
+        "delta_m_learned": getattr(change, "delta_m_learned", math.nan),
         "n_vectors": change.n_vectors,
         "zero_norm_vectors": change.zero_norm_vectors,
         "rows_added": rows_added,
@@ -115,7 +126,8 @@ def upgrade_table(table: pd.DataFrame) -> pd.DataFrame:
     """A table of an older schema with the columns added since, as an older table means
     them (no component, no attention kind, no added rows; its ``method`` held the display
     name, so that is the ``label``)."""
-    missing = {c: v for c, v in _ADDED_IN_2.items() if c not in table.columns}
+    added = _ADDED_IN_2 | _ADDED_IN_4
+    missing = {c: v for c, v in added.items() if c not in table.columns}
     if NAME_COLUMN not in table.columns and "method" in table.columns:
         at = list(table.columns).index("method") + 1
         table = table.copy()
@@ -178,6 +190,27 @@ def validate_deltas(deltas: pd.DataFrame, required: Sequence[str] = REQUIRED_COL
                 f"column {column} must be numeric, found dtype {deltas[column].dtype}",
                 hint="read deltas.csv with pandas.read_csv, which parses numbers",
             )
+
+
+#: What fits and figures may put on the y axis: ΔM, or ΔM less the weight decay's shrinkage.
+Y_COLUMNS = ("delta_m", "delta_m_learned")
+
+
+def with_y(deltas: pd.DataFrame, y: str = "delta_m") -> pd.DataFrame:
+    """The table with ``y`` in the ``delta_m`` column, which every fit and figure reads
+    (``y="delta_m_learned"``: Figure 2 with the decay taken out; rows where it is unknown
+    are NaN and dropped, with a warning, like any undefined point)."""
+    if y not in Y_COLUMNS:
+        raise WDAnalysisError(f"y must be one of {', '.join(Y_COLUMNS)}, got {y!r}")
+    if y == "delta_m":
+        return deltas
+    if y not in deltas.columns or not pd.to_numeric(deltas[y], errors="coerce").notna().any():
+        raise WDAnalysisError(
+            f"the table has no known {y}",
+            hint="the runs' weight decay is unknown: compare them with --weight-decay or "
+            "--decay-shrink, or train with wdanalysis train (it records the shrink factor)",
+        )
+    return deltas.assign(delta_m=pd.to_numeric(deltas[y], errors="coerce"))
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

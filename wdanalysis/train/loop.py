@@ -33,6 +33,7 @@ from wdanalysis.train.data import (
     load_dataset,
     logits_of,
 )
+from wdanalysis.train.decay_record import ShrinkTracker, restore_shrink, write_shrink
 from wdanalysis.train.diagnostics import decay_dose, lr_factor
 from wdanalysis.train.distributed import World
 from wdanalysis.train.inject import (
@@ -114,6 +115,7 @@ def train(
     dose = decay_dose(model, groups, config.lr, config.warmup_steps, config.max_steps)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     scheduler = linear_schedule(optimizer, config.warmup_steps, config.max_steps)
+    shrink = ShrinkTracker(distributed.unwrap(model), groups)  # decay_shrink.json
     torch.manual_seed(distributed.rank_seed(config.seed + 2, world))  # dropout stream
 
     run_dir = distributed.on_main(
@@ -123,6 +125,7 @@ def train(
     last = distributed.on_main(world, lambda: last_checkpoint(run_dir, config))
     if last is not None:
         start, history = restore(model, optimizer, scheduler, config, last, world)
+        restore_shrink(shrink, optimizer, config.warmup_steps, config.max_steps, config.lr, last)
 
     def adapter_part(name: str, param: nn.Parameter) -> bool:  # what an adapter file holds
         return param.requires_grad or name.endswith(ADAPTER_SUFFIXES)
@@ -132,6 +135,7 @@ def train(
     def save(step: int) -> None:
         state = distributed.gather_state(model, optimizer, world, only)  # every rank
         args = (distributed.unwrap(model), spec, config, task, state, scheduler, step, history)
+        args += (shrink.record(optimizer),)
         distributed.on_main(world, lambda: write_checkpoint(run_dir, *args))  # rank 0 writes
 
     save_at = set(config.checkpoint_steps())
@@ -154,9 +158,10 @@ def train(
         indices = batch_indices(len(data.train), config.batch_size, step, config.seed)
         records = [data.train[i] for i in distributed.shard(indices, world)]
         batch = collate(records, tokenizer, task, config.max_length)
+        shrink.before_update(optimizer)  # the factor AdamW applies in this update
+        rate = optimizer.param_groups[0]["lr"]  # logged as the HF Trainer does: this update's
         loss = training_step(model, batch, task, world, optimizer, scheduler, config.max_grad_norm)
         seconds += time.perf_counter() - tick
-        rate = scheduler.get_last_lr()[0]
         history.append({"step": step + 1, "loss": loss, "learning_rate": rate})
         bar.set_postfix(loss=f"{loss:.4f}")
         if on_step is not None:
@@ -322,11 +327,15 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, dose: dict | None = None
     return run_dir
 
 
-def write_checkpoint(run_dir, model, spec, config, task, state, scheduler, step, history):
+def write_checkpoint(
+    run_dir, model, spec, config, task, state, scheduler, step, history, shrink=None
+):
     """``checkpoint-<step>/``, written whole or not at all (on rank 0 only under torchrun).
 
     ``state`` holds the full model weights, the optimizer state and every rank's RNG
-    state, gathered from all ranks beforehand (``distributed.gather_state``).
+    state, gathered from all ranks beforehand (``distributed.gather_state``). ``shrink``:
+    the decay record of :class:`~wdanalysis.train.decay_record.ShrinkTracker`, written as
+    ``decay_shrink.json``.
     """
 
     def fill(folder: Path) -> None:
@@ -336,6 +345,8 @@ def write_checkpoint(run_dir, model, spec, config, task, state, scheduler, step,
             save_adapter(model, spec, folder, str(config.model_dir), task, state["weights"])
         ckpt.save_training_state(folder, state["optimizer"], scheduler, step, state["rng"])
         ckpt.write_trainer_state(folder, step, config.max_steps, history)
+        if shrink is not None:
+            write_shrink(folder, shrink)
 
     ckpt.write_checkpoint(run_dir, step, fill)
     if not config.keep_all_training_states:  # optimizer state is 2x the model: keep one

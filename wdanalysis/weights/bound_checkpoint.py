@@ -29,6 +29,10 @@ class BoundCheckpoint:
     # base key → rows the checkpoint's matrix has beyond the base's (a resized vocabulary):
     # only the base's rows are compared (:func:`vocabulary_rows_added`)
     rows_added: dict[str, int] = field(default_factory=dict)
+    # base key → S, the factor decoupled weight decay applied to the tensor carrying the
+    # weight's norms (the weight, or DoRA's m); keys with an unknown S are absent
+    # (:mod:`wdanalysis.loaders.decay_shrink`)
+    decay_shrink: dict[str, float] = field(default_factory=dict)
 
 
 # Output heads over the vocabulary (rows = tokens), besides the embeddings' names.
