@@ -125,13 +125,13 @@ def test_delta_m_learned_matches_float64(setup, table):
     """FT: mean |‖w_t‖ − S‖w_0‖| from the stored weights; DoRA: mean ||m| − S‖w_0‖|."""
     base = _base(setup)
     checked = 0
-    for _, row in table[table["method"].isin(["FT", "DoRA"])].iterrows():
+    for _, row in table[table["label"].isin(["FT", "DoRA"])].iterrows():
         step = int(row["step"])
-        folder = setup["runs"]["ft" if row["method"] == "FT" else "dora"] / f"checkpoint-{step}"
+        folder = setup["runs"]["ft" if row["label"] == "FT" else "dora"] / f"checkpoint-{step}"
         shrink = _torch_shrink(step)
         assert row["decay_shrink"] == pytest.approx(shrink, rel=1e-14)
         w0 = base[row["parameter"]]
-        if row["method"] == "FT":
+        if row["label"] == "FT":
             new = _row_norms(load_file(str(folder / "model.safetensors"))[row["parameter"]])
         else:
             saved = load_file(str(folder / "adapter_model.safetensors"))
@@ -147,13 +147,13 @@ def test_delta_m_learned_matches_float64(setup, table):
 
 
 def test_lora_base_is_never_decayed(table):
-    lora = table[table["method"] == "LoRA"]
+    lora = table[table["label"] == "LoRA"]
     assert len(lora) == 8 and (lora["decay_shrink"] == 1.0).all()
     assert (lora["delta_m_learned"] == lora["delta_m"]).all()
 
 
 def test_no_decay_learned_equals_raw(table):
-    plain = table[table["method"] == "FT0"]
+    plain = table[table["label"] == "FT0"]
     assert len(plain) == 8 and (plain["decay_shrink"] == 1.0).all()
     assert (plain["delta_m_learned"] == plain["delta_m"]).all()
     assert (plain["delta_m"] > 0).all()
@@ -203,17 +203,18 @@ def test_fits_on_learned_differ_from_raw(table):
         warnings.simplefilter("ignore")
         raw = fit_lines(table, per_step=False)
         learned = fit_lines(table, per_step=False, y="delta_m_learned")
-    lora = lambda f: f[f["method"] == "LoRA"]["slope"].to_numpy()  # noqa: E731
-    ft = lambda f: f[f["method"] == "FT"]["slope"].to_numpy()  # noqa: E731
+    lora = lambda f: f[f["label"] == "LoRA"]["slope"].to_numpy()  # noqa: E731
+    ft = lambda f: f[f["label"] == "FT"]["slope"].to_numpy()  # noqa: E731
     assert lora(raw) == pytest.approx(lora(learned), rel=0, abs=0)
     assert not ft(raw) == pytest.approx(ft(learned), rel=1e-3)
 
 
 def test_demo_summary_and_figure_carry_the_learned_fit(table):
     from wdanalysis.demo.summary import summarize
-    from wdanalysis.plots.figures import Y_LABEL_LEARNED, plot_figure2
+    from wdanalysis.plots.common import y_label
+    from wdanalysis.plots.figures import plot_figure2
 
-    decayed = table[table["method"].isin(["FT", "LoRA", "DoRA"])]
+    decayed = table[table["label"].isin(["FT", "LoRA", "DoRA"])]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = summarize(fit_lines(decayed), {}, decayed, n_boot=200)
@@ -224,7 +225,7 @@ def test_demo_summary_and_figure_carry_the_learned_fit(table):
         assert row["pearson_r_learned"] == pytest.approx(fit["pearson_r"].iloc[0])
         assert row["pearson_r_learned_boot_low"] <= row["pearson_r_learned_boot_high"]
     figure = plot_figure2(decayed, "query", y="delta_m_learned")
-    assert figure.axes[0].get_ylabel() == Y_LABEL_LEARNED
+    assert figure.axes[0].get_ylabel() == y_label("delta_m_learned")
 
 
 @pytest.mark.parametrize("record_kept", [True, False])

@@ -17,6 +17,7 @@ from matplotlib.collections import PathCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from wdanalysis.errors import WDAnalysisError  # noqa: E402
+from wdanalysis.plots.common import y_label  # noqa: E402
 from wdanalysis.plots.figures import (  # noqa: E402
     FIT_GID,
     X_LABEL,
@@ -376,7 +377,7 @@ def test_y_parameter_sets_the_column_and_the_axis_labels():
     deltas["delta_m_learned"] = -deltas["delta_m"]
     figure = plot_figure2(deltas, y="delta_m_learned")
     ax = panels(figure)[0]
-    assert ax.get_ylabel() == "delta_m_learned"
+    assert ax.get_ylabel() == y_label("delta_m_learned") == "ΔM learned (decay's shrinkage removed)"
     ft = deltas[deltas["method"] == "FT"]
     np.testing.assert_allclose(
         np.sort(scatter_offsets(ax)[:, 1]), np.sort(ft["delta_m_learned"].to_numpy())
@@ -386,11 +387,11 @@ def test_y_parameter_sets_the_column_and_the_axis_labels():
     slope = np.diff(line.get_ydata()) / np.diff(line.get_xdata())
     assert slope.item() == pytest.approx(want, rel=1e-9)
     trajectories = plot_trajectories(deltas, y="delta_m_learned")
-    assert panels(trajectories)[0].get_ylabel() == "delta_m_learned"
+    assert panels(trajectories)[0].get_ylabel() == y_label("delta_m_learned", short=True)
     np.testing.assert_allclose(
         panels(trajectories)[0].get_lines()[0].get_ydata(),
         ft[ft["layer"] == 0].sort_values("step")["delta_m_learned"],
     )
     heat = plot_heatmap(deltas, y="delta_m_learned")
-    assert panels(heat)[0].get_ylabel().startswith("delta_m_learned")
+    assert panels(heat)[0].get_ylabel().startswith(y_label("delta_m_learned", short=True))
     assert Y_LABEL in panels(plot_figure2(deltas))[0].get_ylabel()

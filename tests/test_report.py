@@ -190,4 +190,4 @@ def test_y_parameter_labels_the_figures_and_fits(tmp_path):
     result = write_report(deltas, tmp_path, dpi=30, formats="svg", y="delta_m_learned")
     assert (result.fits["y"] == "delta_m_learned").all()
     svg = (tmp_path / "figure2_q_proj.svg").read_text()
-    assert "delta_m_learned" in svg and "magnitude change" not in svg
+    assert "ΔM learned" in svg and "magnitude change" not in svg

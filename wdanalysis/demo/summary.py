@@ -131,7 +131,9 @@ def _with_learned(summary: pd.DataFrame, deltas: pd.DataFrame, keys, n_boot: int
     design = design_statistics(learned, n_boot=n_boot).set_index(keys)
     both = fits[["slope", "pearson_r"]].join(design[list(LEARNED)[2:]])
     both = both.droplevel("run").rename(columns=LEARNED).reset_index()
-    return summary.merge(both, on=[k for k in keys if k != "run"], how="left")
+    on = [k for k in keys if k != "run" and k in summary.columns]  # (label: not kept)
+    both = both.drop(columns=[k for k in keys if k in both.columns and k not in on])
+    return summary.merge(both, on=on, how="left")
 
 
 def format_summary(summary: pd.DataFrame) -> str:

@@ -301,7 +301,8 @@ def fit_lines(
     user listed them.
     """
     validate_deltas(deltas)
-    deltas = with_y(deltas, y)
+    if y == "delta_m_learned":
+        with_y(deltas, y)  # one line when the decay is unknown: its message says what to pass
     by = list(by) if by is not None else fit_groups(deltas, pool)
     validate_deltas(deltas, required=[*REQUIRED_COLUMNS, *by])
     _check_y(deltas, y)
