@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.plots.layout import fixed_figure, layout_of
 from wdanalysis.stats.fits import drop_undefined, select_module, validate_deltas
 from wdanalysis.table.schema import name_column
 
@@ -127,16 +128,16 @@ def axes_grid(
     sharex: bool | str,
     sharey: bool | str,
 ) -> tuple[Figure, np.ndarray]:
-    """A fresh constrained-layout figure, or the caller's axes checked for the right count."""
+    """A fresh fixed-layout figure (:mod:`wdanalysis.plots.layout`), or the caller's axes
+    checked for the right count."""
     if axes is not None:
         grid = np.asarray(axes, dtype=object).reshape(-1)
         if grid.size != nrows * ncols:
             raise ValueError(f"need {nrows * ncols} axes (one per panel), got {grid.size}")
         return grid[0].get_figure(), grid.reshape(nrows, ncols)
     size = figsize or (3.3 * ncols + 1.1, 3.0 * nrows + 0.9)
-    figure = Figure(figsize=size, dpi=dpi or 100, layout="constrained")
-    grid = figure.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=False)
-    return figure, grid
+    margins = {"hspace": 0.5} if sharex in (True, "col", "all") else {}  # no inner x labels
+    return fixed_figure(nrows, ncols, size, dpi, sharex, sharey, **margins)
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -173,7 +174,12 @@ def colourbar(figure: Figure, axes: np.ndarray, colours, label: str = "layer", t
     """One colourbar for all panels; integer ticks, or ``ticks`` = (positions, labels)."""
     colormap, norm = colours
     mappable = mpl.cm.ScalarMappable(norm=norm, cmap=colormap)
-    bar = figure.colorbar(mappable, ax=list(axes.ravel()), label=label, fraction=0.05, pad=0.02)
+    layout = layout_of(figure)
+    if layout is not None:  # placed by finish()
+        layout.colourbar = figure.add_axes((0.9, 0.1, 0.02, 0.8), label="<colorbar>")
+        bar = figure.colorbar(mappable, cax=layout.colourbar, label=label)
+    else:
+        bar = figure.colorbar(mappable, ax=list(axes.ravel()), label=label, fraction=0.05)
     if ticks is not None:
         positions, labels = ticks
         bar.set_ticks(positions, labels=labels)
@@ -187,11 +193,15 @@ def legend_below(figure: Figure, axes: np.ndarray, handles: list, title: str) ->
     """Below the panels when we own the layout (never over data), else in the last panel."""
     if not handles:
         return
-    if isinstance(figure.get_layout_engine(), mpl.layout_engine.ConstrainedLayoutEngine):
+    layout = layout_of(figure)
+    if layout is not None:  # finish() makes room below the panels
+        ncols = min(len(handles), 7)
+        layout.legend_lines = -(-len(handles) // ncols) + (1 if title else 0)
         figure.legend(
             handles=handles,
-            loc="outside lower center",
-            ncols=min(len(handles), 7),
+            loc="lower center",
+            bbox_to_anchor=(0.5, 0.01),
+            ncols=ncols,
             title=title,
             frameon=False,
             handletextpad=0.3,

@@ -47,6 +47,7 @@ from wdanalysis.plots.common import (
 from wdanalysis.plots.common import scientific as scientific_axes
 from wdanalysis.plots.heatmap import plot_heatmap
 from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind, pooled_fit
+from wdanalysis.plots.layout import finish
 from wdanalysis.plots.trajectories import plot_trajectories
 from wdanalysis.stats.fits import fit_lines
 
@@ -248,4 +249,4 @@ def plot_figure2(
     _decorate(figure, grid, style, steps)
     if title:
         figure.suptitle(title)
-    return figure
+    return finish(figure)

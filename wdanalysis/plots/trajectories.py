@@ -37,6 +37,7 @@ from wdanalysis.plots.common import (
 )
 from wdanalysis.plots.common import scientific as scientific_axes
 from wdanalysis.plots.kinds import identity_frame, kind_label, kinds_of
+from wdanalysis.plots.layout import finish
 from wdanalysis.table.schema import IDENTITY_COLUMNS
 
 __all__ = ["DEPTH_GROUPS", "STACK_STYLES", "depth_groups", "plot_trajectories"]
@@ -192,4 +193,4 @@ def plot_trajectories(
     legend_below(figure, grid, handles, title="depth group (bold: median)" if summary else "kind")
     if title:
         figure.suptitle(title)
-    return figure
+    return finish(figure)
