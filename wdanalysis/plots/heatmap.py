@@ -101,7 +101,7 @@ def plot_heatmap(
     kinds = kinds_of(data)
     quantities = [(kind, column) for kind in kinds for column in (y, "delta_d")]
     layers = max(int(pd.to_numeric(data["layer"], errors="coerce").nunique()), 1)
-    height = max(1.9, min(0.045 * layers + 1.2, 5.0))
+    height = max(2.3, min(0.045 * layers + 1.6, 5.4))  # a panel plus its 0.75 in gap
     size = figsize or (3.6 * len(order) + 0.6, height * len(quantities) + 0.8)
     margins = {"left": 1.0, "right": 0.75, "wspace": 1.15, "hspace": 0.75}
     figure, grid = fixed_figure(len(quantities), len(order), size, dpi, **margins)
