@@ -33,6 +33,8 @@ __all__ = [
     "cycle",
     "layer_colours",
     "legend_below",
+    "light_grid",
+    "panel_title",
     "n_layers",
     "order_runs",
     "panel_titles",
@@ -46,6 +48,11 @@ PAPER_ORDER: tuple[str, ...] = ("FT", "LoRA", "DoRA")
 #: Above this many layers a colour per layer cannot be told apart: the figures switch to
 #: their scalable design (steps as colour, layers summarised; docs/guides/report.md).
 MANY_LAYERS = 12
+#: Points between a panel and its title: room for the y axis' ×10⁻ⁿ multiplier.
+TITLE_PAD = 16.0
+#: Ticks per axis at most (each tick is several artists to build and draw).
+MAX_TICKS = 6
+_GRID = {"axes.grid": True, "grid.linewidth": 0.4, "grid.alpha": 0.4}
 
 X_LABEL = "ΔD (direction change)"
 _Y_LABELS = {"delta_m": "ΔM (magnitude change)", "delta_d": "ΔD (direction change)"}
@@ -127,17 +134,36 @@ def axes_grid(
     dpi: float | None,
     sharex: bool | str,
     sharey: bool | str,
+    lines: bool = True,
 ) -> tuple[Figure, np.ndarray]:
     """A fresh fixed-layout figure (:mod:`wdanalysis.plots.layout`), or the caller's axes
-    checked for the right count."""
+    checked for the right count; ``lines``: the light grid behind the data."""
     if axes is not None:
         grid = np.asarray(axes, dtype=object).reshape(-1)
         if grid.size != nrows * ncols:
             raise ValueError(f"need {nrows * ncols} axes (one per panel), got {grid.size}")
         return grid[0].get_figure(), grid.reshape(nrows, ncols)
     size = figsize or (3.3 * ncols + 1.1, 3.0 * nrows + 0.9)
-    margins = {"hspace": 0.5} if sharex in (True, "col", "all") else {}  # no inner x labels
-    return fixed_figure(nrows, ncols, size, dpi, sharex, sharey, **margins)
+    if lines:  # set at creation: turning the grid on afterwards restyles every tick
+        with mpl.rc_context(_GRID):
+            return fixed_figure(nrows, ncols, size, dpi, sharex, sharey, **_margins(sharex))
+    return fixed_figure(nrows, ncols, size, dpi, sharex, sharey, **_margins(sharex))
+
+
+def _margins(sharex: bool | str) -> dict[str, float]:
+    return {"hspace": 0.5} if sharex in (True, "col", "all") else {}  # no inner x labels
+
+
+def light_grid(ax: Axes) -> None:
+    """The panels' light grid on a caller's axes (:func:`axes_grid` draws it on its own)."""
+    if layout_of(ax.get_figure()) is None:
+        ax.grid(True, lw=_GRID["grid.linewidth"], alpha=_GRID["grid.alpha"])
+
+
+def panel_title(ax: Axes, text: str, pad: float = TITLE_PAD, **kwargs) -> None:
+    """A panel's title at a fixed height, clear of the ×10⁻ⁿ multiplier above the y axis
+    (placing it automatically measures the axis at every draw)."""
+    ax.set_title(text, y=1.0, pad=pad, **kwargs)
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -163,11 +189,13 @@ class PowerOfTen(ScalarFormatter):
 
 
 def scientific(ax: Axes, axes: Sequence[str] = ("x", "y")) -> None:
-    """×10⁻ⁿ multipliers instead of long decimals: ΔM and ΔD are often ~1e-4."""
+    """×10⁻ⁿ multipliers instead of long decimals (ΔM and ΔD are often ~1e-4), and at
+    most :data:`MAX_TICKS` round ticks."""
     for name in axes:
         axis = ax.xaxis if name == "x" else ax.yaxis
         if isinstance(axis.get_major_formatter(), ScalarFormatter):  # not a log axis
             axis.set_major_formatter(PowerOfTen())
+            axis.set_major_locator(MaxNLocator(nbins=MAX_TICKS - 1, steps=[1, 2, 2.5, 5, 10]))
 
 
 def colourbar(figure: Figure, axes: np.ndarray, colours, label: str = "layer", ticks=None):

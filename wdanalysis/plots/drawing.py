@@ -8,9 +8,10 @@ matplotlib, scipy) again and again, a third of the drawing time.
 
 When there are enough jobs to pay for it, worker processes draw beside the calling
 process, which draws too (so the workers' start-up is not waited for). Workers are
-forked from a ``forkserver`` that imported the plotting modules once (``spawn`` where
-there is no forkserver): safe whatever threads the caller runs, and no worker imports
-anything itself. The order of the returned files never depends on which process
+forked from this process when it runs one thread and has not loaded torch (they start
+at once, with everything imported), else from a ``forkserver`` that imported the
+plotting modules once (safe whatever threads the caller runs; ``spawn`` where there is
+no fork), so no worker imports torch. The order of the returned files never depends on which process
 finished first.
 """
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import sys
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -119,21 +122,26 @@ def paused_gc() -> Iterator[None]:
 
 
 def _context():
-    """A forkserver that has imported the plotting modules, else spawn (no forkserver)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    """``fork`` where it is safe and free (one thread, no torch loaded: workers inherit
+    every imported module), else a forkserver that has imported the plotting modules
+    once, else ``spawn`` (no fork on the platform)."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1 and "torch" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    if "forkserver" not in methods:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     return context
 
 
-def _beside_workers(jobs: Sequence[FigureJob], draw: Callable, workers: int, bar) -> list:
+def _beside_workers(jobs: Sequence[FigureJob], draw: Callable, workers: int, bar, context) -> list:
     """Jobs drawn here from the front of the list while ``workers`` processes take them
     from the back; returns each job's result, in job order."""
     results: list = [None] * len(jobs)
     pending = deque(range(len(jobs)))
     running: dict[Future, int] = {}
-    with ProcessPoolExecutor(workers, mp_context=_context()) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
 
         def collect(timeout: float | None) -> None:
             done, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -179,6 +187,7 @@ def draw_jobs(
 
     formats = parse_formats(formats)
     count = _workers(workers, len(jobs))
+    context = _context() if count > 1 else None  # before the bar: tqdm may start a thread
     bar = tqdm(total=len(jobs), desc="figures", unit="fig", disable=not progress, leave=False)
     draw = partial(_draw, out_dir=out_dir, formats=formats, dpi=dpi)
     try:
@@ -188,6 +197,6 @@ def draw_jobs(
                 results.append(draw(job))
                 bar.update()
             return results
-        return _beside_workers(jobs, draw, count - 1, bar)
+        return _beside_workers(jobs, draw, count - 1, bar, context)
     finally:
         bar.close()

@@ -38,8 +38,10 @@ from wdanalysis.plots.common import (
     cycle,
     layer_colours,
     legend_below,
+    light_grid,
     n_layers,
     order_runs,
+    panel_title,
     panel_titles,
     prepare,
     y_label,
@@ -240,11 +242,11 @@ def plot_figure2(
             _scatter_panel(ax, frame, steps, style)
             _fit_line(ax, frame, fit)
             r = np.nan if fit is None else float(fit["pearson_r"])
-            ax.set_title(f"{titles[run]}{label} ({_format_r(r)})")
+            panel_title(ax, f"{titles[run]}{label} ({_format_r(r)})")
             ax.set_xlabel(X_LABEL)
             if scientific:
                 scientific_axes(ax)
-            ax.grid(True, lw=0.4, alpha=0.4)
+            light_grid(ax)
         grid[row, 0].set_ylabel(y_label(y))
     _decorate(figure, grid, style, steps)
     if title:

@@ -19,7 +19,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from wdanalysis.plots.common import PowerOfTen, panel_titles, prepare, y_label
+from wdanalysis.plots.common import PowerOfTen, panel_title, panel_titles, prepare, y_label
 from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind
 from wdanalysis.plots.layout import finish, fixed_figure, layout_of
 
@@ -111,7 +111,8 @@ def plot_heatmap(
         for ax, run in zip(grid[row], order, strict=True):
             _panel(ax, figure, of_kind(data.loc[data["run"] == run], kind), column)
             if row == 0 or column == y:
-                ax.set_title(titles[run] + (f" · {label}" if label else ""), fontsize="medium")
+                text = titles[run] + (f" · {label}" if label else "")
+                panel_title(ax, text, pad=6.0, fontsize="medium")
         grid[row, 0].set_ylabel(f"{y_label(column, short=True)}\nlayer")
     for ax in grid[-1]:
         ax.set_xlabel("training step")
