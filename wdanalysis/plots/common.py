@@ -50,7 +50,7 @@ PAPER_ORDER: tuple[str, ...] = ("FT", "LoRA", "DoRA")
 MANY_LAYERS = 12
 #: Points between a panel and its title: room for the y axis' ×10⁻ⁿ multiplier.
 TITLE_PAD = 16.0
-#: Ticks per axis at most (each tick is several artists to build and draw).
+#: Intervals between ticks at most (each tick is several artists to build and draw).
 MAX_TICKS = 6
 _GRID = {"axes.grid": True, "grid.linewidth": 0.4, "grid.alpha": 0.4}
 
@@ -190,12 +190,12 @@ class PowerOfTen(ScalarFormatter):
 
 def scientific(ax: Axes, axes: Sequence[str] = ("x", "y")) -> None:
     """×10⁻ⁿ multipliers instead of long decimals (ΔM and ΔD are often ~1e-4), and at
-    most :data:`MAX_TICKS` round ticks."""
+    most :data:`MAX_TICKS` round intervals between ticks."""
     for name in axes:
         axis = ax.xaxis if name == "x" else ax.yaxis
         if isinstance(axis.get_major_formatter(), ScalarFormatter):  # not a log axis
             axis.set_major_formatter(PowerOfTen())
-            axis.set_major_locator(MaxNLocator(nbins=MAX_TICKS - 1, steps=[1, 2, 2.5, 5, 10]))
+            axis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, steps=[1, 2, 2.5, 5, 10]))
 
 
 def colourbar(figure: Figure, axes: np.ndarray, colours, label: str = "layer", ticks=None):
