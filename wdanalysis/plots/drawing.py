@@ -42,8 +42,8 @@ __all__ = ["FORMATS", "FigureJob", "draw_jobs", "parse_formats", "save_figure"]
 FORMATS: tuple[str, ...] = ("png", "svg", "pdf")
 #: Fewer jobs than this are drawn in the calling process: workers take ~1 s to start.
 PARALLEL_FROM = 6
-#: zlib level of the PNG files: 1 writes them about twice as fast as the default 6, for
-#: files ~15 % larger (figures are flat colours and lines).
+#: zlib level of the PNG files: 1 compresses them about a third faster than the default 6,
+#: for files ~15 % larger (figures are flat colours and lines).
 PNG_COMPRESSION = 1
 #: What the worker processes' forkserver imports once, before forking them.
 _PRELOAD = ["wdanalysis.plots.drawing", "wdanalysis.plots.figures"]
