@@ -11,8 +11,8 @@ process, which draws too (so the workers' start-up is not waited for). Workers a
 forked from this process when it runs one thread and has not loaded torch (they start
 at once, with everything imported), else from a ``forkserver`` that imported the
 plotting modules once (safe whatever threads the caller runs; ``spawn`` where there is
-no fork), so no worker imports torch. The order of the returned files never depends on which process
-finished first.
+no fork), so no worker imports torch. The order of the returned files never depends on
+which process finished first.
 """
 
 from __future__ import annotations
