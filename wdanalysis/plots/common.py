@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from wdanalysis.errors import WDAnalysisError
+from wdanalysis.plots.layout import fixed_figure, layout_of
 from wdanalysis.stats.fits import drop_undefined, select_module, validate_deltas
 from wdanalysis.table.schema import name_column
 
@@ -32,6 +33,8 @@ __all__ = [
     "cycle",
     "layer_colours",
     "legend_below",
+    "light_grid",
+    "panel_title",
     "n_layers",
     "order_runs",
     "panel_titles",
@@ -45,6 +48,11 @@ PAPER_ORDER: tuple[str, ...] = ("FT", "LoRA", "DoRA")
 #: Above this many layers a colour per layer cannot be told apart: the figures switch to
 #: their scalable design (steps as colour, layers summarised; docs/guides/report.md).
 MANY_LAYERS = 12
+#: Points between a panel and its title: room for the y axis' ×10⁻ⁿ multiplier.
+TITLE_PAD = 16.0
+#: Intervals between ticks at most (each tick is several artists to build and draw).
+MAX_TICKS = 6
+_GRID = {"axes.grid": True, "grid.linewidth": 0.4, "grid.alpha": 0.4}
 
 X_LABEL = "ΔD (direction change)"
 _Y_LABELS = {
@@ -131,17 +139,36 @@ def axes_grid(
     dpi: float | None,
     sharex: bool | str,
     sharey: bool | str,
+    lines: bool = True,
 ) -> tuple[Figure, np.ndarray]:
-    """A fresh constrained-layout figure, or the caller's axes checked for the right count."""
+    """A fresh fixed-layout figure (:mod:`wdanalysis.plots.layout`), or the caller's axes
+    checked for the right count; ``lines``: the light grid behind the data."""
     if axes is not None:
         grid = np.asarray(axes, dtype=object).reshape(-1)
         if grid.size != nrows * ncols:
             raise ValueError(f"need {nrows * ncols} axes (one per panel), got {grid.size}")
         return grid[0].get_figure(), grid.reshape(nrows, ncols)
     size = figsize or (3.3 * ncols + 1.1, 3.0 * nrows + 0.9)
-    figure = Figure(figsize=size, dpi=dpi or 100, layout="constrained")
-    grid = figure.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=False)
-    return figure, grid
+    if lines:  # set at creation: turning the grid on afterwards restyles every tick
+        with mpl.rc_context(_GRID):
+            return fixed_figure(nrows, ncols, size, dpi, sharex, sharey, **_margins(sharex))
+    return fixed_figure(nrows, ncols, size, dpi, sharex, sharey, **_margins(sharex))
+
+
+def _margins(sharex: bool | str) -> dict[str, float]:
+    return {"hspace": 0.5} if sharex in (True, "col", "all") else {}  # no inner x labels
+
+
+def light_grid(ax: Axes) -> None:
+    """The panels' light grid on a caller's axes (:func:`axes_grid` draws it on its own)."""
+    if layout_of(ax.get_figure()) is None:
+        ax.grid(True, lw=_GRID["grid.linewidth"], alpha=_GRID["grid.alpha"])
+
+
+def panel_title(ax: Axes, text: str, pad: float = TITLE_PAD, **kwargs) -> None:
+    """A panel's title at a fixed height, clear of the ×10⁻ⁿ multiplier above the y axis
+    (placing it automatically measures the axis at every draw)."""
+    ax.set_title(text, y=1.0, pad=pad, **kwargs)
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -167,18 +194,25 @@ class PowerOfTen(ScalarFormatter):
 
 
 def scientific(ax: Axes, axes: Sequence[str] = ("x", "y")) -> None:
-    """×10⁻ⁿ multipliers instead of long decimals: ΔM and ΔD are often ~1e-4."""
+    """×10⁻ⁿ multipliers instead of long decimals (ΔM and ΔD are often ~1e-4), and at
+    most :data:`MAX_TICKS` round intervals between ticks."""
     for name in axes:
         axis = ax.xaxis if name == "x" else ax.yaxis
         if isinstance(axis.get_major_formatter(), ScalarFormatter):  # not a log axis
             axis.set_major_formatter(PowerOfTen())
+            axis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, steps=[1, 2, 2.5, 5, 10]))
 
 
 def colourbar(figure: Figure, axes: np.ndarray, colours, label: str = "layer", ticks=None):
     """One colourbar for all panels; integer ticks, or ``ticks`` = (positions, labels)."""
     colormap, norm = colours
     mappable = mpl.cm.ScalarMappable(norm=norm, cmap=colormap)
-    bar = figure.colorbar(mappable, ax=list(axes.ravel()), label=label, fraction=0.05, pad=0.02)
+    layout = layout_of(figure)
+    if layout is not None:  # placed by finish()
+        layout.colourbar = figure.add_axes((0.9, 0.1, 0.02, 0.8), label="<colorbar>")
+        bar = figure.colorbar(mappable, cax=layout.colourbar, label=label)
+    else:
+        bar = figure.colorbar(mappable, ax=list(axes.ravel()), label=label, fraction=0.05)
     if ticks is not None:
         positions, labels = ticks
         bar.set_ticks(positions, labels=labels)
@@ -192,11 +226,15 @@ def legend_below(figure: Figure, axes: np.ndarray, handles: list, title: str) ->
     """Below the panels when we own the layout (never over data), else in the last panel."""
     if not handles:
         return
-    if isinstance(figure.get_layout_engine(), mpl.layout_engine.ConstrainedLayoutEngine):
+    layout = layout_of(figure)
+    if layout is not None:  # finish() makes room below the panels
+        ncols = min(len(handles), 7)
+        layout.legend_lines = -(-len(handles) // ncols) + (1 if title else 0)
         figure.legend(
             handles=handles,
-            loc="outside lower center",
-            ncols=min(len(handles), 7),
+            loc="lower center",
+            bbox_to_anchor=(0.5, 0.01),
+            ncols=ncols,
             title=title,
             frameon=False,
             handletextpad=0.3,

@@ -38,8 +38,10 @@ from wdanalysis.plots.common import (
     cycle,
     layer_colours,
     legend_below,
+    light_grid,
     n_layers,
     order_runs,
+    panel_title,
     panel_titles,
     prepare,
     y_label,
@@ -47,6 +49,7 @@ from wdanalysis.plots.common import (
 from wdanalysis.plots.common import scientific as scientific_axes
 from wdanalysis.plots.heatmap import plot_heatmap
 from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind, pooled_fit
+from wdanalysis.plots.layout import finish
 from wdanalysis.plots.trajectories import plot_trajectories
 from wdanalysis.stats.fits import fit_lines
 
@@ -239,13 +242,13 @@ def plot_figure2(
             _scatter_panel(ax, frame, steps, style)
             _fit_line(ax, frame, fit)
             r = np.nan if fit is None else float(fit["pearson_r"])
-            ax.set_title(f"{titles[run]}{label} ({_format_r(r)})")
+            panel_title(ax, f"{titles[run]}{label} ({_format_r(r)})")
             ax.set_xlabel(X_LABEL)
             if scientific:
                 scientific_axes(ax)
-            ax.grid(True, lw=0.4, alpha=0.4)
+            light_grid(ax)
         grid[row, 0].set_ylabel(y_label(y))
     _decorate(figure, grid, style, steps)
     if title:
         figure.suptitle(title)
-    return figure
+    return finish(figure)

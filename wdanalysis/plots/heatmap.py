@@ -19,8 +19,9 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from wdanalysis.plots.common import PowerOfTen, panel_titles, prepare, y_label
+from wdanalysis.plots.common import PowerOfTen, panel_title, panel_titles, prepare, y_label
 from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind
+from wdanalysis.plots.layout import finish, fixed_figure, layout_of
 
 __all__ = ["HEATMAP_GID", "heatmap_grid", "plot_heatmap"]
 
@@ -72,7 +73,10 @@ def _panel(ax: Axes, figure: Figure, frame: pd.DataFrame, column: str) -> None:
             lambda v, _: str(layers[int(v)]) if 0 <= int(v) < len(layers) else ""
         )
     )
-    bar = figure.colorbar(mesh, ax=ax, fraction=0.08, pad=0.02, format=PowerOfTen())
+    layout = layout_of(figure)
+    cax = figure.add_axes((0.9, 0.1, 0.02, 0.8), label="<colorbar>")
+    layout.panel_bars.append((ax, cax))  # placed right of the panel by finish()
+    bar = figure.colorbar(mesh, cax=cax, format=PowerOfTen())
     bar.ax.tick_params(labelsize="small")
 
 
@@ -97,20 +101,21 @@ def plot_heatmap(
     kinds = kinds_of(data)
     quantities = [(kind, column) for kind in kinds for column in (y, "delta_d")]
     layers = max(int(pd.to_numeric(data["layer"], errors="coerce").nunique()), 1)
-    height = max(1.9, min(0.045 * layers + 1.2, 5.0))
+    height = max(2.3, min(0.045 * layers + 1.6, 5.4))  # a panel plus its 0.75 in gap
     size = figsize or (3.6 * len(order) + 0.6, height * len(quantities) + 0.8)
-    figure = Figure(figsize=size, dpi=dpi or 100, layout="constrained")
-    grid = figure.subplots(len(quantities), len(order), squeeze=False, sharex=False)
+    margins = {"left": 1.0, "right": 0.75, "wspace": 1.15, "hspace": 0.75}
+    figure, grid = fixed_figure(len(quantities), len(order), size, dpi, **margins)
     titles = panel_titles(data, order)
     for row, (kind, column) in enumerate(quantities):
         label = kind_label(kind)
         for ax, run in zip(grid[row], order, strict=True):
             _panel(ax, figure, of_kind(data.loc[data["run"] == run], kind), column)
             if row == 0 or column == y:
-                ax.set_title(titles[run] + (f" · {label}" if label else ""), fontsize="medium")
+                text = titles[run] + (f" · {label}" if label else "")
+                panel_title(ax, text, pad=6.0, fontsize="medium")
         grid[row, 0].set_ylabel(f"{y_label(column, short=True)}\nlayer")
     for ax in grid[-1]:
         ax.set_xlabel("training step")
     if title:
         figure.suptitle(title)
-    return figure
+    return finish(figure)

@@ -30,13 +30,16 @@ from wdanalysis.plots.common import (
     cycle,
     layer_colours,
     legend_below,
+    light_grid,
     n_layers,
+    panel_title,
     panel_titles,
     prepare,
     y_label,
 )
 from wdanalysis.plots.common import scientific as scientific_axes
 from wdanalysis.plots.kinds import identity_frame, kind_label, kinds_of
+from wdanalysis.plots.layout import finish
 from wdanalysis.table.schema import IDENTITY_COLUMNS
 
 __all__ = ["DEPTH_GROUPS", "STACK_STYLES", "depth_groups", "plot_trajectories"]
@@ -175,13 +178,13 @@ def plot_trajectories(
             _summary_lines(pair, rows, palette, styles, (y, "delta_d"))
         else:
             _weight_lines(pair, rows, colours, styles, (y, "delta_d"))
-        pair[0].set_title(titles[run])
+        panel_title(pair[0], titles[run])
         pair[1].set_xlabel("training step")
         for ax in pair:
             _step_ticks(ax, data["step"])
             if scientific:
                 scientific_axes(ax, axes=("y",))  # steps stay plain integers
-            ax.grid(True, lw=0.4, alpha=0.4)
+            light_grid(ax)
     grid[0, 0].set_ylabel(y_label(y, short=True))
     grid[1, 0].set_ylabel(y_label("delta_d", short=True))
     handles = [Line2D([], [], color=c, lw=2.2, label=g) for g, c in palette.items()]
@@ -192,4 +195,4 @@ def plot_trajectories(
     legend_below(figure, grid, handles, title="depth group (bold: median)" if summary else "kind")
     if title:
         figure.suptitle(title)
-    return figure
+    return finish(figure)

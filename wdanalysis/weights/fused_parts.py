@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from wdanalysis.storage.safe_regex import REGEX_CHARS
 from wdanalysis.storage.safe_regex import search as safe_search
+
+if TYPE_CHECKING:  # imported where used: reading a table (and drawing it) needs no torch
+    import torch
 
 __all__ = ["Missing", "Part", "config_int", "heads_of", "interleave", "qkv", "requested"]
 
@@ -28,6 +30,8 @@ class Part:
 
     def indices(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The output features of this part, in order (a long tensor)."""
+        import torch
+
         return torch.cat([torch.arange(a, b, device=device) for a, b in self.runs])
 
 

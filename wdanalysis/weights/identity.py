@@ -28,10 +28,12 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from wdanalysis.loaders.checkpoint_kinds import FullModel
-from wdanalysis.loaders.formats.pipeline import is_pipeline
 from wdanalysis.weights.selection import WeightName, module_path
+
+if TYPE_CHECKING:  # the loaders import torch: the table and the figures need neither
+    from wdanalysis.loaders.checkpoint_kinds import FullModel
 
 __all__ = ["IDENTITY_COLUMNS", "describe_weight", "identity_namer", "name_weights"]
 
@@ -59,6 +61,8 @@ def _segments(path: str) -> list[str]:
 
 def _component_of(keys: list[str], path: Path | None) -> Callable[[str], tuple[str, str]]:
     """``key → (component, key inside the component)`` for this base's keys."""
+    from wdanalysis.loaders.formats.pipeline import is_pipeline
+
     if path is not None and Path(path).is_dir() and is_pipeline(Path(path)):
         return lambda key: tuple(key.split(".", 1)) if "." in key else ("", key)
     if not any(k.startswith("model.diffusion_model.") for k in keys):

@@ -1,0 +1,97 @@
+"""The figures' fixed layouts (no layout engine): nothing overlaps, nothing leaves the
+figure, at a few and at many layers; and what makes drawing cheap stays true (no layout
+engine, no torch import, workers started the cheap way when that is safe)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+from builders import synthetic_deltas  # noqa: E402
+
+from wdanalysis.plots import drawing  # noqa: E402
+from wdanalysis.plots.figures import plot_figure2, plot_heatmap, plot_trajectories  # noqa: E402
+from wdanalysis.plots.layout import layout_of  # noqa: E402
+
+SPEC = (("FT", -0.62), ("LoRA", 0.83), ("DoRA", -0.31))
+
+
+def texts_of(ax):
+    """Every visible text an axes draws: tick labels, axis labels, title, multipliers."""
+    axes = (ax.xaxis, ax.yaxis)
+    texts = [ax.title, *(a.label for a in axes), *(a.get_offset_text() for a in axes)]
+    texts += [t for t in ax.xaxis.get_ticklabels() if inside(t.get_position()[0], ax.get_xlim())]
+    texts += [t for t in ax.yaxis.get_ticklabels() if inside(t.get_position()[1], ax.get_ylim())]
+    return [t for t in texts if t.get_visible() and t.get_text()]
+
+
+def inside(value: float, limits: tuple[float, float]) -> bool:
+    """A tick within the view limits: matplotlib draws only those."""
+    low, high = sorted(limits)
+    return low - 1e-9 * abs(high - low) <= value <= high + 1e-9 * abs(high - low)
+
+
+def boxes(figure):
+    """Per axes (and per legend): its frame and the boxes of its texts, in pixels."""
+    figure.draw_without_rendering()
+    renderer = figure._get_renderer()
+    named = []
+    for index, ax in enumerate(figure.axes):
+        name = f"{ax.get_label() or 'panel'} {index} {ax.get_title()!r}"
+        frame = [ax.get_window_extent(renderer)]
+        named.append((name, frame + [t.get_window_extent(renderer) for t in texts_of(ax)]))
+    named += [("legend", [legend.get_window_extent(renderer)]) for legend in figure.legends]
+    return named, figure.bbox
+
+
+def overlap(one, other) -> float:
+    both = one.intersection(one, other)
+    return 0.0 if both is None else max(both.width, 0) * max(both.height, 0)
+
+
+@pytest.mark.parametrize("layers, steps", [(6, (100, 200, 300)), (48, tuple(range(100, 900, 100)))])
+@pytest.mark.parametrize("draw", [plot_figure2, plot_trajectories, plot_heatmap])
+def test_nothing_overlaps_and_everything_is_inside(draw, layers, steps):
+    deltas = synthetic_deltas(SPEC, steps, layers, ("q_proj",), ("encoder", "decoder"), 0)
+    deltas[["delta_m", "delta_d"]] *= 1e-3  # tick labels with a ×10⁻ⁿ multiplier
+    figure = draw(deltas, title="module: q_proj")
+    assert layout_of(figure) is not None and figure.get_layout_engine() is None
+    named, frame = boxes(figure)
+    for index, (name, parts) in enumerate(named):
+        for box in parts:
+            assert frame.x0 - 1 <= box.x0 and box.x1 <= frame.x1 + 1, f"{name} leaves the figure"
+            assert frame.y0 - 1 <= box.y0 and box.y1 <= frame.y1 + 1, f"{name} leaves the figure"
+        for other, other_parts in named[index + 1 :]:
+            worst = max(overlap(a, b) for a in parts for b in other_parts)
+            assert worst < 4, f"{name} overlaps {other} ({draw.__name__}): {worst:.0f} px²"
+
+
+def test_the_plotting_path_imports_no_torch():
+    """Figure workers import the plotting modules; torch would cost seconds each."""
+    code = "import sys, wdanalysis.plots.report; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_workers_fork_only_from_a_single_threaded_process_without_torch():
+    chosen = {}
+    if "torch" not in sys.modules:
+        chosen["alone"] = drawing._context().get_start_method()
+    thread = threading.Thread(target=lambda: chosen.update(threaded=drawing._context()))
+    stop = threading.Event()
+    waiter = threading.Thread(target=stop.wait)
+    waiter.start()
+    try:
+        thread.start()
+        thread.join()
+    finally:
+        stop.set()
+        waiter.join()
+    assert chosen["threaded"].get_start_method() in ("forkserver", "spawn")
+    assert chosen.get("alone", "fork") == "fork"
