@@ -79,7 +79,8 @@ def test_the_plotting_path_imports_no_torch():
     assert done.stdout.strip() == "False", done.stderr
 
 
-def test_workers_fork_only_from_a_single_threaded_process_without_torch():
+def test_workers_fork_only_from_a_single_threaded_process_without_torch(monkeypatch):
+    monkeypatch.setattr(drawing, "_main_reimport_safe", lambda: True)  # e.g. the CLI
     chosen = {}
     if "torch" not in sys.modules:
         chosen["alone"] = drawing._context().get_start_method()
@@ -95,3 +96,24 @@ def test_workers_fork_only_from_a_single_threaded_process_without_torch():
         waiter.join()
     assert chosen["threaded"].get_start_method() in ("forkserver", "spawn")
     assert chosen.get("alone", "fork") == "fork"
+
+
+def test_no_worker_reimports_a_script_without_a_main_guard(monkeypatch, tmp_path):
+    """A user's script (the docs' snippets have no ``if __name__ == "__main__"``) would run
+    again in every forkserver/spawn worker: figures are then drawn in the calling process."""
+    import types
+
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "analyse.py")
+    script.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    monkeypatch.setattr(sys, "argv", [script.__file__])
+    assert not drawing._main_reimport_safe()
+    monkeypatch.setattr(threading, "active_count", lambda: 2)  # torch's threads, say
+    assert drawing._context() is None
+    cli = types.ModuleType("__main__")
+    cli.__file__ = "/venv/bin/wdanalysis"
+    cli.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", cli)
+    monkeypatch.setattr(sys, "argv", [cli.__file__])
+    assert drawing._main_reimport_safe()

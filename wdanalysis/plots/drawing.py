@@ -121,13 +121,30 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+def _main_reimport_safe() -> bool:
+    """Whether a forkserver or spawned worker may import ``__main__`` again, as
+    multiprocessing does: an interactive session or notebook kernel (no script), or
+    wdanalysis' own command line. A user's script may lack the ``if __name__ ==
+    "__main__"`` guard (the docs' snippets do), and would then run again in every worker."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(main, "__file__", None) is None or (spec and spec.name.startswith("wdanalysis")):
+        return True
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return script == "wdanalysis" or "ipykernel" in (spec.name if spec else "")
+
+
 def _context():
     """``fork`` where it is safe and free (one thread, no torch loaded: workers inherit
     every imported module), else a forkserver that has imported the plotting modules
-    once, else ``spawn`` (no fork on the platform)."""
+    once, else ``spawn`` (no fork on the platform); None where neither may import the
+    caller's ``__main__`` again (:func:`_main_reimport_safe`): then figures are drawn
+    here."""
     methods = multiprocessing.get_all_start_methods()
     if "fork" in methods and threading.active_count() == 1 and "torch" not in sys.modules:
         return multiprocessing.get_context("fork")
+    if not _main_reimport_safe():
+        return None
     if "forkserver" not in methods:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
@@ -188,6 +205,7 @@ def draw_jobs(
     formats = parse_formats(formats)
     count = _workers(workers, len(jobs))
     context = _context() if count > 1 else None  # before the bar: tqdm may start a thread
+    count = count if context is not None else 1
     bar = tqdm(total=len(jobs), desc="figures", unit="fig", disable=not progress, leave=False)
     draw = partial(_draw, out_dir=out_dir, formats=formats, dpi=dpi)
     try:
