@@ -50,6 +50,14 @@ RUN_JSON = {
     "python": "3.11.7",
     "torch": "2.13.0+cpu",
     "platform": "Linux-x86_64",
+    "left_out": [  # as compare --skip-bad records a refused checkpoint
+        {
+            "run": "lora",
+            "checkpoint": "runs/lora/checkpoint-20",
+            "left_out": "refused",
+            "reason": "unknown tensor lora_X",
+        }
+    ],
 }
 
 
@@ -112,6 +120,7 @@ def test_page_shows_fits_notes_warnings_and_run_facts(report):
         assert interval.replace("-", "−") in text
     assert "within-step r" in text and "layer bootstrap (2000" in text
     assert "dropped 1 of" in text  # the warning
+    assert "lora checkpoint-20 (refused: unknown tensor lora_X)" in text  # left out, named
     for fact in ("models/base", "runs/ft, runs/lora", "c-kernel (fused, 2 threads)", "2.13.0+cpu"):
         assert fact in text, fact
     assert "Per-step fits" in text

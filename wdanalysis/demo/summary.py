@@ -167,4 +167,7 @@ def sign_verdict(summary: pd.DataFrame) -> str:
     if mismatched.empty:
         return "Every pooled slope sign matches the paper (FT −, LoRA +, DoRA −)."
     pairs = ", ".join(f"{r.method}/{r.module}" for r in mismatched.itertuples())
-    return f"Pooled slope sign differs from the paper for: {pairs} (see README, 'Demo results')."
+    return (
+        f"Pooled slope sign differs from the paper for: {pairs} "
+        "(see docs/reproduction.md and docs/guides/decay.md)."
+    )

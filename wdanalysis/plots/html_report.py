@@ -159,7 +159,14 @@ def _run_section(out_dir: Path) -> str:
     except (OSError, ValueError):
         return "<h2 id='run'>Run</h2><p class='sub'>no run.json in this folder</p>"
     options = record.get("options", {}) if isinstance(record, dict) else {}
+    left = record.get("left_out") if isinstance(record, dict) else None
     facts = {
+        "left out": [  # checkpoints being written, or refused under --skip-bad
+            f"{i.get('run')} {Path(str(i.get('checkpoint'))).name} "
+            f"({i.get('left_out')}: {' '.join(str(i.get('reason')).split())})"
+            for i in left or []
+            if isinstance(i, dict)
+        ],
         "base": options.get("base"),
         "runs": options.get("runs"),
         "labels": options.get("labels"),
