@@ -331,27 +331,28 @@ def test_second_compare_leaves_no_stale_figures(capsys, tmp_path, base):
     )
     assert code == 0, err
     names = _names(out)
-    assert "figure2.png" in names and not any("_proj" in n for n in names), names
+    stale = [n for n in names if "q_proj" in n or "v_proj" in n]  # the first run's figures
+    assert "figure2_up_proj.png" in names and not stale, names
     assert (out / "notes.txt").read_text() == "mine"
     assert _leftovers(tmp_path) == []
 
 
 def test_ctrl_c_while_figures_are_drawn(capsys, tmp_path, base, monkeypatch):
-    import wdanalysis.plots.report as report
+    import wdanalysis.plots.drawing as drawing
 
     run = ft_run(tmp_path / "run", base_state())
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "compare", base, run, "--out", out, "--quiet", "--no-figures")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    original, calls = report.save_figure_pair, []
+    original, calls = drawing.save_figure, []
 
     def interrupt_on_third(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # figure2 drawn and saved, trajectories not
+        if len(calls) == 2:  # figure2 drawn and saved, the next one not
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(report, "save_figure_pair", interrupt_on_third)
+    monkeypatch.setattr(drawing, "save_figure", interrupt_on_third)
     argv = ["compare", base, run, "--out", out, "--quiet", "--axis", "in", "--modules", "q_proj"]
     code, _, err = run_cli(capsys, *argv)
     assert code == 130
@@ -361,12 +362,12 @@ def test_ctrl_c_while_figures_are_drawn(capsys, tmp_path, base, monkeypatch):
 
 
 def test_failing_figures_keep_the_computed_table(capsys, tmp_path, base, monkeypatch):
-    import wdanalysis.plots.report as report
+    import wdanalysis.plots.figures as figures
 
     def broken(*args, **kwargs):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(report, "plot_trajectories", broken)
+    monkeypatch.setattr(figures, "plot_trajectories", broken)
     ft = ft_run(tmp_path / "run", base_state())
     code, _, err = run_cli(capsys, "compare", base, ft, "--out", tmp_path / "out", "--quiet")
     assert code == 2 and "the figures failed (no display)" in err

@@ -137,13 +137,15 @@ def _register_compare(subparsers) -> None:
         nargs="+",
         metavar="WD",
         help="decoupled weight decay of runs without decay_shrink.json (one, or one per "
-        "run): S from trainer_state.json's per-step learning rates (delta_m_learned)",
+        "run): S from trainer_state.json's per-step learning rates (delta_m_learned; "
+        "default: none, S unknown unless recorded)",
     )
     parser.add_argument(
         "--decay-shrink",
         nargs="+",
         metavar="S",
-        help="the decay's shrink factor per run: S, STEP:S[,STEP:S...] or - (unknown)",
+        help="the decay's shrink factor per run: S, STEP:S[,STEP:S...] or - (unknown; "
+        "default: none)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
     parser.add_argument(
