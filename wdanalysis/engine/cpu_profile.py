@@ -83,5 +83,29 @@ def restore_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def caller_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op threads back at the caller's ``threads`` (the
+    number :func:`one_torch_thread` returned; ``None``: nothing was changed).
+
+    For a whole-matrix merge that reproduces another library's float32 computation (PEFT's
+    PiSSA/OLoRA/KaSA init recomputed by an SVD or QR, C3A's FFT, PSOFT's SVD, …): MKL's
+    float32 SVD, QR and FFT round differently with 1 and 2 threads (a few 1e-7 of the
+    result), so the engine's own choice of one thread must not change what is reproduced.
+    With the caller's setting, the merge is PEFT's own under the same settings (bit for bit
+    the training process's where it ran on this machine with the same thread count).
+    """
+    if threads is None:
+        yield
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
 #: the profile of the engine run that finished last in this process (benchmarks read it)
 last: CpuProfile | None = None

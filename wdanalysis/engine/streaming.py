@@ -160,7 +160,7 @@ class Engine:
         pin = self.device.type == "cuda"
         reader = Reader(requests, n_buffers, size, pin)
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
-        threads = cpu_profile.one_torch_thread(self.device)  # the workers are the threads
+        threads = self._threads = cpu_profile.one_torch_thread(self.device)  # workers = threads
         try:
             for (key, jobs), rows_per_block in zip(plans, blocks, strict=True):
                 for job, change in self._run_key(key, jobs, rows_per_block, reader, pool):
@@ -372,7 +372,8 @@ class Engine:
         """Whole-matrix fallback for the rare adapter layouts (``AdapterModule.merged_whole``)."""
         item = self.bound[job.index]
         w0 = self.base.store.get(key)
-        wt = effective_weight(item, key, w0, self.transposed)
+        with cpu_profile.caller_threads(self._threads):  # PEFT's float32 maths, as PEFT runs it
+            wt = effective_weight(item, key, w0, self.transposed)
         w0, wt, parts = w0.to(self.device), wt.to(self.device), self._key_parts
         sums = part_sums.whole_sums(w0, wt, mode, parts, self.axis, self.backend)
         if not torch.isfinite(sums).all():
