@@ -20,7 +20,12 @@ factorisation, same float32 input) gives PEFT's initial values. Embedding layers
 alone by PEFT's PiSSA/OLoRA (their LoRA is zero-initialised), so only 2-D weights change.
 
 The rounding of PEFT's residual base to the model's dtype (bf16, say) is not a change the
-training made and is not counted: at step 0 the change is exactly zero.
+training made and is not counted: at step 0 the change is exactly zero. That holds where
+the init is recomputed as PEFT computed it: MKL's float32 SVD and QR round differently with
+another number of threads (a few 1e-7 of ``B₀A₀``), so the recomputation runs under this
+process's torch thread count (the engine restores the caller's for it) and bit for bit
+matches a training run on the same machine with the same count; a run trained elsewhere
+(other threads, a GPU) starts at a ΔM of float32 rounding (≈ 1e-9 on a tiny model), not 0.
 """
 
 from __future__ import annotations
@@ -86,7 +91,9 @@ def _factors(kind: str, w0: torch.Tensor, rank: int, scaling: float):
     """Two factors whose product is :func:`initial_part`, cached per weight and init."""
     weight = w0.detach().to(torch.float32).contiguous()  # PEFT factors float32 copies of W0
     digest = hashlib.blake2b(weight.numpy().tobytes(), digest_size=16).digest()
-    key = (kind, rank, scaling, tuple(weight.shape), digest)
+    # MKL's float32 SVD/QR round differently per thread count: PEFT's own result is the one
+    # under this process's threads (the engine runs this under the caller's, not its one)
+    key = (kind, rank, scaling, tuple(weight.shape), digest, torch.get_num_threads())
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
