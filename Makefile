@@ -25,10 +25,8 @@ demo: setup
 figures: setup
 	$(VENV)/bin/wdanalysis demo --out runs/demo --figures figures --quiet $(if $(CI),,--if-stale)
 
-# One intra-op thread per test process: two float64 checks at 1e-9 (a PiSSA run's step 0,
-# PEFT's C3A merge) see BLAS's threaded summation order (see the 0.2.0 note in CHANGELOG).
 test: figures
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check wdanalysis tests benchmarks

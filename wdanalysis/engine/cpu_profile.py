@@ -76,13 +76,6 @@ def one_torch_thread(device) -> int | None:
     return threads
 
 
-def restore_torch_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 @contextmanager
 def caller_threads(threads: int | None) -> Iterator[None]:
     """Run the block with torch's intra-op threads back at the caller's ``threads`` (the
@@ -105,6 +98,13 @@ def caller_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(1)
+
+
+def restore_torch_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 #: the profile of the engine run that finished last in this process (benchmarks read it)
