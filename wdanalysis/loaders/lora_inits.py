@@ -25,7 +25,7 @@ the init is recomputed as PEFT computed it: MKL's float32 SVD and QR round diffe
 another number of threads (a few 1e-7 of ``B₀A₀``), so the recomputation runs under this
 process's torch thread count (the engine restores the caller's for it) and bit for bit
 matches a training run on the same machine with the same count; a run trained elsewhere
-(other threads, a GPU) starts at a ΔM of float32 rounding (≈ 1e-9 on a tiny model), not 0.
+(other threads, a GPU) starts at a ΔM of float32 rounding (a few 1e-9 on a tiny model).
 """
 
 from __future__ import annotations
