@@ -261,10 +261,12 @@ def child_raw(work: Path, direct: bool = False) -> dict:
     return {"bytes": total}
 
 
-def child_wdanalysis(work: Path, workers: int, device: str) -> dict:
+def child_wdanalysis(work: Path, workers: int, device: str, timeline: Path | None) -> dict:
     from wdanalysis import compare
     from wdanalysis.engine import cpu_profile
 
+    if timeline is not None:
+        cpu_profile.timeline = cpu_profile.Timeline()
     runs = [work / "ft", work / "lora", work / "dora"]
     table = compare(
         work / "base",
@@ -274,11 +276,16 @@ def child_wdanalysis(work: Path, workers: int, device: str) -> dict:
         workers=workers or None,  # 0: compare's default
         device=device,
     )
-    return {
-        "rows": len(table),
-        "summary": _summary(table),
-        "profile": cpu_profile.last.per_gb(),
-    }
+    out = {"rows": len(table), "summary": _summary(table), "profile": cpu_profile.last.per_gb()}
+    if timeline is not None:
+        spans = cpu_profile.timeline
+        out["timeline"] = {
+            "wall_s": time.perf_counter() - spans.origin,
+            "busy": spans.busy(),
+            "disk_busy_s": _union([(e[2], e[3]) for e in spans.events if e[1] == "read"]),
+        }
+        timeline.write_text(json.dumps(spans.events))
+    return out
 
 
 def child_naive(work: Path) -> dict:
@@ -319,6 +326,16 @@ def child_naive(work: Path) -> dict:
     return {"rows": len(rows)}
 
 
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one span (the time some read was in flight)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
 def _summary(table) -> dict:
     last = table.groupby("run")[["delta_m", "delta_d"]].mean()
     return {run: [float(v) for v in row] for run, row in last.iterrows()}
@@ -345,7 +362,7 @@ def run_child(args) -> None:
     if args.child in ("raw", "raw-direct"):
         out = child_raw(args.workdir, direct=args.child == "raw-direct")
     elif args.child == "wdanalysis":
-        out = child_wdanalysis(args.workdir, args.workers, args.device)
+        out = child_wdanalysis(args.workdir, args.workers, args.device, args.timeline)
     else:
         out = child_naive(args.workdir)
     out["seconds"] = time.perf_counter() - t
@@ -370,6 +387,8 @@ def phase(args, name: str, files, workers=1, threads=0) -> dict:
         "--device",
         args.device,
     ]
+    if args.timeline and name == "wdanalysis":
+        cmd += ["--timeline", str(args.timeline.with_suffix(f".w{workers}t{threads}.json"))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if done.returncode or line is None:
@@ -460,6 +479,16 @@ def report_profile(res: dict, total: int) -> dict:
     return {"rest_core_s": rest, "core_s_per_gb_read": per_gb, "cores_needed": cores}
 
 
+def report_timeline(spans: dict) -> None:
+    """Busy wall-clock seconds per thread and kind of span (``--timeline``)."""
+    wall = spans["wall_s"]
+    disk = spans["disk_busy_s"]
+    print(f"    some read in flight {disk:.2f} s of {wall:.2f} s ({disk / wall:.0%})")
+    for thread, kinds in sorted(spans["busy"].items()):
+        parts = ", ".join(f"{k} {v:.2f} s ({v / wall:.0%})" for k, v in sorted(kinds.items()))
+        print(f"    {thread}: {parts}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=4096)
@@ -488,6 +517,12 @@ def main() -> None:
         help="only the profile: one cold wdanalysis run with the default workers",
     )
     parser.add_argument("--out", type=Path, help="JSON results (default: none)")
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        help="FILE: record every read, wait and compute span of the wdanalysis runs "
+        "(FILE.wWtT.json per variant) and print the busy seconds per thread",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--child", choices=["raw", "raw-direct", "wdanalysis", "naive"], help=argparse.SUPPRESS
@@ -565,6 +600,8 @@ def run_phases(args, files, total: int, ckpt: int, results: dict) -> None:
         label = f"wdanalysis workers={workers or 'dflt'} thr={threads or 'dflt'}"
         line(label, res)
         runs[label] = res
+        if "timeline" in res:
+            report_timeline(res["timeline"])
     results["wdanalysis"] = runs
     default = next(iter(runs.values()))
     free = next(
