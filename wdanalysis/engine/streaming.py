@@ -258,35 +258,38 @@ class Engine:
     def _compare_block(self, block: Block, a, jobs: list[Job], reader: Reader, pool) -> None:
         """Accumulate every live job's sums for this block.
 
+        Each job starts as soon as its input is there: adapters and in-memory matrices at
+        once (they need only the base rows), each file job when its read arrives, so the
+        workers compute while the main thread still waits for the block's other reads.
         Every file job's buffer is taken from the reader, even for a failed checkpoint, so
         that reads stay in step with the schedule, and given back as soon as that job's
-        block is done (the reader refills it while the other jobs still compute). Without
-        a pool each file block is compared at once; with one, blocks run in parallel.
+        block is done (the reader refills it while the other jobs still compute).
         """
-        tasks = []
-        for job in jobs:
+        futures = []
+
+        def start(task) -> None:
+            if pool is None:
+                self._compare_release(block, a, reader, task)
+            else:
+                futures.append(pool.submit(self._compare_release, block, a, reader, task))
+
+        for job in sorted(jobs, key=lambda j: isinstance(j, FileJob)):  # reads in job order
             live = job.index not in self.failures
             if isinstance(job, FileJob):
                 buf, error = reader.get()
                 if live and error is not None:
                     self.failures[job.index] = read_error(block.key, job.extent, error)
                     live = False
-                task = (job, as_matrix(buf, job.extent, block.n, block.cols), buf)
-                if live and pool is not None:
-                    tasks.append(task)
-                elif live:
-                    self._compare_release(block, a, reader, task)
+                if live:
+                    start((job, as_matrix(buf, job.extent, block.n, block.cols), buf))
                 else:
                     reader.release(buf)
             elif live and isinstance(job, DenseJob):
-                tasks.append((job, job.matrix[block.start : block.start + block.n], None))
+                start((job, job.matrix[block.start : block.start + block.n], None))
             elif live and isinstance(job, (AdapterJob, TokenJob)):
-                tasks.append((job, None, None))
-        if pool is not None and len(tasks) > 1:
-            list(pool.map(lambda t: self._compare_release(block, a, reader, t), tasks))
-        else:
-            for task in tasks:
-                self._compare_release(block, a, reader, task)
+                start((job, None, None))
+        for future in futures:
+            future.result()
 
     def _compare_release(self, block: Block, a, reader: Reader, task) -> None:
         """One job's block (:meth:`_compare`), then its read buffer back to the reader."""
