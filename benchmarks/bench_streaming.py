@@ -23,7 +23,7 @@ page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``, after ``fsync``):
 Throughput is the total size of the files over wall time (the same bytes for all three).
 Core-seconds are the process's CPU time (``getrusage``: every thread, user + system), per GB
 read; the wdanalysis phase also reports them per path (``wdanalysis.engine.cpu_profile``:
-FT checkpoints, LoRA, DoRA, the base's own sums, the reader thread), and from them the
+FT checkpoints, LoRA, DoRA, the base's own sums, the reader threads), and from them the
 cores needed to keep up with a 3 and a 7 GB/s disk. ``--out FILE`` writes it all as JSON
 with the machine (CPU model, cores, load average).
 A shared disk's speed moves between runs, so ``--repeat N`` runs the whole cycle N times,
@@ -470,7 +470,7 @@ PATHS = {
     "lora": "LoRA adapters (per GB of weights adapted)",
     "dora": "DoRA adapters (per GB of weights adapted)",
     "base": "base's own sums (per GB of base)",
-    "read": "the read itself (reader thread, per GB)",
+    "read": "the read itself (reader threads, per GB)",
     "tokens": "trainable tokens",
 }
 
@@ -504,7 +504,7 @@ def report_profile(res: dict, total: int) -> dict:
         print(
             f"cores to keep up with a {rate} disk: {need['this mix']:.1f} for this mix "
             f"(FT checkpoints alone: {need['FT checkpoints only']:.1f}); pass --workers of "
-            "at least that, rounded up (the reader thread's share is in it)"
+            "at least that, rounded up (the reader threads' share is in it)"
         )
     return {"rest_core_s": rest, "core_s_per_gb_read": per_gb, "cores_needed": cores}
 

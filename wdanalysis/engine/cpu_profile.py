@@ -1,14 +1,14 @@
 """Where the engine's CPU goes: thread CPU seconds and bytes, by path.
 
 The engine times each piece of work with :func:`time.thread_time` (the CPU time of the
-thread doing it, so compute threads, the reader thread and the main thread add up to the
+thread doing it, so compute threads, the reader threads and the main thread add up to the
 process's CPU time, whatever else runs on the machine) and files it under a path:
 
 * ``"base"``: the base's own sums (``Σa²``), per GB of base weights;
 * ``"ft"``: stored checkpoints (full fine-tuning, ``modules_to_save``), per GB read;
 * ``"lora"`` / ``"dora"``: adapter updates, per GB of the base weights they change;
 * ``"tokens"``: trainable-token rows;
-* ``"read"``: the reader thread's reads (the kernel's copy out of the page cache), per GB.
+* ``"read"``: the reader threads' reads (the kernel's copy out of the page cache), per GB.
 
 Wall-clock ratios on a shared machine move with the other load; core-seconds per GB much
 less. ``benchmarks/bench_streaming.py --profile`` prints them (``docs/guides/performance.md``).

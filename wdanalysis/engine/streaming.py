@@ -7,7 +7,7 @@ run before the next block is read. Memory therefore holds a few blocks (a fixed 
 whatever the model or matrix size), never a whole state dict, and never the base twice.
 
 * Full checkpoints in safetensors are read with ``pread`` (``O_DIRECT`` for large uncached
-  files) into a small pool of reusable buffers by a background thread
+  files) into a small pool of reusable buffers by two background threads
   (:mod:`wdanalysis.storage.row_reader`), so the disk keeps streaming while the kernel runs.
   ``.bin`` checkpoints go through :class:`~wdanalysis.storage.tensor_store.TensorStore`
   (mmap); in-memory weights (a model being trained) are compared where they lie.
