@@ -37,9 +37,9 @@ def small_blocks(monkeypatch):
         return request
 
     class Reader(streaming.Reader):
-        def __init__(self, requests, n_buffers, size, pin):
+        def __init__(self, requests, n_buffers, size, pin, *args):
             seen["buffers"].append(size)
-            super().__init__(requests, n_buffers, size, pin)
+            super().__init__(requests, n_buffers, size, pin, *args)
 
     monkeypatch.setattr(streaming, "slice_request", recording)
     monkeypatch.setattr(streaming, "Reader", Reader)

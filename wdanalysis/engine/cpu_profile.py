@@ -1,14 +1,14 @@
 """Where the engine's CPU goes: thread CPU seconds and bytes, by path.
 
 The engine times each piece of work with :func:`time.thread_time` (the CPU time of the
-thread doing it, so compute threads, the reader thread and the main thread add up to the
+thread doing it, so compute threads, the reader threads and the main thread add up to the
 process's CPU time, whatever else runs on the machine) and files it under a path:
 
 * ``"base"``: the base's own sums (``Σa²``), per GB of base weights;
 * ``"ft"``: stored checkpoints (full fine-tuning, ``modules_to_save``), per GB read;
 * ``"lora"`` / ``"dora"``: adapter updates, per GB of the base weights they change;
 * ``"tokens"``: trainable-token rows;
-* ``"read"``: the reader thread's reads (the kernel's copy out of the page cache), per GB.
+* ``"read"``: the reader threads' reads (the kernel's copy out of the page cache), per GB.
 
 Wall-clock ratios on a shared machine move with the other load; core-seconds per GB much
 less. ``benchmarks/bench_streaming.py --profile`` prints them (``docs/guides/performance.md``).
@@ -38,12 +38,15 @@ class CpuProfile:
 
     @contextmanager
     def timed(self, path: str, nbytes: int = 0) -> Iterator[None]:
-        """Add the CPU time the calling thread spends inside the block to ``path``."""
-        start = time.thread_time()
+        """Add the CPU time the calling thread spends inside the block to ``path`` (and,
+        while a :class:`Timeline` records, its wall-clock span)."""
+        start, wall = time.thread_time(), time.perf_counter()
         try:
             yield
         finally:
             self.add(path, time.thread_time() - start, nbytes)
+            if timeline is not None:
+                timeline.record(path, wall, time.perf_counter(), nbytes)
 
     def per_gb(self) -> dict[str, dict[str, float]]:
         """``{path: {"core_s", "gb", "core_s_per_gb"}}`` (GB = 1e9 bytes)."""
@@ -106,6 +109,34 @@ def restore_torch_threads(threads: int | None) -> None:
 
         torch.set_num_threads(threads)
 
+
+class Timeline:
+    """Wall-clock spans by thread (read, wait, compute by path), for finding where a run's
+    time goes; recorded only while :data:`timeline` is set (the benchmark's ``--timeline``).
+    """
+
+    def __init__(self) -> None:
+        self.origin = time.perf_counter()
+        self.events: list[tuple[str, str, float, float, int]] = []
+        self._lock = threading.Lock()
+
+    def record(self, kind: str, start: float, end: float, nbytes: int = 0) -> None:
+        """One span of the calling thread, ``start``/``end`` from :func:`time.perf_counter`."""
+        name = threading.current_thread().name
+        with self._lock:
+            self.events.append((name, kind, start - self.origin, end - self.origin, nbytes))
+
+    def busy(self) -> dict[str, dict[str, float]]:
+        """Seconds of wall clock per thread and kind (spans of one kind do not overlap
+        within a thread)."""
+        out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for name, kind, start, end, _ in self.events:
+            out[name][kind] += end - start
+        return {name: dict(kinds) for name, kinds in out.items()}
+
+
+#: set to a :class:`Timeline` to record the spans of the next engine runs (None: off)
+timeline: Timeline | None = None
 
 #: the profile of the engine run that finished last in this process (benchmarks read it)
 last: CpuProfile | None = None

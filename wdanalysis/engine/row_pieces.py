@@ -23,6 +23,19 @@ WIDEST = 8  # bytes per value as computed (float64)
 
 
 @dataclass(frozen=True)
+class Block:
+    """Stored rows ``start:start+n`` of one weight, and how its vectors run."""
+
+    key: str
+    start: int  # in stream rows (stored rows × pieces)
+    n: int
+    cols: int
+    mode: str  # "rows" | "cols"
+    transposed: bool
+    pieces: int = 1
+
+
+@dataclass(frozen=True)
 class Geometry:
     """A stored tensor as the engine streams it."""
 

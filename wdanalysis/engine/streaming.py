@@ -7,7 +7,7 @@ run before the next block is read. Memory therefore holds a few blocks (a fixed 
 whatever the model or matrix size), never a whole state dict, and never the base twice.
 
 * Full checkpoints in safetensors are read with ``pread`` (``O_DIRECT`` for large uncached
-  files) into a small pool of reusable buffers by a background thread
+  files) into a small pool of reusable buffers by two background threads
   (:mod:`wdanalysis.storage.row_reader`), so the disk keeps streaming while the kernel runs.
   ``.bin`` checkpoints go through :class:`~wdanalysis.storage.tensor_store.TensorStore`
   (mmap); in-memory weights (a model being trained) are compared where they lie.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -49,10 +48,16 @@ from wdanalysis.engine.jobs import (
     profile_path,
     stream_matrix,
 )
-from wdanalysis.engine.row_pieces import Geometry, accumulate_block, geometry, itemsize
+from wdanalysis.engine.row_pieces import Block, Geometry, accumulate_block, geometry, itemsize
 from wdanalysis.errors import NumericalError, WDAnalysisError
 from wdanalysis.loaders.checkpoint_kinds import FullModel
-from wdanalysis.storage.row_reader import Extent, Reader, extent_of, read_error, slice_request
+from wdanalysis.storage.row_reader import (
+    Reader,
+    as_matrix,
+    extent_of,
+    read_error,
+    slice_request,
+)
 from wdanalysis.weights.bound_checkpoint import (
     BoundCheckpoint,
     effective_weight,
@@ -68,25 +73,6 @@ MIN_BLOCK = 4 << 20
 
 # on_result(base key, checkpoint, its change or None: that checkpoint failed)
 OnResult = Callable[[str, BoundCheckpoint, DecompositionChange | None], None]
-
-# ------------------------------------------------------------------------------ blocks
-
-
-@dataclass(frozen=True)
-class _Block:
-    """Stored rows ``start:start+n`` of one weight, and how its vectors run."""
-
-    key: str
-    start: int  # in stream rows (stored rows × pieces)
-    n: int
-    cols: int
-    mode: str  # "rows" | "cols"
-    transposed: bool
-    pieces: int = 1
-
-
-def _as_matrix(buf: torch.Tensor, extent: Extent, rows: int, cols: int) -> torch.Tensor:
-    return buf[: rows * cols * extent.dtype.itemsize].view(extent.dtype).view(rows, cols)
 
 
 class Engine:
@@ -158,7 +144,8 @@ class Engine:
         n_buffers = max(3, (self.budget or MEMORY_BUDGET) // size)
         n_buffers = max(n_buffers, (n_file + 2) if self.workers > 1 else 3)
         pin = self.device.type == "cuda"
-        reader = Reader(requests, n_buffers, size, pin)
+        trace = cpu_profile.timeline.record if cpu_profile.timeline is not None else None
+        reader = Reader(requests, n_buffers, size, pin, trace)
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         threads = self._threads = cpu_profile.one_torch_thread(self.device)  # workers = threads
         try:
@@ -218,14 +205,14 @@ class Engine:
             base_dense = stream_matrix(dense_source(self.base.store, key), (rows, cols))
         for start in range(0, rows, per_block):
             n = min(per_block, rows - start)
-            block = _Block(key, start, n, cols, mode, transposed, shape.pieces)
+            block = Block(key, start, n, cols, mode, transposed, shape.pieces)
             base_buf, a = self._base_block(reader, block, base_extent, base_dense)
             args = (a, base_sums, block)  # the base's own sums: beside the jobs' in a pool
             pending = pool.submit(self._base_sums, *args) if pool else self._base_sums(*args)
-            held = self._compare_block(block, a, jobs, reader, pool)
+            self._compare_block(block, a, jobs, reader, pool)
             _ = pending.result() if pending is not None else None
-            for buf in held if base_buf is None else [*held, base_buf]:
-                reader.release(buf)
+            if base_buf is not None:
+                reader.release(base_buf)
         if not torch.isfinite(base_sums).all():
             self._check_base(key)
         for job in jobs:
@@ -237,7 +224,7 @@ class Engine:
             failed = [None] * len(self._key_parts or [None])
             yield from ((job, c) for c in (failed if job.index in self.failures else job.changes))
 
-    def _base_sums(self, a, base_sums, block: _Block) -> None:
+    def _base_sums(self, a, base_sums, block: Block) -> None:
         with self.profile.timed("base", a.numel() * a.element_size()):
             self._accumulate(a, a, base_sums, block, True)
 
@@ -258,7 +245,7 @@ class Engine:
                     if isinstance(job, AdapterJob) and job.index not in self.failures:
                         adapter_sums.plan(job, self.axis, mode, transposed)
 
-    def _base_block(self, reader: Reader, block: _Block, extent, dense):
+    def _base_block(self, reader: Reader, block: Block, extent, dense):
         """The base rows of ``block`` (and the buffer holding them, to release later)."""
         if extent is None:
             return None, self._to_device(dense[block.start : block.start + block.n])
@@ -266,43 +253,54 @@ class Engine:
         if error is not None:
             reader.release(buf)
             raise read_error(block.key, extent, error)
-        return buf, self._to_device(_as_matrix(buf, extent, block.n, block.cols))
+        return buf, self._to_device(as_matrix(buf, extent, block.n, block.cols))
 
-    def _compare_block(self, block: _Block, a, jobs: list[Job], reader: Reader, pool) -> list:
-        """Accumulate every live job's sums for this block; returns buffers still to release.
+    def _compare_block(self, block: Block, a, jobs: list[Job], reader: Reader, pool) -> None:
+        """Accumulate every live job's sums for this block.
 
+        Each job starts as soon as its input is there: adapters and in-memory matrices at
+        once (they need only the base rows), each file job when its read arrives, so the
+        workers compute while the main thread still waits for the block's other reads.
         Every file job's buffer is taken from the reader, even for a failed checkpoint, so
-        that reads stay in step with the schedule. Without a pool each file block is
-        compared at once and its buffer recycled; with one, blocks are compared in parallel.
+        that reads stay in step with the schedule, and given back as soon as that job's
+        block is done (the reader refills it while the other jobs still compute).
         """
-        tasks, held = [], []
-        for job in jobs:
+        futures = []
+
+        def start(task) -> None:
+            if pool is None:
+                self._compare_release(block, a, reader, task)
+            else:
+                futures.append(pool.submit(self._compare_release, block, a, reader, task))
+
+        for job in sorted(jobs, key=lambda j: isinstance(j, FileJob)):  # reads in job order
             live = job.index not in self.failures
             if isinstance(job, FileJob):
                 buf, error = reader.get()
                 if live and error is not None:
                     self.failures[job.index] = read_error(block.key, job.extent, error)
                     live = False
-                task = (job, _as_matrix(buf, job.extent, block.n, block.cols))
-                if live and pool is None:
-                    self._guard(job, self._compare, block, a, task)
-                if not live or pool is None:
-                    reader.release(buf)
+                if live:
+                    start((job, as_matrix(buf, job.extent, block.n, block.cols), buf))
                 else:
-                    held.append(buf)
-                    tasks.append(task)
+                    reader.release(buf)
             elif live and isinstance(job, DenseJob):
-                tasks.append((job, job.matrix[block.start : block.start + block.n]))
+                start((job, job.matrix[block.start : block.start + block.n], None))
             elif live and isinstance(job, (AdapterJob, TokenJob)):
-                tasks.append((job, None))
-        if pool is not None and len(tasks) > 1:
-            list(pool.map(lambda t: self._guard(t[0], self._compare, block, a, t), tasks))
-        else:
-            for task in tasks:
-                self._guard(task[0], self._compare, block, a, task)
-        return held
+                start((job, None, None))
+        for future in futures:
+            future.result()
 
-    def _compare(self, block: _Block, a, task) -> None:
+    def _compare_release(self, block: Block, a, reader: Reader, task) -> None:
+        """One job's block (:meth:`_compare`), then its read buffer back to the reader."""
+        job, b, buf = task
+        try:
+            self._guard(job, self._compare, block, a, (job, b))
+        finally:
+            if buf is not None:
+                reader.release(buf)
+
+    def _compare(self, block: Block, a, task) -> None:
         """One job's sums for one block: a stored matrix, or an adapter's update."""
         job, b = task
         with self.profile.timed(profile_path(job), (a if b is None else b).nbytes):
@@ -326,7 +324,7 @@ class Engine:
     def _finish_job(self, key, job, base_sums, mode) -> None:
         job.changes = self._finish(key, job, base_sums, mode)
 
-    def _accumulate(self, a, b, sums, block: _Block, diff: bool) -> None:
+    def _accumulate(self, a, b, sums, block: Block, diff: bool) -> None:
         mode, start, pieces = block.mode, block.start, block.pieces
         if sums.dim() == 3:  # the parts of a fused weight, input axis (engine.part_sums)
             args = (self._key_parts, mode, start, block.n, diff, self.backend)
@@ -342,7 +340,7 @@ class Engine:
         """Sums for the stored rows ``start:start+n`` of an adapted weight."""
 
         def accumulate(rows, d, first):  # a formed update's sums, as a file block's
-            block = _Block("", first, rows.shape[0], rows.shape[1], mode, transposed)
+            block = Block("", first, rows.shape[0], rows.shape[1], mode, transposed)
             self._accumulate(rows, d, job.sums, block, False)
 
         used = adapter_sums.add_block(job, a, start, self.axis, transposed, accumulate)

@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from wdanalysis.storage.tensor_store import real_key
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _ST_DTYPES["F64"] = torch.float64
+READ_THREADS = 2  # reads in flight at once (see Reader)
 
 
 # ----------------------------------------------------------------------- safetensors layout
@@ -101,13 +102,24 @@ def extent_of(store: WeightStore, key: str) -> Extent | None:
 class Reader:
     """Reads byte ranges, in the order they will be consumed, into a pool of buffers.
 
-    A single background thread issues the ``pread`` calls (they release the GIL) while the
-    caller computes; ``get`` returns them in request order (a tensor whose first byte is
-    the request's first byte); ``release`` recycles it. Large files not in the page cache
-    are read with ``O_DIRECT`` (:mod:`wdanalysis.storage.direct_read`).
+    Background threads (:data:`READ_THREADS`) issue the ``pread`` calls (they release the
+    GIL) while the caller computes; ``get`` returns them in request order (a tensor whose
+    first byte is the request's first byte); ``release`` recycles it. Each thread takes a
+    free buffer and the next request together, so buffers are handed out in request order
+    (no thread can hold the last buffer while the consumer waits for an earlier request),
+    and two reads are in flight: the disk is not idle while one thread waits for the GIL
+    or for the CPU to hand its buffer over. Large files not in the page cache are read
+    with ``O_DIRECT`` (:mod:`wdanalysis.storage.direct_read`).
     """
 
-    def __init__(self, requests: Iterator[tuple[Path, int, int]], n_buffers: int, size: int, pin):
+    def __init__(
+        self,
+        requests: Iterator[tuple[Path, int, int]],
+        n_buffers: int,
+        size: int,
+        pin,
+        trace: Callable[[str, float, float, int], None] | None = None,
+    ):
         self._free: queue.Queue = queue.Queue()
         for _ in range(n_buffers):
             raw = torch.empty(size + 3 * direct_read.ALIGN, dtype=torch.uint8)
@@ -115,16 +127,29 @@ class Reader:
             skip = -raw.data_ptr() % direct_read.ALIGN  # block-aligned, for direct reads
             self._free.put(raw[skip : skip + size + 2 * direct_read.ALIGN])
         self._lent: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> buffer
-        self._ready: queue.Queue = queue.Queue()
-        self._requests = requests
+        self._requests = iter(requests)
+        self._take = threading.Lock()  # a free buffer and the next request, together
+        self._done = threading.Condition()  # guards _ready, _fatal, _live
+        self._ready: dict[int, tuple[torch.Tensor, OSError | None]] = {}  # by request number
+        self._issued = self._next = 0  # requests taken by a thread / handed to the consumer
+        self._fatal: BaseException | None = None  # the schedule itself broke
         self._files: dict[Path, io.FileIO] = {}
         self._direct: dict[Path, int | None] = {}  # O_DIRECT descriptor, None: buffered
+        self._refused: list[int] = []  # direct descriptors given up on (closed at the end)
         self._stop = threading.Event()
-        self.cpu_seconds = 0.0  # the reader thread's CPU time in reads (engine.cpu_profile)
+        self._trace = trace  # (kind, start, end, bytes) of each read and wait, if given
+        self.cpu_seconds = 0.0  # the reader threads' CPU time in reads (engine.cpu_profile)
         self.bytes_read = 0
         self.direct_bytes = 0  # of which read with O_DIRECT
-        self._thread = threading.Thread(target=self._run, name="wdanalysis-reader", daemon=True)
-        self._thread.start()
+        # positioned reads are thread safe; the seek + readinto fallback (Windows) is not
+        positioned = hasattr(os, "preadv") or hasattr(os, "pread")
+        self._threads = [
+            threading.Thread(target=self._run, name=f"wdanalysis-reader-{i}", daemon=True)
+            for i in range(READ_THREADS if positioned else 1)
+        ]
+        self._live = len(self._threads)
+        for thread in self._threads:
+            thread.start()
 
     def _file(self, path: Path) -> io.FileIO:
         handle = self._files.get(path)
@@ -148,71 +173,117 @@ class Reader:
             self._direct[path] = fd
         return self._direct[path]
 
+    def _next_request(self):
+        """A free buffer, the next request, its number and its descriptors (``None``: no
+        more requests or stopped); opening files happens here, under the lock."""
+        waited = time.perf_counter()
+        with self._take:
+            buf = None
+            while buf is None:
+                if self._stop.is_set():
+                    return None
+                try:
+                    buf = self._free.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            if self._trace is not None:
+                self._trace("no free buffer", waited, time.perf_counter(), 0)
+            request = next(self._requests, None)
+            if request is None:
+                self._free.put(buf)
+                return None
+            path = request[0]
+            handles = (self._file(path), self._direct_fd(path))
+            self._issued += 1
+            return buf, request, self._issued - 1, handles
+
     def _run(self) -> None:
         try:
-            for path, offset, nbytes in self._requests:
-                buf = None
-                while buf is None:
-                    if self._stop.is_set():
-                        return
-                    try:
-                        buf = self._free.get(timeout=0.1)
-                    except queue.Empty:
-                        continue
-                start = time.thread_time()
+            while (taken := self._next_request()) is not None:
+                buf, (path, offset, nbytes), number, (handle, fd) = taken
+                start, wall = time.thread_time(), time.perf_counter()
                 try:
-                    view = self._read_into(buf, path, offset, nbytes)
-                    self.bytes_read += nbytes
+                    view, direct = self._read_into(buf, path, offset, nbytes, handle, fd)
                 except OSError as error:  # this request only: handed to the consumer
-                    self._hand_out(buf, buf, error)
+                    self._hand_out(number, buf, buf, error, nbytes, False)
                 else:
-                    self._hand_out(buf, view, None)
+                    self._hand_out(number, buf, view, None, nbytes, direct)
                 finally:
-                    self.cpu_seconds += time.thread_time() - start
+                    seconds = time.thread_time() - start
+                    with self._done:
+                        self.cpu_seconds += seconds
+                    if self._trace is not None:
+                        self._trace("read", wall, time.perf_counter(), nbytes)
         except BaseException as error:  # the schedule itself broke: stop the consumer
-            self._ready.put((None, error))
+            with self._done:
+                self._fatal = error
+                self._done.notify_all()
         finally:
-            for handle in self._files.values():
-                handle.close()
-            for fd in self._direct.values():
-                if fd is not None:
-                    os.close(fd)
-            self._files.clear()
-            self._direct.clear()
+            with self._done:
+                self._live -= 1
+                last = self._live == 0
+            if last:
+                self._close_files()
 
-    def _hand_out(self, buf: torch.Tensor, view: torch.Tensor, error) -> None:
-        self._lent[view.data_ptr()] = buf
-        self._ready.put((view, error))
+    def _close_files(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        for fd in [*self._direct.values(), *self._refused]:
+            if fd is not None:
+                os.close(fd)
+        self._files.clear()
+        self._direct.clear()
+        self._refused.clear()
 
-    def _read_into(self, buf: torch.Tensor, path: Path, offset: int, nbytes: int) -> torch.Tensor:
-        """Read the request into ``buf``; returns the view of ``buf`` that holds it."""
-        fd = self._direct_fd(path)
+    def _hand_out(self, number, buf, view, error, nbytes: int, direct: bool) -> None:
+        with self._done:
+            self._lent[view.data_ptr()] = buf
+            self._ready[number] = (view, error)
+            if error is None:
+                self.bytes_read += nbytes
+                self.direct_bytes += nbytes if direct else 0
+            self._done.notify_all()
+
+    def _read_into(self, buf, path: Path, offset: int, nbytes: int, handle, fd):
+        """Read the request into ``buf``; returns the view of ``buf`` that holds it and
+        whether it was a direct read."""
         begin, length, delta = direct_read.window(offset, nbytes)
         if fd is not None and delta % 8 == 0 and length <= buf.numel():
             try:
                 direct_read.read_direct(fd, memoryview(buf.numpy())[:length], begin, delta + nbytes)
-                self.direct_bytes += nbytes
-                return buf[delta : delta + nbytes]
+                return buf[delta : delta + nbytes], True
             except OSError:  # this file system refuses it after all: buffered from now on
-                os.close(fd)
-                self._direct[path] = None
-        read_at(self._file(path), memoryview(buf.numpy())[:nbytes], offset)
-        return buf
+                with self._done:  # closed at the end: the other thread may still use it
+                    if self._direct.get(path) == fd:
+                        self._direct[path] = None
+                        self._refused.append(fd)
+        read_at(handle, memoryview(buf.numpy())[:nbytes], offset)
+        return buf, False
 
     def get(self) -> tuple[torch.Tensor, OSError | None]:
         """The next buffer in request order, and the read error for it if any."""
-        buf, error = self._ready.get()
-        if buf is None:
-            raise error
+        wall = time.perf_counter()
+        with self._done:
+            while self._next not in self._ready and self._fatal is None:
+                self._done.wait()
+            if self._next not in self._ready:
+                raise self._fatal
+            buf, error = self._ready.pop(self._next)
+            self._next += 1
+        if self._trace is not None:
+            self._trace("wait for read", wall, time.perf_counter(), 0)
         return buf, error
 
     def release(self, buf: torch.Tensor) -> None:
         """Give back a tensor that :meth:`get` returned."""
-        self._free.put(self._lent.pop(buf.data_ptr(), buf))
+        with self._done:
+            raw = self._lent.pop(buf.data_ptr(), buf)
+        self._free.put(raw)
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
 
 def open_for_reading(path: Path) -> io.FileIO:
@@ -246,6 +317,11 @@ def read_at(handle: io.FileIO, view: memoryview, offset: int) -> None:
         if got <= 0:
             raise OSError(f"unexpected end of file at byte {position}")
         done += got
+
+
+def as_matrix(buf: torch.Tensor, extent: Extent, rows: int, cols: int) -> torch.Tensor:
+    """The first ``rows × cols`` values of ``extent``'s dtype in a read buffer."""
+    return buf[: rows * cols * extent.dtype.itemsize].view(extent.dtype).view(rows, cols)
 
 
 def read_error(key: str, extent: Extent, error: OSError) -> CheckpointFormatError:
