@@ -77,9 +77,7 @@ def file_names(model) -> dict[int, str]:
     """Parameter storage → the key ``save_pretrained`` stores it under (adapter tensors)."""
     from peft import get_peft_model_state_dict
 
-    by_ptr = {
-        (p.data_ptr(), tuple(p.shape)): name for name, p in model.named_parameters()
-    }
+    by_ptr = {(p.data_ptr(), tuple(p.shape)): name for name, p in model.named_parameters()}
     names: dict[int, str] = {}
     for key, tensor in get_peft_model_state_dict(model).items():
         name = by_ptr.get((tensor.data_ptr(), tuple(tensor.shape)))
