@@ -31,6 +31,7 @@ from wdanalysis.storage.atomic_write import write_csv_atomic, write_text_atomic
 from wdanalysis.table.comparison import compare
 from wdanalysis.train.checkpoint import list_checkpoints
 
+INTERVAL = ("pearson_r", "pearson_r_boot_low", "pearson_r_boot_high")
 NO_DIRECTION = 1e-12  # ΔD below this is rounding: the method changed no row's direction
 ORDER = ("lora", "dora", "pissa", "vera", "loha", "oft", "ia3")
 NAMES = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "vera": "VeRA", "loha": "LoHa",
@@ -100,7 +101,7 @@ def plot_intervals(stats: pd.DataFrame) -> Figure:
     colours = {"raw": "0.45", "learned": "C3"}
     for ax, module in zip(axes, MODULES, strict=True):
         for i, method in enumerate(methods):
-            for j, y in enumerate(("raw", "learned")):
+            for y in ("raw", "learned"):
                 row = stats[(stats["method"] == method) & (stats["module"] == module)
                             & (stats["y"] == y)]  # fmt: skip
                 if not row.empty and row["max_delta_d"].iloc[0] < NO_DIRECTION:
@@ -112,12 +113,10 @@ def plot_intervals(stats: pd.DataFrame) -> Figure:
                     if y == "learned":
                         ax.text(0, i + 0.18, "learned: no exact split", fontsize=7, ha="center")
                     continue
-                r, low, high = row[["pearson_r", "pearson_r_boot_low", "pearson_r_boot_high"]].iloc[
-                    0
-                ]
-                ax.errorbar(r, i + (0.18 if y == "learned" else -0.18), xerr=[[r - low], [high - r]],
-                            fmt="o", ms=4, capsize=2, lw=1, color=colours[y],
-                            label=y if i == 0 else None)  # fmt: skip
+                r, low, high = row[list(INTERVAL)].iloc[0]
+                where = i + (0.18 if y == "learned" else -0.18)
+                ax.errorbar(r, where, xerr=[[r - low], [high - r]], fmt="o", ms=4, capsize=2,
+                            lw=1, color=colours[y], label=y if i == 0 else None)  # fmt: skip
         ax.axvline(0, color="black", lw=0.6)
         ax.set_yticks(range(len(methods)), methods)
         ax.set_ylim(len(methods) - 0.5, -0.5)
