@@ -133,6 +133,7 @@ def train_method(out: Path, method: str, settings: DemoSettings) -> dict:
                     for g, ns in zip(groups, shrink.names, strict=True)]  # fmt: skip
     torch.manual_seed(settings.seed + 2)  # dropout stream
     world, history, started = World(), [], time.perf_counter()
+    cpu_start = time.process_time()
     save_at = set(settings.save_steps())
     model.train()
     for step in range(settings.steps):
@@ -146,6 +147,10 @@ def train_method(out: Path, method: str, settings: DemoSettings) -> dict:
         history.append({"step": step + 1, "loss": loss, "learning_rate": rate})
         if step + 1 in save_at:
             save(run_dir, step + 1, model, shrink.record(optimizer), history)
+        if (step + 1) % 25 == 0:  # how far a run got, and its CPU time (the machine is shared)
+            progress = {"step": step + 1, "cpu_seconds": time.process_time() - cpu_start,
+                        "wall_seconds": time.perf_counter() - started}  # fmt: skip
+            write_text_atomic(run_dir / "progress.json", json.dumps(progress) + "\n")
     seconds = time.perf_counter() - started
     held_out = builtin_tweets().eval[: settings.eval_size]
     accuracy = evaluate_accuracy(model, tokenizer, held_out, max_length=settings.max_length)
@@ -154,6 +159,7 @@ def train_method(out: Path, method: str, settings: DemoSettings) -> dict:
     record = {
         "method": method,
         "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_start,
         "accuracy": accuracy,
         "final_loss": history[-1]["loss"],
         "trainable_parameters": trainable,
