@@ -6,10 +6,11 @@
 Compares every method's complete checkpoints with the demo's base (``decay_shrink`` and
 ``delta_m_learned`` from each checkpoint's ``decay_shrink.json``; empty, with compare's note,
 where no exact split exists), keeps the checkpoints every method reached, and writes into
-OUT, atomically: ``peft_methods_r.csv`` (per method, module and y: pooled r and slope, the
-layer-bootstrap 95 % interval of r, the within-step r, plus each run's time, accuracy and
-S), ``peft_methods_notes.txt`` (compare's notes), ``peft_methods_r.png/.svg`` (the r
-intervals) and ``peft_methods_scatter.png/.svg`` (ΔM on ΔD per method and module); prints
+OUT, atomically: ``peft_methods_deltas.csv`` (the rows), ``peft_methods_r.csv`` (per
+method, module and y: pooled r and slope, the layer-bootstrap 95 % interval of r, the
+within-step r, plus each run's progress, CPU time per step and S),
+``peft_methods_notes.txt`` (compare's notes), ``peft_methods_r.png/.svg`` (the r intervals)
+and ``peft_methods_scatter.png/.svg`` (ΔM on ΔD per method and module); prints
 the table as Markdown.
 """
 
@@ -61,12 +62,16 @@ def run_info(root: Path) -> pd.DataFrame:
         if not checkpoints:
             continue
         record = json.loads(done.read_text()) if done.is_file() else {}
+        progress = root / method / "progress.json"
+        progress = json.loads(progress.read_text()) if progress.is_file() else {}
         rows.append(
             {
                 "method": NAMES[method],
                 "finished": done.is_file(),
                 "last_step": checkpoints[-1][0],
                 "train_minutes": round(record.get("seconds", np.nan) / 60, 2),
+                "cpu_seconds_per_step": progress.get("cpu_seconds", np.nan)
+                / progress.get("step", np.nan),
                 "accuracy": record.get("accuracy", np.nan),
                 "adapter_parameters": record.get("adapter_parameters", np.nan),
             }
@@ -75,13 +80,16 @@ def run_info(root: Path) -> pd.DataFrame:
 
 
 def statistics(deltas: pd.DataFrame) -> pd.DataFrame:
-    """Pooled r, slope, layer-bootstrap interval and within-step r per method/module/y;
-    the learned y only where every row of the method has it."""
-    known = deltas.groupby("method")["delta_m_learned"].transform(lambda c: c.notna().all())
-    parts = [decay_study.per_seed_statistics(deltas).query("y == 'raw'")]
-    if known.any():
-        learned = decay_study.per_seed_statistics(deltas[known.astype(bool)])
-        parts.append(learned.query("y == 'learned'"))
+    """Pooled r, slope, layer-bootstrap interval and within-step r per method/module/y,
+    one method at a time (raw and learned resample the same layers); the learned y only
+    where every row of the method has it."""
+    parts = []
+    for _, table in deltas.groupby("method", sort=False):
+        known = bool(table["delta_m_learned"].notna().all())
+        if not known:  # no exact split: only the raw y is computed and kept
+            table = table.assign(delta_m_learned=table["delta_m"])
+        stats = decay_study.per_seed_statistics(table)
+        parts.append(stats if known else stats[stats["y"] == "raw"])
     stats = pd.concat(parts, ignore_index=True).drop(columns="seed")
     # A tuner that only rescales rows (IA³ on query/value) changes no direction: its ΔD is
     # 0 up to float64 rounding (~1e-17), and an r against rounding noise means nothing.
@@ -171,6 +179,7 @@ def main() -> None:
     stats = stats.assign(steps=",".join(str(s) for s in sorted(set(deltas["step"]))))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(stats, args.out / "peft_methods_r.csv")
+    write_csv_atomic(deltas, args.out / "peft_methods_deltas.csv")
     write_text_atomic(args.out / "peft_methods_notes.txt", "\n".join(notes) + "\n")
     save_figure_pair(plot_intervals(stats), args.out, "peft_methods_r", dpi=120)
     save_figure_pair(plot_scatter(deltas), args.out, "peft_methods_scatter", dpi=100)
