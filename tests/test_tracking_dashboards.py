@@ -92,7 +92,12 @@ def _expected(table: pd.DataFrame) -> dict[tuple[str, int], float]:
         want[f"{prefix}/delta_d", step] = float(np.mean(group["delta_d"]))
         r = np.corrcoef(group["delta_d"], group["delta_m"])[0, 1]
         want[f"{prefix}/pearson_r", step] = float(r)
-    assert len(want) == 3 * len(MODULES) * len(STEPS)
+        # the Trainer's AdamW: S is known, so the learned ΔM is logged beside ΔM (issue 36)
+        assert group["delta_m_learned"].notna().all()
+        want[f"{prefix}/delta_m_learned", step] = float(np.mean(group["delta_m_learned"]))
+        r = np.corrcoef(group["delta_d"], group["delta_m_learned"])[0, 1]
+        want[f"{prefix}/pearson_r_learned", step] = float(r)
+    assert len(want) == 5 * len(MODULES) * len(STEPS)
     return want
 
 

@@ -56,6 +56,10 @@ class LiveStore:
     def keys(self) -> list[str]:
         return list(self._tensors)
 
+    def held(self, key: str) -> torch.Tensor:
+        """The model's own tensor (the parameter itself, e.g. to find its optimizer group)."""
+        return self._tensors[key]
+
     def __contains__(self, key: str) -> bool:
         return key in self._tensors
 

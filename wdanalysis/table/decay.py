@@ -59,19 +59,63 @@ def _as_steps(value) -> dict | None:
     return parse_shrink(str(value))
 
 
+#: PEFT tuners whose update is exactly zero (LoHa: ``hada_w2_b``; VeRA: ``λ_b``; OFT: the
+#: rotation's generator) at PEFT's default init and stays zero when the decay alone scales
+#: their parameters: over a frozen base the decay never scales W0, ``S = 1``.
+ZERO_UPDATE_TUNERS = {"LOHA": "init_weights", "VERA": "init_weights", "OFT": "init_weights"}
+
+
 def carrier(item: BoundCheckpoint, key: str) -> str | float | None:
     """The stored tensor whose decay scales base weight ``key``'s norms in this checkpoint,
-    or S itself where no optimizer setting can change it (1: a frozen, undecayed base)."""
+    or S itself where no optimizer setting can change it (1: a frozen, undecayed base);
+    None where no exact split ``W_t = S·W0 + L_t`` is known (:func:`unknown_reason`)."""
     if not isinstance(item.checkpoint, AdapterCheckpoint):
         return item.keys[key]  # a full checkpoint: the weight itself
     module = item.keys.get(key)
     if module is None:
         return 1.0  # not adapted: the base, unchanged
+    if getattr(module, "base_init", None):
+        return None  # PiSSA/OLoRA/KaSA: the decay shrinks s·B₀A₀, not a scalar times W0
     if getattr(module, "magnitude", None):
         return module.magnitude  # DoRA: m is what the decay shrinks
     if getattr(module, "lora_b", None):
         return 1.0  # LoRA-type update on a frozen base: the base is never decayed
+    tensors = getattr(module, "tensors", ())
+    if tensors:  # a PEFT tuner other than LoRA
+        return _tuner_carrier(item.checkpoint.adapter, tensors)
     return getattr(module, "replacement", None)  # modules_to_save: the copy; else unknown
+
+
+def _tuner_carrier(adapter, tensors: tuple[str, ...]) -> str | float | None:
+    peft_type = getattr(adapter, "peft_type", "")
+    config = getattr(adapter, "peft_config", None)
+    if peft_type == "IA3" and getattr(config, "init_ia3_weights", None) is True:
+        # W_t = l_t ⊙ W0 with l₀ = 1 decayed like any weight: l_t = S·1 + L_t, so
+        # W_t = S·W0 + L_t ⊙ W0 exactly; S is the group's of the ia3_l vector.
+        found = [t for t in tensors if t.rsplit(".", 1)[-1].startswith("ia3_l")]
+        return found[0] if len(found) == 1 else None
+    flag = ZERO_UPDATE_TUNERS.get(peft_type)
+    if flag is not None and getattr(config, flag, None) is True:
+        return 1.0
+    return None
+
+
+def unknown_reason(item: BoundCheckpoint, key: str) -> str:
+    """Why :func:`carrier` gives no S for ``key`` (its adapter layout)."""
+    module = item.keys.get(key)
+    if getattr(module, "base_init", None):
+        return (
+            f"{module.base_init} init: the decay shrinks the initial factors B₀A₀ taken "
+            "out of W0, which is not a scalar times W0, so no exact split exists"
+        )
+    adapter = getattr(item.checkpoint, "adapter", None)
+    peft_type = getattr(adapter, "peft_type", "")
+    if peft_type:
+        return (
+            f"PEFT {peft_type} adapter (at its init settings): no exact split "
+            "W_t = S·W0 + L_t is known for it"
+        )
+    return "an adapter layout with no known S"
 
 
 def attach(
@@ -92,8 +136,10 @@ def attach(
                 item.decay_shrink[key] = source
             elif source is not None and lookup is not None:
                 item.decay_shrink[key] = lookup(source)
+            elif source is None:
+                unknown.setdefault(item.run.name, unknown_reason(item, key))
             else:
-                unknown.setdefault(item.run.name, why or "an adapter layout with no known S")
+                unknown.setdefault(item.run.name, why)
     notes = []
     asked = {run.name for run, o in zip(runs, options, strict=True) if o != DecayOptions()}
     for run, why in unknown.items():

@@ -6,6 +6,11 @@ At each tracked step, per kind of matrix: the layer means of ΔM and ΔD and the
 
     wdanalysis/<kind>/delta_m    wdanalysis/<kind>/delta_d    wdanalysis/<kind>/pearson_r
 
+and, where the weight decay's shrink factor is known (issue 36), the same for ΔM less the
+decay's shrinkage (``delta_m_learned``), beside ΔM::
+
+    wdanalysis/<kind>/delta_m_learned    wdanalysis/<kind>/pearson_r_learned
+
 ``<kind>`` names the matrix by its full identity, as the figures label a kind
 (:func:`wdanalysis.plots.kinds.kind_label`): the non-empty values of ``component``,
 ``stack`` and ``attention``, then the module, joined by ``_``: ``q_proj`` for LLaMA or
@@ -72,17 +77,34 @@ def _labelled(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def step_scalars(rows: pd.DataFrame) -> dict[str, float]:
-    """The scalars of one tracked step: per module, layer-mean ΔM, ΔD and Pearson r."""
+    """The scalars of one tracked step: per module, layer-mean ΔM, ΔD and Pearson r; the
+    learned ΔM's mean and r too for the modules where every row has it."""
     from wdanalysis.stats.fits import fit_lines
+    from wdanalysis.table.schema import with_y
 
     rows = _labelled(rows)
-    fits = fit_lines(rows, by=("method", "run", "module"), per_step=False, n_boot=0)
+    by = ("method", "run", "module")
+    fits = fit_lines(rows, by=by, per_step=False, n_boot=0)
     r_of = dict(zip(fits["module"], fits["pearson_r"], strict=True))
+    known = rows.groupby("module", sort=False)["delta_m_learned"].transform(
+        lambda column: column.notna().all()
+    )
+    learned = rows[known.astype(bool)]
+    r_learned = {}
+    if len(learned):
+        fits = fit_lines(with_y(learned, "delta_m_learned"), by=by, per_step=False, n_boot=0)
+        r_learned = dict(zip(fits["module"], fits["pearson_r"], strict=True))
     scalars: dict[str, float] = {}
     for module, group in rows.groupby("module", sort=False):
         scalars[f"wdanalysis/{module}/delta_m"] = float(group["delta_m"].mean())
+        if module in set(learned["module"]):
+            scalars[f"wdanalysis/{module}/delta_m_learned"] = float(group["delta_m_learned"].mean())
         scalars[f"wdanalysis/{module}/delta_d"] = float(group["delta_d"].mean())
         scalars[f"wdanalysis/{module}/pearson_r"] = float(r_of.get(module, math.nan))
+        if module in set(learned["module"]):
+            scalars[f"wdanalysis/{module}/pearson_r_learned"] = float(
+                r_learned.get(module, math.nan)
+            )
     return scalars
 
 

@@ -42,6 +42,7 @@ from wdanalysis.storage.atomic_write import atomic_path
 from wdanalysis.storage.out_folder import acquire_lock, release_lock
 from wdanalysis.storage.small_files import regular_file
 from wdanalysis.table.schema import COLUMNS, deltas_row
+from wdanalysis.tracking import decay
 from wdanalysis.weights.fused import fused_layouts
 from wdanalysis.weights.identity import identity_namer
 from wdanalysis.weights.layout import stored_transposed
@@ -77,6 +78,10 @@ class Tracker:
         self.bound: tuple | None = None
         self.last_rows: pd.DataFrame | None = None  # the rows of the last tracked step
         self.lock: Path | None = None  # the table's lock file while this tracker writes
+        # S of the weight decay (decay_shrink/delta_m_learned): the bundled trainer's
+        # ShrinkTracker or a callback's LiveShrink; None: unknown, the columns stay empty
+        self.shrink: decay.ShrinkSource | None = None
+        self.decay_note = ""  # why decay_shrink is empty, where it is
 
     # -- begin ----------------------------------------------------------------------
 
@@ -153,6 +158,12 @@ class Tracker:
         """The rows of the model as it is now, labelled ``step``."""
         live = self.live
         live.bound.checkpoint.step = step
+        self.decay_note = decay.fill(live, self.selected, self.shrink)
+        if self.decay_note and self.shrink is not None and self.writes:
+            self.warn_once(
+                f"note: decay_shrink and delta_m_learned are left empty ({self.decay_note})",
+                UserWarning,
+            )
         rows: list[dict] = []
         live_args = (live.base, [live.bound], self.axis, live.transposed, live.device, 1)
         engine = Engine(*live_args, TRACKING_BUDGET, self.parts)
@@ -163,7 +174,8 @@ class Tracker:
                 # the failure the engine keeps for its one checkpoint, rather than read the
                 # base for every weight still to come.
                 raise engine.failures[0]
-            rows.append(_row(live, self.name_of(key), step, self.axis, change))
+            shrink = live.bound.decay_shrink.get(key)
+            rows.append(_row(live, self.name_of(key), step, self.axis, change, shrink))
 
         with torch.no_grad():
             engine.run(list(self.selected), on_result)
@@ -184,6 +196,10 @@ class Tracker:
             elif self.due(step) or step == last_step:
                 self.track(step)
 
+        def use_shrink(source: decay.ShrinkSource) -> None:
+            self.shrink = source  # the trainer's exact S (decay_shrink.json's)
+
+        on_step.use_shrink = use_shrink  # called by wdanalysis.train.train
         return on_step
 
     def stop(self, error: BaseException) -> None:
@@ -201,19 +217,20 @@ class Tracker:
             release_lock(self.lock)
             self.lock = None
 
-    def warn_once(self, message: str) -> None:
-        """A ``RuntimeWarning``, given once per tracker for each message."""
+    def warn_once(self, message: str, category: type[Warning] = RuntimeWarning) -> None:
+        """A warning (``RuntimeWarning``), given once per tracker for each message."""
         said = self.__dict__.setdefault("_said", set())
         if message not in said:
             said.add(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, category, stacklevel=4)
 
 
-def _row(live: LiveModel, name, step: int, axis: str, change) -> dict:
+def _row(live: LiveModel, name, step: int, axis: str, change, shrink=None) -> dict:
     # live: no checkpoint file behind the row
     if change.part is not None:  # a part of a fused weight: q_proj, k_proj, …
         name = replace(name, module=change.part)
-    return deltas_row(live.method, live.bound.run.name, step, name, axis, change)
+    run = live.bound.run.name
+    return deltas_row(live.method, run, step, name, axis, change, decay_shrink=shrink)
 
 
 def read_steps(path: Path) -> set[int]:

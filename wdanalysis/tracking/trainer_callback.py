@@ -29,6 +29,7 @@ from wdanalysis.errors import WDAnalysisError
 from wdanalysis.loaders.quantized_training import write_marker
 from wdanalysis.tracking import ranks
 from wdanalysis.tracking.dashboards import Dashboards
+from wdanalysis.tracking.decay import LiveShrink
 from wdanalysis.tracking.tracker import Tracker, read_steps
 
 
@@ -64,11 +65,20 @@ def _build():
             run: str | None = None,
         ):
             self.tracker = Tracker(base, out, every, modules, axis, run)
+            self.shrink = LiveShrink()  # the decay's S, from the optimizer's groups
+            self.start = 0
             self.sharded = False
             self.dashboards: Dashboards | None = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             tracker = self.tracker
+            self.shrink, self.start = LiveShrink(), state.global_step
+            if state.global_step:  # resumed: the updates before it were not seen
+                self.shrink.unknown = (
+                    f"resumed at step {state.global_step}: the decay of the earlier updates "
+                    "is unknown to the callback"
+                )
+            tracker.shrink = self.shrink
             if tracker.run_name is None and getattr(args, "output_dir", None):
                 tracker.run_name = Path(args.output_dir).name
             self.sharded = _guard(tracker, lambda: _model_sharded(model), False)
@@ -82,7 +92,21 @@ def _build():
             if tracker.active and tracker.writes:
                 self.dashboards = _guard(tracker, lambda: Dashboards.open(args, tracker), None)
 
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None and self.tracker.active:
+                _count(self.shrink, lambda: self.shrink.before_update(optimizer))
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None and self.tracker.active:
+                _count(self.shrink, lambda: self.shrink.after_update(optimizer))
+
         def on_step_end(self, args, state, control, **kwargs):
+            seen = self.shrink.calls + self.start
+            if seen != state.global_step and not self.shrink.unknown:  # an update not seen
+                self.shrink.unknown = (
+                    f"the callback saw {self.shrink.calls} of the "
+                    f"{state.global_step - self.start} optimizer updates"
+                )
             if self.tracker.due(state.global_step):
                 self._track(state.global_step)
 
@@ -124,6 +148,14 @@ def _guard(tracker: Tracker, call, failed=None, keep_tracking: bool = False):
         elif tracker.failure is None:
             tracker.stop(error)
         return failed
+
+
+def _count(shrink: LiveShrink, call) -> None:
+    """Follow the decay's S; a failure only leaves ``delta_m_learned`` empty."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - a tracking problem never ends the training
+        shrink.unknown = f"reading the optimizer's groups failed: {error}"
 
 
 def _begin_on_every_rank(tracker: Tracker, model, step: int) -> None:

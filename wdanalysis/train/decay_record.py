@@ -34,6 +34,7 @@ class ShrinkTracker:
     def __init__(self, model: nn.Module, groups: list[dict]):
         names = {id(p): name for name, p in model.named_parameters()}
         self.names = [[names.get(id(p), "?") for p in group["params"]] for group in groups]
+        self.group_of = {id(p): i for i, group in enumerate(groups) for p in group["params"]}
         self.shrink = [1.0] * len(groups)
         self.sum_lr = [0.0] * len(groups)
         self.updates = 0
@@ -46,6 +47,11 @@ class ShrinkTracker:
                 self.shrink[i] *= 1 - lr * wd  # the very expression AdamW evaluates
             self.sum_lr[i] += lr
         self.updates += 1
+
+    def of(self, param) -> float:
+        """``S`` of ``param`` now; 1 for a parameter in no group (never decayed)."""
+        group = self.group_of.get(id(param))
+        return 1.0 if group is None else self.shrink[group]
 
     def record(self, optimizer) -> dict:
         groups = []

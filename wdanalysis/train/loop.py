@@ -116,6 +116,8 @@ def train(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     scheduler = linear_schedule(optimizer, config.warmup_steps, config.max_steps)
     shrink = ShrinkTracker(distributed.unwrap(model), groups)  # decay_shrink.json
+    if hasattr(on_step, "use_shrink"):  # a live tracker: its delta_m_learned (issue 36)
+        on_step.use_shrink(shrink)
     torch.manual_seed(distributed.rank_seed(config.seed + 2, world))  # dropout stream
 
     run_dir = distributed.on_main(
