@@ -32,11 +32,12 @@ from wdanalysis.plots.common import (
     y_label,
 )
 from wdanalysis.plots.facets import Box, Facets, nice_ticks
-from wdanalysis.plots.figures import STEP_MARKERS, _format_r, _steps, _style
+from wdanalysis.plots.figures import FIT_GID, STEP_MARKERS, _format_r, _steps, _style
 from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind
 from wdanalysis.plots.trajectories import _palette, depth_groups
 
 __all__ = [
+    "TRAJECTORY_GID",
     "overview_rows",
     "plot_figure2_overview",
     "plot_trajectories_overview",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 _KEY_WIDTH = 1.0  # inches right of the panels for the colour key
+TRAJECTORY_GID = "trajectory-lines"
 
 
 def overview_rows(data: pd.DataFrame, pool: bool = False) -> list[tuple[str, dict]]:
@@ -181,7 +183,8 @@ def plot_figure2_overview(
             facets.title(r, c, f"{titles[run]} ({_format_r(r_value)})")
     halo = LineCollection(lines, colors="white", linewidths=3.4, alpha=0.8, zorder=3)
     facets.ax.add_collection(halo)
-    facets.ax.add_collection(LineCollection(lines, colors="black", linewidths=1.5, zorder=3))
+    fit = LineCollection(lines, colors="black", linewidths=1.5, zorder=3, gid=FIT_GID)
+    facets.ax.add_collection(fit)
     for c in range(len(order)):
         facets.x_label(c, X_LABEL)
     _figure2_keys(facets, style, steps)
@@ -310,7 +313,7 @@ def _add_paths(facets: Facets, paths: list, styles: list) -> None:
         return
     colours = [(*_rgb(colour), alpha) for colour, _, alpha in styles]
     widths = [width for _, width, _ in styles]
-    collection = LineCollection(paths, colors=colours, linewidths=widths)
+    collection = LineCollection(paths, colors=colours, linewidths=widths, gid=TRAJECTORY_GID)
     facets.ax.add_collection(collection)
     points = [p for p, (_, width, alpha) in zip(paths, styles, strict=True) if alpha == 1.0]
     if points and all(width < 1.5 for _, width, _ in styles):  # one line per matrix: mark steps
