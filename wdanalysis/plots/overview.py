@@ -269,7 +269,7 @@ def plot_trajectories_overview(
     rows = overview_rows(data)
     columns = [(run, column) for run in order for column in (y, "delta_d")]
     summary = n_layers(data) > MANY_LAYERS
-    margins = {"left": 1.05, "right": _KEY_WIDTH, "top": 0.8, "bottom": 1.1 if summary else 0.6}
+    margins = {"left": 1.05, "right": _KEY_WIDTH, "top": 0.65, "bottom": 1.1 if summary else 0.6}
     # step labels only under the bottom row: rows sit closer than Figure 2's
     facets = Facets(len(rows), len(columns), (1.75, 1.2), hgap=0.3, **margins)
     facets.figure.set_dpi(dpi)
