@@ -22,8 +22,8 @@ the per-module path PNG in parallel workers; the new path Figure 2 and the traje
 every module on one page each, heatmaps in index.html, as PNG + SVG serially, PNG + SVG
 with workers, and PNG only with workers, the CLI's default), so interpreter start-up is
 left out; the workers' start-up is counted. Each is timed ``--repeat`` times (and so is
-the analysis; the old path once); the table shows the median, the JSON every time and the load average (1,
-5, 15 min) before each case. Prints a table and writes
+the analysis; the old path once); the table shows the median, the JSON every time and the
+load average (1, 5, 15 min) before each case. Prints a table and writes
 ``benchmarks/results/bench_figures.json``.
 """
 
