@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 
 from wdanalysis.plots.common import order_runs, panel_titles, y_label
-from wdanalysis.plots.heatmap import _norm
+from wdanalysis.plots.heatmap import colour_norm
 from wdanalysis.plots.kinds import kind_label
 from wdanalysis.plots.overview import overview_rows, row_panels
 
@@ -63,7 +63,7 @@ def _table(panel: dict, column: str, caption: str) -> str:
     values, layers, steps = grid_of(panel["layer"], panel["step"], panel[column])
     if not layers:
         return f"<table><caption>{escape(caption)}</caption><tr><td>no value</td></tr></table>"
-    norm = _norm(values)
+    norm = colour_norm(values)
     name = "RdBu_r" if isinstance(norm, TwoSlopeNorm) else "viridis"
     colormap = mpl.colormaps[name]
     finite = np.isfinite(values)

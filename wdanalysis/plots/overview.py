@@ -32,9 +32,9 @@ from wdanalysis.plots.common import (
     y_label,
 )
 from wdanalysis.plots.facets import Box, Facets, nice_ticks
-from wdanalysis.plots.figures import FIT_GID, STEP_MARKERS, _format_r, _steps, _style
+from wdanalysis.plots.figures import FIT_GID, STEP_MARKERS, format_r, point_style, steps_of
 from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind
-from wdanalysis.plots.trajectories import _palette, depth_groups
+from wdanalysis.plots.trajectories import depth_groups, depth_palette
 
 __all__ = [
     "TRAJECTORY_GID",
@@ -163,8 +163,8 @@ def plot_figure2_overview(
     rows = overview_rows(data, pool)
     facets = Facets(len(rows), len(order), left=1.05, right=_KEY_WIDTH, top=0.55, bottom=1.1)
     facets.figure.set_dpi(dpi)
-    style = _style(data, "auto", "viridis", 16.0, y)
-    steps = _steps(data, warn=False)
+    style = point_style(data, "auto", "viridis", 16.0, y)
+    steps = steps_of(data, warn=False)
     titles = panel_titles(data, order)
     arrays = {**_columns(data, y), "code": _step_codes(data, steps)}
     panels = row_panels(data, rows, order, arrays)
@@ -180,7 +180,7 @@ def plot_figure2_overview(
                 xs = (float(panel["x"].min()), float(panel["x"].max()))
                 segment = box.clip_line(xs, slope, intercept)
                 lines += [segment] if segment is not None else []
-            facets.title(r, c, f"{titles[run]} ({_format_r(r_value)})")
+            facets.title(r, c, f"{titles[run]} ({format_r(r_value)})")
     halo = LineCollection(lines, colors="white", linewidths=3.4, alpha=0.8, zorder=3)
     facets.ax.add_collection(halo)
     fit = LineCollection(lines, colors="black", linewidths=1.5, zorder=3, gid=FIT_GID)
@@ -274,7 +274,7 @@ def plot_trajectories_overview(
     facets = Facets(len(rows), len(columns), (1.75, 1.2), hgap=0.3, **margins)
     facets.figure.set_dpi(dpi)
     colours = None if summary else layer_colours(data, "viridis")
-    palette = _palette(data, "viridis") if summary else {}
+    palette = depth_palette(data, "viridis") if summary else {}
     x_ticks = nice_ticks(*_steps_range(data))
     x_ticks = (x_ticks[0], [t for t in x_ticks[1] if float(t).is_integer()])
     titles = panel_titles(data, order)
