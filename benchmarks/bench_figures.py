@@ -22,8 +22,9 @@ the per-module path PNG in parallel workers; the new path Figure 2 and the traje
 every module on one page each, heatmaps in index.html, as PNG + SVG serially, PNG + SVG
 with workers, and PNG only with workers, the CLI's default), so interpreter start-up is
 left out; the workers' start-up is counted. Each is timed ``--repeat`` times (and so is
-the analysis; the old path once); the table shows the median, the JSON every time and the
-load average (1, 5, 15 min) before each case. Prints a table and writes
+the analysis; the old path once); the table shows the median wall time, the JSON every
+time, the median CPU seconds (the process and its workers: what an idle machine's cores
+would have to do) and the load average (1, 5, 15 min) before each case. Prints a table and writes
 ``benchmarks/results/bench_figures.json``.
 """
 
@@ -54,7 +55,7 @@ SHAPES = {"q_proj": "hh", "k_proj": "hh", "v_proj": "hh", "o_proj": "hh"}
 SHAPES |= {"gate_proj": "ih", "up_proj": "ih", "down_proj": "hi"}
 
 TIMED = """
-import sys, time
+import resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import matplotlib
 matplotlib.use("Agg")
@@ -62,9 +63,14 @@ from wdanalysis.plots.report import write_report
 from wdanalysis.table.schema import read_table
 table = read_table(sys.argv[2])
 kwargs = eval(sys.argv[4])
-started = time.perf_counter()
+def cpu():
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+started, spent = time.perf_counter(), cpu()
 result = write_report(table, sys.argv[3], **kwargs)
-print("SECONDS", time.perf_counter() - started, len(result.paths))
+print("SECONDS", time.perf_counter() - started, len(result.paths), cpu() - spent)
 """
 
 
@@ -152,7 +158,8 @@ def old_tree(scratch: Path, commit: str = BEFORE) -> Path | None:
     return target
 
 
-def timed_report(tree: Path, table: Path, out: Path, kwargs: dict) -> tuple[float, int]:
+def timed_report(tree: Path, table: Path, out: Path, kwargs: dict) -> tuple[float, int, float]:
+    """Wall seconds, files written and CPU seconds (this process and its workers)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     done = subprocess.run(
         [sys.executable, "-c", TIMED, str(tree), str(table), str(out), repr(kwargs)],
@@ -164,8 +171,8 @@ def timed_report(tree: Path, table: Path, out: Path, kwargs: dict) -> tuple[floa
     line = next((x for x in done.stdout.splitlines() if x.startswith("SECONDS")), None)
     if line is None:
         raise RuntimeError(done.stderr[-3000:])
-    _, seconds, files = line.split()
-    return float(seconds), int(files)
+    _, seconds, files, cpu = line.split()
+    return float(seconds), int(files), float(cpu)
 
 
 #: The new path three ways: as the old one (PNG + SVG) drawn here, the same with
@@ -178,12 +185,15 @@ NEW = {
 
 
 def _timed(row: dict, label: str, tree: Path, table: Path, out: Path, kwargs: dict, n: int):
-    times = []
+    times, cpus = [], []
     for index in range(n):
-        seconds, files = timed_report(tree, table, out.with_name(f"{out.name}-{index}"), kwargs)
+        seconds, files, cpu = timed_report(
+            tree, table, out.with_name(f"{out.name}-{index}"), kwargs
+        )
         times.append(seconds)
+        cpus.append(cpu)
     row[f"{label}_seconds"], row[f"{label}_files"] = float(np.median(times)), files
-    row[f"{label}_all_seconds"] = times
+    row[f"{label}_all_seconds"], row[f"{label}_cpu_seconds"] = times, float(np.median(cpus))
 
 
 def run_case(name: str, table: Path, scratch: Path, trees: dict, repeat: int) -> dict:
@@ -215,16 +225,18 @@ def main() -> None:
         trees = {"before": old_tree(scratch), "per_module": old_tree(scratch, PER_MODULE)}
         runs = write_set(scratch / "set", args.hidden, args.layers)
         size = sum(p.stat().st_size for p in (scratch / "set").rglob("*.safetensors"))
-        analyses = []
+        analyses, analysis_cpu = [], []
         for _ in range(args.repeat):
-            started = time.perf_counter()
+            started, spent = time.perf_counter(), time.process_time()
             deltas = compare(scratch / "set" / "base", runs, modules=list(MODULES), progress=False)
             analyses.append(time.perf_counter() - started)
+            analysis_cpu.append(time.process_time() - spent)
         deltas.to_csv(scratch / "8x7.csv", index=False)
         synthetic_table(32, 8, ("q_proj", "v_proj")).to_csv(scratch / "32.csv", index=False)
         rows = [run_case("8x7", scratch / "8x7.csv", scratch, trees, args.repeat)]
         rows[0] |= {"analysis_seconds": float(np.median(analyses)), "checkpoint_bytes": size}
         rows[0]["analysis_all_seconds"] = analyses
+        rows[0]["analysis_cpu_seconds"] = float(np.median(analysis_cpu))
         rows.append(run_case("32-layer", scratch / "32.csv", scratch, trees, args.repeat))
         if (REPO / "figures/deltas.csv").is_file():
             reference = REPO / "figures/deltas.csv"
@@ -252,6 +264,8 @@ def main() -> None:
             + f"  {row.get('old_files', '?')} → {row.get('per_module_files', '?')} → "
             + f"{row['new_cli_default_files']}"
         )
+        cpus = [row.get(f"{c}_cpu_seconds", float("nan")) for c in columns]
+        print(f"{'  CPU s':<10}" + "".join(f"{v:>18.1f}" for v in cpus))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
