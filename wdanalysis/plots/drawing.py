@@ -210,6 +210,26 @@ def _plan(workers: int | None, jobs: int):
     return (count, context) if count > 1 else (1, None)
 
 
+class _NoBar:
+    """What :func:`draw_jobs` needs of a tqdm bar, for ``progress=False``."""
+
+    def update(self) -> None:
+        """Nothing to show."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _bar(total: int, progress: bool):
+    """A tqdm bar on stderr, or none: ``tqdm.auto`` imports asyncio (~0.15 s), which a
+    report without a bar need not pay."""
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="figures", unit="fig", leave=False)
+
+
 def draw_jobs(
     jobs: Sequence[FigureJob],
     out_dir: Path,
@@ -223,11 +243,9 @@ def draw_jobs(
     jobs to pay for them; 1: in this process only; this process is one of them), with a
     tqdm bar on stderr when ``progress``. ``meanwhile()`` runs in this process while the
     workers draw (first, when there are none). Returns the files of each job, in job order."""
-    from tqdm.auto import tqdm
-
     formats = parse_formats(formats)
     count, context = _plan(workers, len(jobs))
-    bar = tqdm(total=len(jobs), desc="figures", unit="fig", disable=not progress, leave=False)
+    bar = _bar(len(jobs), progress)
     draw = partial(_draw, out_dir=out_dir, formats=formats, dpi=dpi)
     try:
         if count == 1:
