@@ -11,16 +11,21 @@ Cases, each timed in one run on the same machine:
    checkpoints, 8 layers × 7 linear modules: q, k, v, o, gate, up, down; ~1.4 GB at the
    default ``--hidden 1024``), analysed with :func:`wdanalysis.compare` (the analysis),
    then the report drawn by the code before issue 31 (``git archive`` of
-   :data:`BEFORE`, serial) and by the current code (parallel workers);
+   :data:`BEFORE`, serial), by the per-module report of :data:`PER_MODULE` (3 figures per
+   module, the CLI's default then) and by the current code (the overview pages);
 2. ``32-layer``: a synthetic deltas table, 32 layers × 8 steps × 3 runs × 2 modules;
 3. ``reference``: the demo's own ``figures/deltas.csv`` (6 layers × 2 modules).
 
 Every report runs in a fresh subprocess and is timed inside it around ``write_report``
-(fits and every figure; the old path PNG + SVG serially, 2 figures per module; the new
-path 3 figures per module and index.html, as PNG + SVG serially, PNG + SVG in parallel
-workers, and PNG only in parallel workers, the CLI's default), so interpreter start-up is
-left out; the workers' start-up is counted. The machine's load average is recorded.
-Prints a table and writes ``benchmarks/results/bench_figures.json``.
+(fits, every figure and index.html; the old path PNG + SVG serially, 2 figures per module;
+the per-module path PNG in parallel workers; the new path Figure 2 and the trajectories of
+every module on one page each, heatmaps in index.html, as PNG + SVG serially, PNG + SVG
+with workers, and PNG only with workers, the CLI's default), so interpreter start-up is
+left out; the workers' start-up is counted. Each is timed ``--repeat`` times (and so is
+the analysis; the old path once); the table shows the median wall time, the JSON every
+time, the median CPU seconds (the process and its workers: what an idle machine's cores
+would have to do) and the load average (1, 5, 15 min) before each case. Prints a table and writes
+``benchmarks/results/bench_figures.json``.
 """
 
 from __future__ import annotations
@@ -42,12 +47,15 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 #: The commit before issue 31 (serial figures, no heatmap, no index.html).
 BEFORE = "faa14c56407da0069f6a723ee7352cb6f7d83444"
+#: The last commit with one figure file per module and kind (figure2_, trajectories_,
+#: heatmap_<module>), before the overview pages.
+PER_MODULE = "3e7343c9bf612d3c4eb02ad2b7aa9e15d1b398c0"
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"q_proj": "hh", "k_proj": "hh", "v_proj": "hh", "o_proj": "hh"}
 SHAPES |= {"gate_proj": "ih", "up_proj": "ih", "down_proj": "hi"}
 
 TIMED = """
-import sys, time
+import resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import matplotlib
 matplotlib.use("Agg")
@@ -55,9 +63,14 @@ from wdanalysis.plots.report import write_report
 from wdanalysis.table.schema import read_table
 table = read_table(sys.argv[2])
 kwargs = eval(sys.argv[4])
-started = time.perf_counter()
+def cpu():
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+started, spent = time.perf_counter(), cpu()
 result = write_report(table, sys.argv[3], **kwargs)
-print("SECONDS", time.perf_counter() - started, len(result.paths))
+print("SECONDS", time.perf_counter() - started, len(result.paths), cpu() - spent)
 """
 
 
@@ -131,21 +144,22 @@ def synthetic_table(layers: int, steps: int, modules: tuple[str, ...]) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def old_tree(scratch: Path) -> Path | None:
-    """The package as it was at :data:`BEFORE`, unpacked under ``scratch``."""
-    target = scratch / "before"
+def old_tree(scratch: Path, commit: str = BEFORE) -> Path | None:
+    """The package as it was at ``commit``, unpacked under ``scratch``."""
+    target = scratch / commit[:10]
     target.mkdir()
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", BEFORE, "wdanalysis"], capture_output=True
+        ["git", "-C", str(REPO), "archive", commit, "wdanalysis"], capture_output=True
     )
     if archive.returncode != 0:
-        print(f"no git history with {BEFORE[:10]}: the old path is not timed", file=sys.stderr)
+        print(f"no git history with {commit[:10]}: that path is not timed", file=sys.stderr)
         return None
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
     return target
 
 
-def timed_report(tree: Path, table: Path, out: Path, kwargs: dict) -> tuple[float, int]:
+def timed_report(tree: Path, table: Path, out: Path, kwargs: dict) -> tuple[float, int, float]:
+    """Wall seconds, files written and CPU seconds (this process and its workers)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     done = subprocess.run(
         [sys.executable, "-c", TIMED, str(tree), str(table), str(out), repr(kwargs)],
@@ -157,12 +171,12 @@ def timed_report(tree: Path, table: Path, out: Path, kwargs: dict) -> tuple[floa
     line = next((x for x in done.stdout.splitlines() if x.startswith("SECONDS")), None)
     if line is None:
         raise RuntimeError(done.stderr[-3000:])
-    _, seconds, files = line.split()
-    return float(seconds), int(files)
+    _, seconds, files, cpu = line.split()
+    return float(seconds), int(files), float(cpu)
 
 
-#: The new path three ways: as the old one (PNG + SVG) drawn here, the same in parallel
-#: workers, and the CLI's default (PNG only, parallel).
+#: The new path three ways: as the old one (PNG + SVG) drawn here, the same with
+#: workers, and the CLI's default (PNG only, workers).
 NEW = {
     "new_serial": {"workers": 1, "formats": "png,svg"},
     "new_parallel": {"workers": None, "formats": "png,svg"},
@@ -170,15 +184,28 @@ NEW = {
 }
 
 
-def run_case(name: str, table: Path, scratch: Path, before: Path | None) -> dict:
-    row: dict = {"case": name}
-    if before is not None:
-        row["old_seconds"], row["old_files"] = timed_report(
-            before, table, scratch / f"{name}-old", {}
+def _timed(row: dict, label: str, tree: Path, table: Path, out: Path, kwargs: dict, n: int):
+    times, cpus = [], []
+    for index in range(n):
+        seconds, files, cpu = timed_report(
+            tree, table, out.with_name(f"{out.name}-{index}"), kwargs
         )
+        times.append(seconds)
+        cpus.append(cpu)
+    row[f"{label}_seconds"], row[f"{label}_files"] = float(np.median(times)), files
+    row[f"{label}_all_seconds"], row[f"{label}_cpu_seconds"] = times, float(np.median(cpus))
+
+
+def run_case(name: str, table: Path, scratch: Path, trees: dict, repeat: int) -> dict:
+    row: dict = {"case": name, "load_average": os.getloadavg()}
+    if trees["before"] is not None:  # once: it is the slow one, 10-40× the others
+        _timed(row, "old", trees["before"], table, scratch / f"{name}-old", {}, 1)
+    if trees["per_module"] is not None:
+        kwargs = {"workers": None, "formats": "png"}  # its CLI default
+        out = scratch / f"{name}-per_module"
+        _timed(row, "per_module", trees["per_module"], table, out, kwargs, repeat)
     for label, kwargs in NEW.items():
-        seconds, files = timed_report(REPO, table, scratch / f"{name}-{label}", kwargs)
-        row[f"{label}_seconds"], row[f"{label}_files"] = seconds, files
+        _timed(row, label, REPO, table, scratch / f"{name}-{label}", kwargs, repeat)
     return row
 
 
@@ -187,6 +214,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--repeat", type=int, default=3, help="times per timing (default 3)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_figures.json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -194,19 +222,25 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_figures_", dir=args.workdir))
     try:
-        before = old_tree(scratch)
+        trees = {"before": old_tree(scratch), "per_module": old_tree(scratch, PER_MODULE)}
         runs = write_set(scratch / "set", args.hidden, args.layers)
         size = sum(p.stat().st_size for p in (scratch / "set").rglob("*.safetensors"))
-        started = time.perf_counter()
-        deltas = compare(scratch / "set" / "base", runs, modules=list(MODULES), progress=False)
-        analysis = time.perf_counter() - started
+        analyses, analysis_cpu = [], []
+        for _ in range(args.repeat):
+            started, spent = time.perf_counter(), time.process_time()
+            deltas = compare(scratch / "set" / "base", runs, modules=list(MODULES), progress=False)
+            analyses.append(time.perf_counter() - started)
+            analysis_cpu.append(time.process_time() - spent)
         deltas.to_csv(scratch / "8x7.csv", index=False)
         synthetic_table(32, 8, ("q_proj", "v_proj")).to_csv(scratch / "32.csv", index=False)
-        rows = [run_case("8x7", scratch / "8x7.csv", scratch, before)]
-        rows[0] |= {"analysis_seconds": analysis, "checkpoint_bytes": size}
-        rows.append(run_case("32-layer", scratch / "32.csv", scratch, before))
+        rows = [run_case("8x7", scratch / "8x7.csv", scratch, trees, args.repeat)]
+        rows[0] |= {"analysis_seconds": float(np.median(analyses)), "checkpoint_bytes": size}
+        rows[0]["analysis_all_seconds"] = analyses
+        rows[0]["analysis_cpu_seconds"] = float(np.median(analysis_cpu))
+        rows.append(run_case("32-layer", scratch / "32.csv", scratch, trees, args.repeat))
         if (REPO / "figures/deltas.csv").is_file():
-            rows.append(run_case("reference", REPO / "figures/deltas.csv", scratch, before))
+            reference = REPO / "figures/deltas.csv"
+            rows.append(run_case("reference", reference, scratch, trees, args.repeat))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result = {
@@ -216,17 +250,22 @@ def main() -> None:
         "hidden": args.hidden,
         "layers": args.layers,
         "before": BEFORE,
+        "per_module": PER_MODULE,
+        "repeat": args.repeat,
         "cases": rows,
     }
-    columns = ["analysis", "old", *NEW]
+    columns = ["analysis", "old", "per_module", *NEW]
     print(f"{'case':<10}" + "".join(f"{c + ' s':>18}" for c in columns) + "  files old → new")
     for row in rows:
         values = [row.get(f"{c}_seconds", float("nan")) for c in columns]
         print(
             f"{row['case']:<10}"
             + "".join(f"{v:>18.1f}" for v in values)
-            + f"  {row.get('old_files', '?')} → {row['new_serial_files']}"
+            + f"  {row.get('old_files', '?')} → {row.get('per_module_files', '?')} → "
+            + f"{row['new_cli_default_files']}"
         )
+        cpus = [row.get(f"{c}_cpu_seconds", float("nan")) for c in columns]
+        print(f"{'  CPU s':<10}" + "".join(f"{v:>18.1f}" for v in cpus))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -70,7 +70,7 @@ def test_getting_started_code_runs_on_a_tiny_offline_model(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = tmp_path / "quickstart" / "results"
-    for name in ("deltas.csv", "fits.csv", "run.json", "figure2_query.png", "figure2_value.png"):
+    for name in ("deltas.csv", "fits.csv", "run.json", "figure2.png", "trajectories.png"):
         assert (results / name).stat().st_size > 0, name
     assert (tmp_path / "quickstart" / "figure2_query.png").stat().st_size > 0
 

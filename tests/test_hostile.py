@@ -323,11 +323,12 @@ def test_second_compare_leaves_no_stale_figures(capsys, tmp_path, base):
     out = tmp_path / "out"
     (out).mkdir()
     (out / "notes.txt").write_text("mine")  # not wdanalysis': kept
-    code, _, err = run_cli(capsys, "compare", base, run, "--out", out, "--quiet")
+    every = ("--figures", "all")  # a file per module: the first run's must go
+    code, _, err = run_cli(capsys, "compare", base, run, "--out", out, "--quiet", *every)
     assert code == 0, err
     assert "figure2_v_proj.png" in _names(out)
     code, _, err = run_cli(
-        capsys, "compare", base, run, "--out", out, "--quiet", "--modules", "up_proj"
+        capsys, "compare", base, run, "--out", out, "--quiet", "--modules", "up_proj", *every
     )
     assert code == 0, err
     names = _names(out)
@@ -362,12 +363,12 @@ def test_ctrl_c_while_figures_are_drawn(capsys, tmp_path, base, monkeypatch):
 
 
 def test_failing_figures_keep_the_computed_table(capsys, tmp_path, base, monkeypatch):
-    import wdanalysis.plots.figures as figures
+    import wdanalysis.plots.overview as overview
 
     def broken(*args, **kwargs):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(figures, "plot_trajectories", broken)
+    monkeypatch.setattr(overview, "plot_trajectories_overview", broken)
     ft = ft_run(tmp_path / "run", base_state())
     code, _, err = run_cli(capsys, "compare", base, ft, "--out", tmp_path / "out", "--quiet")
     assert code == 2 and "the figures failed (no display)" in err
@@ -382,7 +383,7 @@ def test_plot_into_the_tables_folder_keeps_it(capsys, tmp_path, base):
     code, _, err = run_cli(capsys, "plot", out / "deltas.csv", "--out", out)
     assert code == 0, err
     assert (out / "deltas.csv").read_bytes() == table and (out / "run.json").exists()
-    assert "figure2_q_proj.png" in _names(out)
+    assert "figure2.png" in _names(out)
 
 
 def test_out_is_the_current_folder(capsys, tmp_path, base, monkeypatch):

@@ -108,7 +108,7 @@ def test_page_is_offline_and_links_files_that_exist(report):
         assert "/" not in target and (report.out_dir / target).is_file(), target
     figures = [p.name for paths in report.figures.values() for p in paths]
     pngs = [name for name in figures if name.endswith(".png")]
-    assert sorted(page.images) == sorted(pngs) and len(pngs) == 6  # 3 figures × 2 modules
+    assert sorted(page.images) == sorted(pngs) == ["figure2.png", "trajectories.png"]  # all modules
     assert {p for p in page.links if not p.startswith("#")} >= set(figures)
 
 
@@ -152,7 +152,10 @@ def test_chromium_loads_every_image(report, tmp_path):
     script = (
         "<script>window.addEventListener('load',()=>{const all=[...document.images];"
         "const ok=all.filter(i=>i.complete&&i.naturalWidth>0).length;"
-        "document.body.setAttribute('data-images',ok+'/'+all.length);});</script>"
+        "document.body.setAttribute('data-images',ok+'/'+all.length);"
+        "const cells=[...document.querySelectorAll('.hm td.c')];const painted=cells.filter(c=>"
+        "getComputedStyle(c).backgroundColor!=='rgba(0, 0, 0, 0)'&&c.offsetHeight>0).length;"
+        "document.body.setAttribute('data-cells',painted+'/'+cells.length);});</script>"
     )
     probe.write_text(report.html.read_text().replace("</body>", script + "</body>"))
     try:
@@ -168,7 +171,10 @@ def test_chromium_loads_every_image(report, tmp_path):
     found = re.search(r'data-images="(\d+)/(\d+)"', done.stdout)
     assert found, done.stderr[-2000:]
     loaded, total = map(int, found.groups())
-    assert total == 6 and loaded == total
+    assert total == 2 and loaded == total
+    # the heatmaps: a painted cell per run, quantity, module, layer and step (2·2·2·6·3)
+    painted, cells = map(int, re.search(r'data-cells="(\d+)/(\d+)"', done.stdout).groups())
+    assert cells == 144 and painted == cells
 
 
 def test_cli_format_pdf_only_and_a_bad_format(tmp_path, capsys):
@@ -180,9 +186,9 @@ def test_cli_format_pdf_only_and_a_bad_format(tmp_path, capsys):
     argv = ["plot", str(tmp_path / "deltas.csv"), "--out", str(out), "--format", "pdf"]
     assert main([*argv, "--dpi", "30"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert "figure2_q_proj.pdf" in names and "index.html" in names
+    assert "figure2.pdf" in names and "index.html" in names
     assert not any(name.endswith((".png", ".svg")) for name in names)
-    assert 'href="figure2_q_proj.pdf"' in (out / "index.html").read_text()
+    assert 'href="figure2.pdf"' in (out / "index.html").read_text()
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         main(["plot", str(tmp_path / "deltas.csv"), "--out", str(out), "--format", "png,gif"])

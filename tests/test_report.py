@@ -34,7 +34,7 @@ REQUIRED_FIT_COLUMNS = [
     "within_step_r",
     "spearman_rho",
 ]
-FIGURES = ["figure2_q_proj", "trajectories_q_proj", "heatmap_q_proj"]
+FIGURES = ["figure2", "trajectories"]  # every module on one page each; heatmaps in index.html
 
 
 def make_deltas(modules=("q_proj",), steps=(10, 20), layers=4, seed=0) -> pd.DataFrame:
@@ -81,19 +81,35 @@ def test_fits_csv_columns_and_empty_step_for_pooled(tmp_path):
     np.testing.assert_allclose(fits["slope"], result.fits["slope"])
 
 
-def test_several_modules_get_one_file_each(tmp_path):
+def test_several_modules_share_one_page_per_figure(tmp_path):
     result = write_report(make_deltas(modules=("query", "value")), tmp_path, dpi=50)
-    assert set(result.figures) == {"query", "value"}
+    assert set(result.figures) == {""}  # "": every module
+    for stem in FIGURES:
+        for suffix in ("png", "svg"):
+            assert_written(tmp_path / f"{stem}.{suffix}")
+    assert not list(tmp_path.glob("*_query.*")) and not list(tmp_path.glob("heatmap*"))
+    assert set(pd.read_csv(result.fits_csv)["module"]) == {"query", "value"}
+    page = (tmp_path / "index.html").read_text()
+    assert "module: query" in page and "module: value" in page  # the heatmap tables
+
+
+def test_figures_all_adds_one_file_per_module_and_kind(tmp_path):
+    result = write_report(
+        make_deltas(modules=("query", "value")), tmp_path, dpi=30, formats="png", figures="all"
+    )
+    assert set(result.figures) == {"", "query", "value"}
     for module in ("query", "value"):
         for stem in ("figure2", "trajectories", "heatmap"):
-            for suffix in ("png", "svg"):
-                assert_written(tmp_path / f"{stem}_{module}.{suffix}")
-    assert not (tmp_path / "figure2.png").exists()
-    assert set(pd.read_csv(result.fits_csv)["module"]) == {"query", "value"}
+            assert_written(tmp_path / f"{stem}_{module}.png")
+    assert_written(tmp_path / "figure2.png")
+    with pytest.raises(ValueError, match="figures must be"):
+        write_report(make_deltas(), tmp_path / "bad", figures="some")
 
 
 def test_module_names_are_made_file_safe(tmp_path):
-    result = write_report(make_deltas(modules=("attn/q", "attn/v")), tmp_path, dpi=50)
+    result = write_report(
+        make_deltas(modules=("attn/q", "attn/v")), tmp_path, dpi=30, formats="png", figures="all"
+    )
     assert (tmp_path / "figure2_attn_q.png").is_file()
     assert all(path.parent == tmp_path for path in result.paths)
 
@@ -101,14 +117,14 @@ def test_module_names_are_made_file_safe(tmp_path):
 def test_dpi_sets_png_resolution(tmp_path):
     low = write_report(make_deltas(), tmp_path / "low", dpi=50)
     high = write_report(make_deltas(), tmp_path / "high", dpi=100)
-    low_png = mpimg.imread(low.figures["q_proj"][0])
-    high_png = mpimg.imread(high.figures["q_proj"][0])
+    low_png = mpimg.imread(low.figures[""][0])
+    high_png = mpimg.imread(high.figures[""][0])
     assert high_png.shape[0] == pytest.approx(2 * low_png.shape[0], abs=2)
 
 
 def test_pdf_vector_copy(tmp_path):
     result = write_report(make_deltas(), tmp_path, dpi=50, vector_format="pdf")
-    pdf = tmp_path / "figure2_q_proj.pdf"
+    pdf = tmp_path / "figure2.pdf"
     assert pdf in result.paths and pdf.read_bytes()[:5] == b"%PDF-"
     with pytest.raises(ValueError, match="vector_format"):
         write_report(make_deltas(), tmp_path, vector_format="eps")
@@ -117,10 +133,10 @@ def test_pdf_vector_copy(tmp_path):
 def test_unknown_steps_skip_trajectories_with_note(tmp_path):
     deltas = make_deltas()
     deltas["step"] = pd.array([pd.NA] * len(deltas), dtype="Int64")
-    result = write_report(deltas, tmp_path, dpi=50)
-    assert (tmp_path / "figure2_q_proj.png").is_file()
+    result = write_report(deltas, tmp_path, dpi=30, formats="png", figures="all")
+    assert (tmp_path / "figure2.png").is_file() and (tmp_path / "figure2_q_proj.png").is_file()
     assert (tmp_path / "heatmap_q_proj.png").is_file()  # the heatmap skips unknown steps
-    assert not (tmp_path / "trajectories_q_proj.png").exists()
+    assert not list(tmp_path.glob("trajectories*"))
     assert any("no known training step" in note for note in result.notes)
 
 
@@ -145,21 +161,20 @@ def test_figure_names_do_not_depend_on_the_number_of_modules(tmp_path):
     two = write_report(
         make_deltas(modules=("query", "value"), layers=3), tmp_path / "two", dpi=20, formats="png"
     )
-    names_one = {p.name for p in one.figures["query"]}
-    assert names_one == {p.name for p in two.figures["query"]}
-    assert "figure2_query.png" in names_one
+    names_one = {p.name for p in one.figures[""]}
+    assert names_one == {p.name for p in two.figures[""]} == {"figure2.png", "trajectories.png"}
 
 
 def test_formats_png_svg_pdf_and_only_png(tmp_path):
     result = write_report(make_deltas(), tmp_path / "all", dpi=30, formats="png,svg,pdf")
-    suffixes = {p.suffix for p in result.figures["q_proj"]}
+    suffixes = {p.suffix for p in result.figures[""]}
     assert suffixes == {".png", ".svg", ".pdf"}
-    for path in result.figures["q_proj"]:
+    for path in result.figures[""]:
         assert_written(path)
         if path.suffix == ".pdf":
             assert path.read_bytes()[:5] == b"%PDF-"
     only = write_report(make_deltas(), tmp_path / "png", dpi=30, formats=["png"])
-    assert {p.suffix for p in only.figures["q_proj"]} == {".png"}
+    assert {p.suffix for p in only.figures[""]} == {".png"}
     with pytest.raises(ValueError, match="unknown figure format.*eps"):
         write_report(make_deltas(), tmp_path / "bad", formats="png,eps")
 
@@ -168,7 +183,7 @@ def test_vector_files_are_identical_on_rerun(tmp_path):
     """The layout is computed once and frozen for the other formats: still reproducible."""
     a = write_report(make_deltas(), tmp_path / "a", dpi=30, formats="svg,pdf", html=False)
     b = write_report(make_deltas(), tmp_path / "b", dpi=30, formats="svg,pdf", html=False)
-    for left, right in zip(a.figures["q_proj"], b.figures["q_proj"], strict=True):
+    for left, right in zip(a.figures[""], b.figures[""], strict=True):
         assert left.read_bytes() == right.read_bytes(), left.name
 
 
@@ -189,5 +204,5 @@ def test_y_parameter_labels_the_figures_and_fits(tmp_path):
     deltas["delta_m_learned"] = deltas["delta_m"] * 0.5
     result = write_report(deltas, tmp_path, dpi=30, formats="svg", y="delta_m_learned")
     assert (result.fits["y"] == "delta_m_learned").all()
-    svg = (tmp_path / "figure2_q_proj.svg").read_text()
+    svg = (tmp_path / "figure2.svg").read_text()
     assert "ΔM learned" in svg and "magnitude change" not in svg

@@ -314,7 +314,7 @@ def test_plot_draws_the_same_fits_and_figures_from_a_live_table(base_dir, tmp_pa
     pd.testing.assert_frame_equal(live, offline, rtol=1e-9, check_exact=False)
     names = {p.name for p in (tmp_path / "live").iterdir()}
     assert names == {p.name for p in (tmp_path / "again").iterdir()}
-    assert {"figure2_query.png", "trajectories_dense.png"} <= names
+    assert {"figure2.png", "trajectories.png", "index.html"} <= names
 
 
 def test_plot_refuses_a_table_that_is_not_one(tmp_path, capsys):

@@ -175,7 +175,7 @@ def _register_plot(subparsers) -> None:
     )
     parser.add_argument("table", type=Path, help="deltas.csv or tracking.csv")
     parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
-    parser.add_argument("--dpi", type=float, default=200, help="PNG resolution (default 200)")
+    parser.add_argument("--dpi", type=float, default=100, help="PNG resolution (default 100)")
     _add_format(parser)
     _add_pool(parser)
     parser.set_defaults(handler=run_plot)
@@ -200,6 +200,13 @@ def _add_format(parser) -> None:
         metavar="FORMATS",
         help="figure formats, comma-separated among png, svg, pdf (default: png; "
         "e.g. png,svg,pdf for papers)",
+    )
+    parser.add_argument(
+        "--figures",
+        choices=["overview", "all"],
+        default="overview",
+        help="overview (default): figure2 and trajectories, every module on one page each, "
+        "heatmaps in index.html; all: also figure2_, trajectories_ and heatmap_<module> files",
     )
 
 
@@ -351,6 +358,7 @@ def run_plot(args: argparse.Namespace) -> int:
             dpi=args.dpi,
             pool=args.pool,
             formats=args.format,
+            figures=args.figures,
             workers=None,
             y=args.y,
             progress=not getattr(args, "quiet", False),

@@ -37,6 +37,7 @@ def write_result(deltas: pd.DataFrame, stage, args: argparse.Namespace, said: li
             stage.path,
             pool=args.pool,
             formats=args.format,
+            figures=getattr(args, "figures", "overview"),
             workers=None,
             progress=not args.quiet,
             y=args.y,

@@ -280,7 +280,7 @@ def analyse(out_dir: Path, settings: DemoSettings, trained: dict, started: float
     deltas = compare(model_path(), runs, modules=list(MODULES), progress=progress)
     write_csv_atomic(deltas, out_dir / "deltas.csv")
     print("[3/3] fits and figures")
-    report = write_report(deltas, out_dir)
+    report = write_report(deltas, out_dir, figures="all", dpi=200)  # the published names
     learned = write_learned_figures(deltas, out_dir)
     summary = summarize(report.fits, trained, deltas)
     write_csv_atomic(summary, out_dir / "summary.csv")

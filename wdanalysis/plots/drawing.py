@@ -40,13 +40,14 @@ __all__ = ["FORMATS", "FigureJob", "draw_jobs", "parse_formats", "save_figure"]
 
 #: Formats a report can write: PNG to view, SVG and PDF for papers.
 FORMATS: tuple[str, ...] = ("png", "svg", "pdf")
-#: Fewer jobs than this are drawn in the calling process: workers take ~1 s to start.
+#: Fewer jobs than this are drawn in the calling process when workers must start afresh
+#: (forkserver or spawn: ~1 s); forked workers start at once and draw from two jobs on.
 PARALLEL_FROM = 6
 #: zlib level of the PNG files: 1 compresses them about a third faster than the default 6,
 #: for files ~15 % larger (figures are flat colours and lines).
 PNG_COMPRESSION = 1
 #: What the worker processes' forkserver imports once, before forking them.
-_PRELOAD = ["wdanalysis.plots.drawing", "wdanalysis.plots.figures"]
+_PRELOAD = ["wdanalysis.plots.drawing", "wdanalysis.plots.figures", "wdanalysis.plots.overview"]
 
 
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -97,8 +98,11 @@ class FigureJob:
 def _draw(job: FigureJob, out_dir: Path, formats: tuple[str, ...], dpi: float) -> list[Path]:
     """Build and save one figure (runs in a worker process or in the caller)."""
     from wdanalysis.plots.figures import plot_figure2, plot_heatmap, plot_trajectories
+    from wdanalysis.plots.overview import plot_figure2_overview, plot_trajectories_overview
 
     draw = {"figure2": plot_figure2, "trajectories": plot_trajectories, "heatmap": plot_heatmap}
+    draw |= {"figure2_overview": plot_figure2_overview}
+    draw |= {"trajectories_overview": plot_trajectories_overview}
     kwargs = dict(job.kwargs)
     if job.fits is not None:
         kwargs["fits"] = job.fits
@@ -152,9 +156,12 @@ def _context():
     return context
 
 
-def _beside_workers(jobs: Sequence[FigureJob], draw: Callable, workers: int, bar, context) -> list:
+def _beside_workers(
+    jobs: Sequence[FigureJob], draw: Callable, workers: int, bar, context, meanwhile=None
+) -> list:
     """Jobs drawn here from the front of the list while ``workers`` processes take them
-    from the back; returns each job's result, in job order."""
+    from the back (``meanwhile()`` runs here first); returns each job's result, in job
+    order."""
     results: list = [None] * len(jobs)
     pending = deque(range(len(jobs)))
     running: dict[Future, int] = {}
@@ -172,6 +179,10 @@ def _beside_workers(jobs: Sequence[FigureJob], draw: Callable, workers: int, bar
                 running[pool.submit(draw, jobs[index])] = index
 
         top_up()
+        if meanwhile is not None:
+            meanwhile()
+            collect(0)
+            top_up()
         while pending:
             index = pending.popleft()
             results[index] = draw(jobs[index])
@@ -183,10 +194,40 @@ def _beside_workers(jobs: Sequence[FigureJob], draw: Callable, workers: int, bar
     return results
 
 
-def _workers(workers: int | None, jobs: int) -> int:
+def _plan(workers: int | None, jobs: int):
+    """How many processes draw (this one included) and the context that starts the others:
+    one per core (``workers=None``) from :data:`PARALLEL_FROM` jobs, or from two where
+    workers are forked (they start at once); ``(1, None)``: all drawn here."""
+    if workers == 1 or jobs < 2:
+        return 1, None
+    context = _context()  # before any bar: tqdm may start a thread
+    if context is None:
+        return 1, None
     if workers is None:
-        workers = (os.cpu_count() or 1) if jobs >= PARALLEL_FROM else 1
-    return max(1, min(workers, jobs))
+        forked = context.get_start_method() == "fork"
+        workers = (os.cpu_count() or 1) if jobs >= (2 if forked else PARALLEL_FROM) else 1
+    count = max(1, min(workers, jobs))
+    return (count, context) if count > 1 else (1, None)
+
+
+class _NoBar:
+    """What :func:`draw_jobs` needs of a tqdm bar, for ``progress=False``."""
+
+    def update(self) -> None:
+        """Nothing to show."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _bar(total: int, progress: bool):
+    """A tqdm bar on stderr, or none: ``tqdm.auto`` imports asyncio (~0.15 s), which a
+    report without a bar need not pay."""
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="figures", unit="fig", leave=False)
 
 
 def draw_jobs(
@@ -196,25 +237,27 @@ def draw_jobs(
     dpi: float,
     workers: int | None = 1,
     progress: bool = False,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[list[Path]]:
     """Draw every job, in ``workers`` processes (None: one per core once there are enough
     jobs to pay for them; 1: in this process only; this process is one of them), with a
-    tqdm bar on stderr when ``progress``. Returns the files of each job, in job order."""
-    from tqdm.auto import tqdm
-
+    tqdm bar on stderr when ``progress``. ``meanwhile()`` runs in this process while the
+    workers draw (first, when there are none). Returns the files of each job, in job order."""
     formats = parse_formats(formats)
-    count = _workers(workers, len(jobs))
-    context = _context() if count > 1 else None  # before the bar: tqdm may start a thread
-    count = count if context is not None else 1
-    bar = tqdm(total=len(jobs), desc="figures", unit="fig", disable=not progress, leave=False)
+    count, context = _plan(workers, len(jobs))
+    bar = _bar(len(jobs), progress)
     draw = partial(_draw, out_dir=out_dir, formats=formats, dpi=dpi)
     try:
         if count == 1:
+            if meanwhile is not None:
+                meanwhile()
             results = []
             for job in jobs:
                 results.append(draw(job))
                 bar.update()
             return results
-        return _beside_workers(jobs, draw, count - 1, bar, context)
+        # this process is one of ``count``, unless it is busy with ``meanwhile`` first
+        helpers = count if meanwhile is not None else count - 1
+        return _beside_workers(jobs, draw, helpers, bar, context, meanwhile)
     finally:
         bar.close()

@@ -72,7 +72,7 @@ FIT_GID = "fit-line"
 STEP_CMAP = "viridis_r"  # early steps light, late steps dark
 
 
-def _steps(data: pd.DataFrame, warn: bool) -> list:
+def steps_of(data: pd.DataFrame, warn: bool) -> list:
     """Known steps ascending, then <NA> if some checkpoint had an unknown step."""
     steps = sorted(int(s) for s in data["step"].dropna().unique())
     if data["step"].isna().any():
@@ -95,7 +95,7 @@ def _step_label(step) -> str:
     return "unknown" if step is pd.NA else str(step)
 
 
-def _format_r(r: float) -> str:
+def format_r(r: float) -> str:
     return "r = n/a" if not np.isfinite(r) else f"r = {r:.2f}".replace("-", "−")
 
 
@@ -146,10 +146,10 @@ def _fit_line(ax: Axes, frame: pd.DataFrame, fit: pd.Series | None) -> None:
     )
 
 
-def _style(data: pd.DataFrame, colour_by: str, cmap, marker_size: float, y: str) -> dict:
+def point_style(data: pd.DataFrame, colour_by: str, cmap, marker_size: float, y: str) -> dict:
     """How points are coloured: by layer (the paper) or by step (many layers or steps)."""
     layers = n_layers(data)
-    steps = _steps(data, warn=False)
+    steps = steps_of(data, warn=False)
     if colour_by == "auto":
         many = layers > MANY_LAYERS or len(steps) > len(STEP_MARKERS)
         colour_by = "step" if many else "layer"
@@ -231,8 +231,8 @@ def plot_figure2(
         fits = fit_lines(data, per_step=False, pool=pool, y=y, n_boot=0)
     kinds = kinds_of(data, pool)
     figure, grid = axes_grid(len(kinds), len(order), axes, figsize, dpi, sharex, sharey)
-    style = _style(data, colour_by, cmap, marker_size, y)
-    steps = _steps(data, warn=style["by"] == "layer")
+    style = point_style(data, colour_by, cmap, marker_size, y)
+    steps = steps_of(data, warn=style["by"] == "layer")
     titles = panel_titles(data, order)
     for row, kind in enumerate(kinds):
         label = f" · {kind_label(kind)}" if kind_label(kind) else ""
@@ -242,7 +242,7 @@ def plot_figure2(
             _scatter_panel(ax, frame, steps, style)
             _fit_line(ax, frame, fit)
             r = np.nan if fit is None else float(fit["pearson_r"])
-            panel_title(ax, f"{titles[run]}{label} ({_format_r(r)})")
+            panel_title(ax, f"{titles[run]}{label} ({format_r(r)})")
             ax.set_xlabel(X_LABEL)
             if scientific:
                 scientific_axes(ax)

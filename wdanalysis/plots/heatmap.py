@@ -42,7 +42,7 @@ def heatmap_grid(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[int
     return table.to_numpy(dtype=float), layers, steps
 
 
-def _norm(values: np.ndarray) -> Normalize:
+def colour_norm(values: np.ndarray) -> Normalize:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return Normalize(0, 1)
@@ -57,7 +57,7 @@ def _panel(ax: Axes, figure: Figure, frame: pd.DataFrame, column: str) -> None:
     if not layers:
         ax.set_axis_off()
         return
-    norm = _norm(values)
+    norm = colour_norm(values)
     cmap = "RdBu_r" if isinstance(norm, TwoSlopeNorm) else "viridis"
     colormap = mpl.colormaps[cmap].with_extremes(bad="0.85")
     x_edges = np.arange(len(steps) + 1) - 0.5

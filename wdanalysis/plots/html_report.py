@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wdanalysis.plots.html_heatmap import HEATMAP_CSS
 from wdanalysis.stats.fit_table import fit_table_legend, sign_held
 from wdanalysis.storage.atomic_write import write_text_atomic
 from wdanalysis.table.schema import IDENTITY_COLUMNS, name_column
@@ -25,10 +26,16 @@ __all__ = ["CAPTIONS", "HTML_NAME", "write_html_report"]
 HTML_NAME = "index.html"
 #: What each figure shows (the design is explained in docs/guides/report.md).
 CAPTIONS = {
-    "figure2": "Figure 2: ΔM against ΔD, one panel per run, black line = least-squares fit. "
+    "figure2": "Figure 2: ΔM against ΔD, a row of panels per module, a column per run; black "
+    "line = least-squares fit, r in each title. Up to 12 layers colour = layer and marker = "
+    "step (the paper's); beyond, colour = training step (light early, dark late).",
+    "trajectories": "ΔM and ΔD against training step, a row per module, two columns per run. "
+    "Up to 12 layers one line per layer; beyond, four depth groups, each a bold median line "
+    "over its layers.",
+    "figure2_module": "Figure 2: ΔM against ΔD, one panel per run, black line = least-squares fit. "
     "Up to 12 layers colour = layer and marker = step (the paper's); beyond, colour = "
     "training step (light early, dark late).",
-    "trajectories": "ΔM (top) and ΔD (bottom) against training step. Up to 12 layers one "
+    "trajectories_module": "ΔM (top) and ΔD (bottom) against training step. Up to 12 layers one "
     "line per layer; beyond, four depth groups, each a bold median line over its layers.",
     "heatmap": "Layer × step heatmap of ΔM and ΔD, one column per run, each panel on its "
     "own colour scale (grey: no value).",
@@ -120,13 +127,14 @@ def _fits_section(fits: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def _figure(paths: list[Path], kind: str) -> str:
+def _figure(paths: list[Path], kind: str, per_module: bool) -> str:
     by_format = {p.suffix.lstrip("."): p.name for p in paths}
     shown = by_format.get("png") or by_format.get("svg")
     links = " · ".join(
         f'<a href="{escape(name)}">{fmt.upper()}</a>' for fmt, name in by_format.items()
     )
-    caption = f"{escape(CAPTIONS.get(kind, kind))} Files: {links}"
+    text = CAPTIONS.get(f"{kind}_module" if per_module else kind, CAPTIONS.get(kind, kind))
+    caption = f"{escape(text)} Files: {links}"
     if shown is None:  # PDF only: a browser cannot show it inline
         return f"<figure><figcaption>{caption}</figcaption></figure>"
     alt = escape(f"{kind} ({Path(shown).stem})")
@@ -137,11 +145,12 @@ def _figure(paths: list[Path], kind: str) -> str:
 def _figures_section(figures: dict[str, list[Path]]) -> str:
     parts = ["<h2 id='figures'>Figures</h2>"]
     for module, paths in figures.items():
-        parts.append(f"<h3>module: {escape(module)}</h3>")
+        if module:  # "": the overview pages of every module, first and without a heading
+            parts.append(f"<h3>module: {escape(module)}</h3>")
         kinds: dict[str, list[Path]] = {}
         for path in paths:
             kinds.setdefault(path.stem.split("_", 1)[0], []).append(path)
-        parts += [_figure(group, kind) for kind, group in kinds.items()]
+        parts += [_figure(group, kind, bool(module)) for kind, group in kinds.items()]
     return "\n".join(parts)
 
 
@@ -201,8 +210,10 @@ def write_html_report(
     figures: dict[str, list[Path]],
     notes: list[str] = (),
     warnings: list[str] = (),
+    extra: str = "",
 ) -> Path:
-    """Write ``out_dir/index.html`` (atomically) and return its path."""
+    """Write ``out_dir/index.html`` (atomically) and return its path; ``extra``: HTML put
+    after the figures (the heatmaps, :func:`~wdanalysis.plots.html_heatmap.heatmap_section`)."""
     out_dir = Path(out_dir)
     # named by its runs, not its folder: the report is written into a staging folder and
     # swapped in, and the same comparison gives the same page wherever it is written
@@ -213,16 +224,21 @@ def write_html_report(
         "<h1>Weight-decomposition analysis</h1>",
         f"<p class='sub'>{escape(runs)} · {downloads}</p>",
         "<nav><a href='#fits'>Fits</a><a href='#notes'>Notes</a>"
-        "<a href='#figures'>Figures</a><a href='#run'>Run</a></nav>",
+        "<a href='#figures'>Figures</a>"
+        + ("<a href='#heatmaps'>Heatmaps</a>" if "id='heatmaps'" in extra else "")
+        + "<a href='#run'>Run</a></nav>",
         _fits_section(fits),
         _list("Notes and warnings", [*warnings, *notes], "notes", "warn"),
         _figures_section(figures),
+        extra,
         _run_section(out_dir),
     ]
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>wdanalysis report: {escape(runs)}</title>"
-        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+        f"<style>{_CSS}{HEATMAP_CSS}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
     )
     return write_text_atomic(out_dir / HTML_NAME, page)

@@ -18,16 +18,32 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from wdanalysis.plots.drawing import FigureJob, draw_jobs, parse_formats, save_figure
+from wdanalysis.plots.html_heatmap import heatmap_section
 from wdanalysis.plots.html_report import write_html_report
 from wdanalysis.stats.fit_table import format_fit_table
-from wdanalysis.stats.fits import drop_undefined, fit_lines
+from wdanalysis.stats.fits import drop_undefined, fit_lines, with_y
 from wdanalysis.storage.atomic_write import write_csv_atomic
 from wdanalysis.table.schema import read_table, validate_deltas
 
-__all__ = ["FIGURE_KINDS", "ReportResult", "read_table", "save_figure_pair", "write_report"]
+__all__ = [
+    "ALL_MODULES",
+    "FIGURE_KINDS",
+    "FIGURE_SETS",
+    "OVERVIEW_FIGURES",
+    "ReportResult",
+    "read_table",
+    "save_figure_pair",
+    "write_report",
+]
 
-#: The figures of a report, per module: ``<kind>_<module>.<format>``.
+#: The figures of a report, per module with ``figures="all"``: ``<kind>_<module>.<format>``.
 FIGURE_KINDS: tuple[str, ...] = ("figure2", "trajectories", "heatmap")
+#: The overview files, every module on one page: ``<name>.<format>`` (figures="overview").
+OVERVIEW_FIGURES: tuple[str, ...] = ("figure2", "trajectories")
+#: The key of :attr:`ReportResult.figures` for the overview files (all modules).
+ALL_MODULES = ""
+#: What ``figures=`` may ask for.
+FIGURE_SETS: tuple[str, ...] = ("overview", "all")
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,8 @@ class ReportResult:
     fits_csv: Path
     fits: pd.DataFrame
     fit_table: str  # format_fit_table(fits): what the CLI prints
-    figures: dict[str, list[Path]] = field(default_factory=dict)  # module -> files written
+    # module -> files written; ALL_MODULES ("") -> the overview pages of every module
+    figures: dict[str, list[Path]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. why trajectories were skipped
     warnings: list[str] = field(default_factory=list)  # e.g. rows dropped as NaN
     html: Path | None = None  # index.html
@@ -68,7 +85,21 @@ def _formats(formats: str | Sequence[str] | None, vector_format: str) -> tuple[s
     return parse_formats(formats if formats is not None else ("png", vector_format))
 
 
-def _jobs(data, fits, options: dict, y: str) -> tuple[list[FigureJob], list[str]]:
+def _overview_jobs(data, options: dict, y: str) -> tuple[list[FigureJob], list[str]]:
+    """Figure 2 and the trajectories of every module, one page each."""
+    notes = []
+    if data["step"].isna().any():
+        notes.append("rows with an unknown step are left out of the trajectories")
+    kwargs = {"y": y, "dpi": options["dpi"]}
+    jobs = [FigureJob("figure2_overview", "figure2", data, {**kwargs, "pool": options["pool"]})]
+    if data["step"].notna().any():
+        jobs.append(FigureJob("trajectories_overview", "trajectories", data, kwargs))
+    else:
+        notes = ["no known training step, trajectories not drawn"]
+    return jobs, notes
+
+
+def _module_jobs(data, options: dict, y: str) -> tuple[list[FigureJob], list[str]]:
     """Per module: Figure 2, the trajectories (when some step is known) and the heatmap."""
     jobs, notes = [], []
     modules = list(dict.fromkeys(data["module"].astype(str)))
@@ -78,8 +109,7 @@ def _jobs(data, fits, options: dict, y: str) -> tuple[list[FigureJob], list[str]
         size = {"figsize": options["figsize"]}
         figure2 = {**common, **size, "sharex": options["sharex"], "sharey": options["sharey"]}
         figure2["pool"] = options["pool"]
-        module_fits = fits.loc[fits["module"].astype(str) == module]
-        jobs.append(FigureJob("figure2", file_stem("figure2", module), rows, figure2, module_fits))
+        jobs.append(FigureJob("figure2", file_stem("figure2", module), rows, figure2))
         if rows["step"].notna().any():
             stem = file_stem("trajectories", module)
             jobs.append(FigureJob("trajectories", stem, rows, {**common, **size}))
@@ -91,11 +121,15 @@ def _jobs(data, fits, options: dict, y: str) -> tuple[list[FigureJob], list[str]
     return jobs, notes
 
 
+def _key(job: FigureJob) -> str:
+    return str(job.kwargs["module"]) if "module" in job.kwargs else ALL_MODULES
+
+
 def write_report(
     deltas: pd.DataFrame,
     out_dir: str | Path,
     *,
-    dpi: float = 200,
+    dpi: float = 100,
     vector_format: str = "svg",
     formats: str | Sequence[str] | None = None,
     sharex: bool = False,
@@ -106,44 +140,65 @@ def write_report(
     workers: int | None = 1,
     progress: bool = False,
     html: bool = True,
+    figures: str = "overview",
 ) -> ReportResult:
-    """Write ``fits.csv``, per module Figure 2, the trajectories and the layer × step
-    heatmap, and ``index.html``, the page that shows them all.
+    """Write ``fits.csv``, Figure 2 and the trajectories of every module, and
+    ``index.html``, the page that shows them with the layer × step heatmaps.
 
     Fits and Figure 2 keep kinds of matrices apart (component, stack, attention kind: one
     fit and one row of panels each); ``pool=True`` pools them as the paper's Figure 2.
     ``y`` names the column regressed on ΔD and drawn (ΔM by default).
 
-    File names: ``figure2_<module>.<format>``, ``trajectories_<module>.<format>`` and
-    ``heatmap_<module>.<format>`` however many modules the table holds; ``formats``
-    ("png,svg,pdf" or a list) defaults to PNG plus ``vector_format``. Trajectories are
-    skipped (with a note) when no checkpoint has a known step. Figures are drawn in
-    ``workers`` processes (None: one per core when there are enough figures; 1: here),
-    with a progress bar on stderr when ``progress``. ``index.html`` shows the fit table,
-    every figure, the notes and warnings, and the run facts of ``run.json`` when the
-    folder has one. The caller writes ``deltas.csv`` itself; the returned table text is
-    for the terminal.
+    ``figures="overview"`` (default): ``figure2.<format>`` and ``trajectories.<format>``,
+    one page each with a row of panels per module, whatever the number of modules; the
+    heatmaps are coloured tables in ``index.html``. ``figures="all"`` adds per module
+    ``figure2_<module>``, ``trajectories_<module>`` and ``heatmap_<module>`` (larger
+    panels, for a paper; ``sharex``, ``sharey`` and ``figsize`` apply to these).
+    ``formats`` ("png,svg,pdf" or a list) defaults to PNG plus ``vector_format``; ``dpi``:
+    the PNG resolution. Trajectories are skipped (with a note) when no checkpoint has a
+    known step. Figures are drawn in ``workers`` processes (None: one per core when there
+    are enough figures; 1: here) while the fits are computed, with a progress bar on
+    stderr when ``progress``. ``index.html`` shows the fit table, every figure, the
+    heatmaps, the notes and warnings, and the run facts of ``run.json`` when the folder
+    has one. The caller writes ``deltas.csv`` itself; the returned table text is for the
+    terminal.
     """
     chosen = _formats(formats, vector_format)
+    if figures not in FIGURE_SETS:
+        raise ValueError(f"figures must be one of {', '.join(FIGURE_SETS)}, got {figures!r}")
     validate_deltas(deltas)
     out_dir = Path(out_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = drop_undefined(deltas, y=y)  # warns once here, not once per figure
-        fits = fit_lines(data, pool=pool, y=y)
+    if y == "delta_m_learned":
+        with_y(data, y)  # its one-line error when the decay is unknown, before any drawing
+    options = {"sharex": sharex, "sharey": sharey, "figsize": figsize, "pool": pool, "dpi": dpi}
+    jobs, notes = _overview_jobs(data, options, y)
+    if figures == "all":
+        more, notes = _module_jobs(data, options, y)
+        jobs += more
+    done: dict = {}
+
+    def fits_here() -> None:  # while the workers draw; Figure 2 fits its panels itself
+        with warnings.catch_warnings(record=True) as also:
+            warnings.simplefilter("always")
+            done["fits"] = fit_lines(data, pool=pool, y=y)
+        caught.extend(also)
+        done["csv"] = write_csv_atomic(done["fits"], out_dir / "fits.csv")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = draw_jobs(jobs, out_dir, chosen, dpi, workers, progress, meanwhile=fits_here)
     for warning in caught:  # passed on to the caller, and kept for index.html
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     said = [str(w.message) for w in caught]
-    fits_csv = write_csv_atomic(fits, out_dir / "fits.csv")
-    options = {"sharex": sharex, "sharey": sharey, "figsize": figsize, "pool": pool}
-    jobs, notes = _jobs(data, fits, options, y)
-    files = draw_jobs(jobs, out_dir, chosen, dpi, workers=workers, progress=progress)
-    figures: dict[str, list[Path]] = {}
+    drawn: dict[str, list[Path]] = {}
     for job, paths in zip(jobs, files, strict=True):
-        figures.setdefault(str(job.kwargs["module"]), []).extend(paths)
-    table = format_fit_table(fits)
-    result = ReportResult(out_dir, fits_csv, fits, table, figures, notes, said)
+        drawn.setdefault(_key(job), []).extend(paths)
+    fits, table = done["fits"], format_fit_table(done["fits"])
+    result = ReportResult(out_dir, done["csv"], fits, table, drawn, notes, said)
     if not html:
         return result
-    page = write_html_report(out_dir, fits, figures, notes=notes, warnings=said)
-    return ReportResult(out_dir, fits_csv, fits, table, figures, notes, said, page)
+    heatmaps = heatmap_section(data, y)
+    page = write_html_report(out_dir, fits, drawn, notes=notes, warnings=said, extra=heatmaps)
+    return ReportResult(out_dir, done["csv"], fits, table, drawn, notes, said, page)

@@ -128,7 +128,7 @@ def _step_ticks(ax: Axes, steps: pd.Series) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
 
 
-def _palette(data: pd.DataFrame, cmap: str | Colormap) -> dict[str, tuple]:
+def depth_palette(data: pd.DataFrame, cmap: str | Colormap) -> dict[str, tuple]:
     colormap = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
     groups = list(dict.fromkeys(depth_groups(data["layer"].sort_values())))
     shades = np.linspace(0.0, 0.9, max(len(groups), 2))
@@ -168,7 +168,7 @@ def plot_trajectories(
     if layers not in ("auto", "each", "summary"):
         raise ValueError(f"layers must be 'auto', 'each' or 'summary', got {layers!r}")
     colours = None if summary else layer_colours(data, cmap)
-    palette = _palette(data, cmap) if summary else {}
+    palette = depth_palette(data, cmap) if summary else {}
     stacks, styles = _kind_styles(data)
     titles = panel_titles(data, order)
     for column, run in enumerate(order):
