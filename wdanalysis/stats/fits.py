@@ -28,7 +28,8 @@ import pandas as pd
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.stats.clusters import LayerBootstrap, note_few_clusters, within_step
+from wdanalysis.stats.clusters import LayerBootstrap, note_few_clusters
+from wdanalysis.stats.grouped import GroupedRows
 from wdanalysis.stats.module_select import MODULE_ALIASES as MODULE_ALIASES
 from wdanalysis.stats.module_select import select_module as select_module
 from wdanalysis.table.schema import (
@@ -206,14 +207,15 @@ def fit_one(delta_d: np.ndarray, delta_m: np.ndarray) -> dict[str, float | str]:
 # --------------------------------------------------------------------------- grouped fits
 
 
-def _group_row(keys: dict, frame: pd.DataFrame, scope: str, step, design: LayerBootstrap) -> dict:
+def _group_row(
+    keys: dict, rows: GroupedRows, positions: np.ndarray, scope: str, step, design: LayerBootstrap
+) -> dict:
     """One fit: the line and correlations, the within-step r and the layer bootstrap."""
-    row = {**keys, "scope": scope, "step": step, "y": design.y, "n": len(frame)}
-    row["n_layers"] = int(frame["layer"].nunique(dropna=True))
-    row["n_steps"] = int(frame["step"].nunique(dropna=True))
-    row.update(fit_one(frame["delta_d"].to_numpy(float), frame[design.y].to_numpy(float)))
-    row["within_step_r"] = within_step(frame, design.y)[0]
-    row.update(design.columns(frame, scope))
+    row = {**keys, "scope": scope, "step": step, "y": design.y, "n": len(positions)}
+    row["n_layers"], row["n_steps"] = rows.counts(positions)
+    row.update(fit_one(rows.x[positions], rows.v[positions]))
+    row["within_step_r"] = rows.within_step(positions)[0]
+    row.update(design.columns_from(lambda: rows.layer_sums(positions), scope))
     return row
 
 
@@ -269,14 +271,13 @@ def fit_lines(
     _check_y(deltas, y)
     design = LayerBootstrap(y, int(n_boot), int(seed), CONFIDENCE)
     clean = drop_undefined(deltas, y=y)
-    rows = []
-    for key, group in clean.groupby(by, sort=False, dropna=False):
-        keys = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
-        rows.append(_group_row(keys, group, "pooled", pd.NA, design))
+    grouped, rows = GroupedRows(clean, by, y), []
+    for keys, positions in grouped.groups():
+        rows.append(_group_row(keys, grouped, positions, "pooled", pd.NA, design))
         if not per_step:
             continue
-        for step, at_step in group.groupby("step", sort=True, dropna=True):
-            rows.append(_group_row(keys, at_step, "step", step, design))
+        for step, at_step in grouped.step_groups(positions):
+            rows.append(_group_row(keys, grouped, at_step, "step", step, design))
     fits = pd.DataFrame(rows, columns=[*by, *FIT_COLUMNS])
     fits["step"] = fits["step"].astype("Int64")
     note_few_clusters(fits)
