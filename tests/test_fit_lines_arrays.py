@@ -23,7 +23,14 @@ from builders import synthetic_deltas
 from scipy import stats as sps
 
 from wdanalysis.stats.clusters import MIN_CLUSTERS, slope_r
-from wdanalysis.stats.fits import FIT_COLUMNS, IID_COLUMNS, drop_undefined, fit_groups, fit_lines
+from wdanalysis.stats.fits import (
+    FIT_COLUMNS,
+    IID_COLUMNS,
+    drop_undefined,
+    fit_groups,
+    fit_lines,
+    fit_one,
+)
 
 
 # --------------------------------------------------------------- the reference (old code)
@@ -186,3 +193,28 @@ def test_fit_lines_is_bit_identical_to_the_per_group_reference(seed):
 def test_fit_lines_options_are_bit_identical_to_the_reference(kwargs):
     (new, _), (ref, _) = both(awkward_table(2), **kwargs)
     pd.testing.assert_frame_equal(new, ref, check_exact=True)
+
+
+def test_fit_one_equals_scipy_bit_for_bit_on_many_small_samples():
+    """fit_one (numpy replicas of linregress/pearsonr/spearmanr) against the scipy calls:
+    sizes 2..40, ties (rounded values), huge and tiny scales, negative slopes."""
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n = int(rng.integers(2, 41))
+        x = rng.normal(size=n) * 10.0 ** rng.integers(-8, 6)
+        y = -0.5 * x + rng.normal(size=n) * 10.0 ** rng.integers(-8, 6)
+        if trial % 3 == 0:  # ties in both, for the average ranks
+            x, y = np.round(x / x.std(), 0), np.round(y / y.std(), 1)
+        want, got = ref_fit_one(x, y), fit_one(x, y)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            same = value == got[key] or (value != value and got[key] != got[key])
+            assert same, (trial, n, key, value, got[key])
+
+
+def test_fit_one_warns_as_scipy_on_a_nearly_constant_input():
+    x = 1.0 + np.array([0.0, 1.0, 2.0, 3.0]) * 1e-14
+    y = np.array([1.0, 3.0, 2.0, 5.0])
+    for fit in (ref_fit_one, fit_one):
+        with pytest.warns(sps.NearConstantInputWarning, match="nearly constant"):
+            fit(x, y)
