@@ -139,7 +139,8 @@ def ref_fit_lines(deltas, by=None, per_step=True, n_boot=2000, y="delta_m") -> p
 # --------------------------------------------------------------- awkward random tables
 def awkward_table(seed: int) -> pd.DataFrame:
     """Three runs × two modules × two stacks × three steps (rows shuffled), plus runs with
-    one layer, two layers, constant ΔD and constant ΔM, NaN rows and unknown steps."""
+    one layer, two layers (stack missing), constant ΔD and constant ΔM, NaN rows and
+    unknown steps."""
     rng = np.random.default_rng(seed)
     spec = (("FT", -0.6), ("LoRA", 0.8), ("DoRA", -0.2))
     main = synthetic_deltas(spec, (100, 200, 300), 5, ("q_proj", "v_proj"), ("enc", "dec"), seed)
@@ -151,6 +152,7 @@ def awkward_table(seed: int) -> pd.DataFrame:
     still.loc[still["step"] == 200, "delta_m"] = 1e-3
     for frame in (solo, pair, flat, still):
         frame["stack"] = "enc"
+    pair["stack"] = None  # a missing key value is a group of its own (dropna=False)
     table = pd.concat([main, solo, pair, flat, still], ignore_index=True)
     table = table.iloc[rng.permutation(len(table))].reset_index(drop=True)
     table["step"] = table["step"].astype("Int64")
