@@ -6,8 +6,10 @@ spend most of their time checking and reshaping arguments, not computing. These
 functions perform the arithmetic of scipy 1.17's own code (the same numpy calls, on arrays
 of the same memory layout, and the same ``scipy.special`` functions for the p-values), so
 their results are bit-identical to scipy's; ``tests/test_fit_lines_arrays.py`` checks that
-against the scipy calls themselves. Inputs: 1-D float64 arrays of finite values, at least 2
-points, neither constant (callers check, as :func:`~wdanalysis.stats.fits.fit_one` does).
+against the scipy calls themselves. With another scipy (whose code may differ) or numpy 1.x
+(no ``np.vecdot``) they call scipy instead (:data:`REPLICATES`): slower, the same numbers.
+Inputs: 1-D float64 arrays of finite values, at least 2 points, neither
+constant (callers check, as :func:`~wdanalysis.stats.fits.fit_one` does).
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import math
 import warnings
 
 import numpy as np
+import scipy
 from scipy import special
 from scipy import stats as sps
 
-__all__ = ["fisher_interval", "line", "pearson", "spearman", "t_quantile"]
+__all__ = ["REPLICATES", "fisher_interval", "line", "pearson", "spearman", "t_quantile"]
 
+#: Whether the replicas run: the scipy whose code they follow, and numpy ≥ 2.
+REPLICATES = scipy.__version__.split(".")[:2] == ["1", "17"] and hasattr(np, "vecdot")
 _NEAR_CONSTANT = np.finfo(np.float64).eps ** 0.75
 
 
@@ -35,6 +40,10 @@ def t_quantile(probability: float, df: int) -> float:
 def line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """Slope, intercept and their standard errors as ``scipy.stats.linregress`` computes
     them (standard errors NaN for two points, where linregress gives 0)."""
+    if not REPLICATES:
+        result = sps.linregress(x, y)
+        ses = (result.stderr, result.intercept_stderr) if len(x) >= 3 else (math.nan,) * 2
+        return float(result.slope), float(result.intercept), float(ses[0]), float(ses[1])
     xmean = np.mean(x, None)
     ymean = np.mean(y, None)
     ssxm, ssxym, _, ssym = np.cov(x, y, bias=1).flat
@@ -54,6 +63,9 @@ def line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
 def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Pearson's r and its two-sided p-value as ``scipy.stats.pearsonr`` computes them
     (with its warning when an input is nearly constant)."""
+    if not REPLICATES:
+        result = sps.pearsonr(x, y)
+        return float(result.statistic), float(result.pvalue)
     n = np.asarray(len(x), dtype=np.float64)
     xmean = np.mean(x, axis=-1, keepdims=True)
     ymean = np.mean(y, axis=-1, keepdims=True)
@@ -81,7 +93,8 @@ def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def fisher_interval(r: float, n: int, confidence: float) -> tuple[float, float]:
-    """The Fisher-z interval of ``pearsonr(...).confidence_interval`` (n ≥ 4)."""
+    """The Fisher-z interval of ``pearsonr(...).confidence_interval`` (n ≥ 4; the textbook
+    formula, in scipy's order of operations, whatever the version)."""
     n_ = np.asarray(n, dtype=np.float64)
     level = np.asarray(confidence, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -106,6 +119,11 @@ def _average_ranks(a: np.ndarray) -> np.ndarray:
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Spearman's ρ and its two-sided p-value as ``scipy.stats.spearmanr`` computes them:
     the correlation matrix of the two rows of ranks, then a t statistic."""
+    if not REPLICATES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = sps.spearmanr(x, y)
+        return float(result.statistic), float(result.pvalue)
     ranks = np.empty((2, len(x)))
     ranks[0], ranks[1] = _average_ranks(x), _average_ranks(y)
     rs = np.corrcoef(ranks)
