@@ -13,6 +13,7 @@ Figure-2 table take milliseconds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,10 +27,12 @@ __all__ = [
     "MIN_CLUSTERS",
     "LayerBootstrap",
     "bootstrap_group",
+    "bootstrap_sums",
     "layer_sums",
     "note_few_clusters",
     "slope_r",
     "within_step",
+    "within_step_arrays",
 ]
 
 #: One matrix = one layer of one module (encoder and decoder layers are apart).
@@ -87,7 +90,14 @@ def bootstrap_group(
     multinomial call per group), so a caller that walks the groups in the same order with
     the same seed gets the same intervals. Returns ``n_clusters`` and the four bounds.
     """
-    sums = layer_sums(frame, y)
+    return bootstrap_sums(layer_sums(frame, y), rng, n_boot, level)
+
+
+def bootstrap_sums(
+    sums: np.ndarray, rng: np.random.Generator, n_boot: int, level: float = 0.95
+) -> dict[str, float]:
+    """:func:`bootstrap_group` from the group's per-layer sums (:func:`layer_sums`, layers
+    in order of appearance: the order decides which draw goes to which layer)."""
     k = len(sums)
     counts = rng.multinomial(k, np.full(k, 1 / k), size=n_boot).astype(np.float64)
     slopes, rs = slope_r(counts @ sums)
@@ -104,10 +114,15 @@ def within_step(frame: pd.DataFrame, y: str = "delta_m") -> tuple[float, float]:
     """Pearson r and slope of y on ΔD after centring both per step (an unknown step is a
     step of its own). The common growth over training is removed: what is left is "at a
     given step, do layers that turned more also change more in y?"."""
-    codes, _ = pd.factorize(frame["step"].to_numpy(dtype=float, na_value=-1.0))
-    counts = np.bincount(codes).astype(np.float64)
+    steps = frame["step"].to_numpy(dtype=float, na_value=-1.0)
     x = frame["delta_d"].to_numpy(np.float64)
-    v = frame[y].to_numpy(np.float64)
+    return within_step_arrays(steps, x, frame[y].to_numpy(np.float64))
+
+
+def within_step_arrays(steps: np.ndarray, x: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """:func:`within_step` from arrays (``steps`` float, an unknown step as -1)."""
+    codes, _ = pd.factorize(steps)
+    counts = np.bincount(codes).astype(np.float64)
     x = x - (np.bincount(codes, x) / counts)[codes]
     v = v - (np.bincount(codes, v) / counts)[codes]
     sxx, sxy, svv = float(x @ x), float(x @ v), float(v @ v)
@@ -141,11 +156,16 @@ class LayerBootstrap:
     def columns(self, frame: pd.DataFrame, scope: str) -> dict[str, float]:
         """The bootstrap columns of one fit (``scope``: "pooled" or "step"); NaN bounds
         where the group has fewer than :data:`MIN_CLUSTERS` layers."""
+        return self.columns_from(lambda: layer_sums(frame, self.y), scope)
+
+    def columns_from(self, sums: Callable[[], np.ndarray], scope: str) -> dict[str, float]:
+        """:meth:`columns` from a callable giving the group's :func:`layer_sums` (called
+        only when a bootstrap is drawn)."""
         out = {"n_boot": self.n_boot, "boot_seed": self.seed, "n_clusters": math.nan}
         out.update(dict.fromkeys(BOOT_COLUMNS, math.nan))
         if not self.n_boot:
             return out
-        boot = bootstrap_group(frame, self.streams[scope], self.n_boot, self.level, self.y)
+        boot = bootstrap_sums(sums(), self.streams[scope], self.n_boot, self.level)
         out["n_clusters"] = boot["n_clusters"]
         if boot["n_clusters"] >= MIN_CLUSTERS:
             out.update({key: boot[key] for key in BOOT_COLUMNS})

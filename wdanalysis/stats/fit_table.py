@@ -34,11 +34,10 @@ def _text(value) -> str:
 
 def sign_held(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
     """'4/5' = the slope has the pooled slope's sign at 4 of the 5 steps with a fit."""
-    steps = fits.loc[fits["scope"] == "step"]
-    same = np.ones(len(steps), dtype=bool)  # one mask, not a filtered copy per key
+    same = fits["scope"].to_numpy() == "step"  # one mask, no filtered copy of the table
     for key in keys:
-        same &= steps[key].astype(str).to_numpy() == str(pooled[key])
-    slopes = steps["slope"].to_numpy(dtype=float)[same]
+        same &= fits[key].astype(str).to_numpy() == str(pooled[key])
+    slopes = fits["slope"].to_numpy(dtype=float)[same]
     slopes = slopes[np.isfinite(slopes)]
     if len(slopes) == 0 or not np.isfinite(pooled["slope"]):
         return "—"

@@ -28,7 +28,9 @@ import pandas as pd
 from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
-from wdanalysis.stats.clusters import LayerBootstrap, note_few_clusters, within_step
+from wdanalysis.stats import fast_fits
+from wdanalysis.stats.clusters import LayerBootstrap, note_few_clusters
+from wdanalysis.stats.grouped import GroupedRows
 from wdanalysis.stats.module_select import MODULE_ALIASES as MODULE_ALIASES
 from wdanalysis.stats.module_select import select_module as select_module
 from wdanalysis.table.schema import (
@@ -139,14 +141,13 @@ def _nan_fit() -> dict[str, float]:
 
 def _line(x: np.ndarray, y: np.ndarray, out: dict) -> None:
     """Least-squares line of y on x with t-based 95% intervals (needs n ≥ 3 for SEs; they
-    take the points as independent, hence ``_iid``)."""
+    take the points as independent, hence ``_iid``). scipy's linregress arithmetic
+    (:mod:`wdanalysis.stats.fast_fits`)."""
     n = len(x)
-    result = sps.linregress(x, y)
-    out["slope"], out["intercept"] = float(result.slope), float(result.intercept)
+    out["slope"], out["intercept"], slope_se, intercept_se = fast_fits.line(x, y)
     if n < 3:  # two points define the line exactly: no residual, no uncertainty
         return
-    t = sps.t.ppf(0.5 + CONFIDENCE / 2, n - 2)
-    slope_se, intercept_se = float(result.stderr), float(result.intercept_stderr)
+    t = fast_fits.t_quantile(0.5 + CONFIDENCE / 2, n - 2)
     out["slope_se_iid"], out["intercept_se_iid"] = slope_se, intercept_se
     out["slope_ci_low_iid"] = out["slope"] - t * slope_se
     out["slope_ci_high_iid"] = out["slope"] + t * slope_se
@@ -156,22 +157,17 @@ def _line(x: np.ndarray, y: np.ndarray, out: dict) -> None:
 
 def _correlations(x: np.ndarray, y: np.ndarray, out: dict) -> None:
     """Pearson r (+ Fisher-z 95% CI when n ≥ 4) and Spearman ρ; p-values need n ≥ 3 (the
-    interval and p-values take the points as independent, hence ``_iid``)."""
+    interval and p-values take the points as independent, hence ``_iid``). scipy's
+    pearsonr/spearmanr arithmetic (:mod:`wdanalysis.stats.fast_fits`)."""
     n = len(x)
-    pearson = sps.pearsonr(x, y)
-    out["pearson_r"] = float(pearson.statistic)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ties can make ρ's input constant: NaN is the answer
-        spearman = sps.spearmanr(x, y)
-    out["spearman_rho"] = float(spearman.statistic)
+    out["pearson_r"], pearson_p = fast_fits.pearson(x, y)
+    out["spearman_rho"], spearman_p = fast_fits.spearman(x, y)
     if n < 3:  # r = ±1 by construction; a p-value would be meaningless
         return
-    out["pearson_p_iid"] = float(pearson.pvalue)
-    out["spearman_p_iid"] = float(spearman.pvalue)
+    out["pearson_p_iid"], out["spearman_p_iid"] = pearson_p, spearman_p
     if n >= 4:  # Fisher z: se = 1/sqrt(n - 3)
-        interval = pearson.confidence_interval(confidence_level=CONFIDENCE)
-        out["pearson_r_fisher_low_iid"] = float(interval.low)
-        out["pearson_r_fisher_high_iid"] = float(interval.high)
+        low, high = fast_fits.fisher_interval(out["pearson_r"], n, CONFIDENCE)
+        out["pearson_r_fisher_low_iid"], out["pearson_r_fisher_high_iid"] = low, high
 
 
 def fit_one(delta_d: np.ndarray, delta_m: np.ndarray) -> dict[str, float | str]:
@@ -206,14 +202,15 @@ def fit_one(delta_d: np.ndarray, delta_m: np.ndarray) -> dict[str, float | str]:
 # --------------------------------------------------------------------------- grouped fits
 
 
-def _group_row(keys: dict, frame: pd.DataFrame, scope: str, step, design: LayerBootstrap) -> dict:
+def _group_row(
+    keys: dict, rows: GroupedRows, positions: np.ndarray, scope: str, step, design: LayerBootstrap
+) -> dict:
     """One fit: the line and correlations, the within-step r and the layer bootstrap."""
-    row = {**keys, "scope": scope, "step": step, "y": design.y, "n": len(frame)}
-    row["n_layers"] = int(frame["layer"].nunique(dropna=True))
-    row["n_steps"] = int(frame["step"].nunique(dropna=True))
-    row.update(fit_one(frame["delta_d"].to_numpy(float), frame[design.y].to_numpy(float)))
-    row["within_step_r"] = within_step(frame, design.y)[0]
-    row.update(design.columns(frame, scope))
+    row = {**keys, "scope": scope, "step": step, "y": design.y, "n": len(positions)}
+    row["n_layers"], row["n_steps"] = rows.counts(positions)
+    row.update(fit_one(rows.x[positions], rows.v[positions]))
+    row["within_step_r"] = rows.within_step(positions)[0]
+    row.update(design.columns_from(lambda: rows.layer_sums(positions), scope))
     return row
 
 
@@ -269,14 +266,13 @@ def fit_lines(
     _check_y(deltas, y)
     design = LayerBootstrap(y, int(n_boot), int(seed), CONFIDENCE)
     clean = drop_undefined(deltas, y=y)
-    rows = []
-    for key, group in clean.groupby(by, sort=False, dropna=False):
-        keys = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
-        rows.append(_group_row(keys, group, "pooled", pd.NA, design))
+    grouped, rows = GroupedRows(clean, by, y), []
+    for keys, positions in grouped.groups():
+        rows.append(_group_row(keys, grouped, positions, "pooled", pd.NA, design))
         if not per_step:
             continue
-        for step, at_step in group.groupby("step", sort=True, dropna=True):
-            rows.append(_group_row(keys, at_step, "step", step, design))
+        for step, at_step in grouped.step_groups(positions):
+            rows.append(_group_row(keys, grouped, at_step, "step", step, design))
     fits = pd.DataFrame(rows, columns=[*by, *FIT_COLUMNS])
     fits["step"] = fits["step"].astype("Int64")
     note_few_clusters(fits)
