@@ -11,8 +11,10 @@ per-row norms ``delta_m_learned`` needs, and their checkpoints are gone, so:
 * LoRA cells are not retrained: LoRA's frozen base is never decayed (``S = 1``), so its
   learned ΔM *is* its ΔM, row for row; their rows are copied with ``decay_shrink = 1``.
 
-Each finished cell is written to ``--cache`` as the study writes cells, and the table and
-the dose–response figure (with its "learned" line) to ``--out``. Several processes may run
+Each finished cell is written to ``--cache`` as the study writes cells, and the study's
+table and dose–response figure to ``--out``, every re-analysed cell in place of the
+committed one (cells not yet re-analysed keep empty learned columns, and the figure's
+"learned" line covers the cells that have it). Several processes may run
 at once (each claims a cell with an exclusive file, so none trains a cell twice):
 
     OMP_NUM_THREADS=1 nice -n 10 python scripts/decay_dose_study.py runs/decay &
@@ -24,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,6 +93,16 @@ def trained_cell(cell: DoseCell, old: dict, runs_dir: Path) -> dict:
     }
 
 
+def merged_table(old: Path, cache: Path) -> pd.DataFrame:
+    """The study's table with every re-analysed cell (``cache``) in place of its committed
+    one (``old``): cells not yet re-analysed keep empty learned columns."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in old.glob("*.json"):
+            newer = cache / path.name
+            shutil.copyfile(newer if newer.is_file() else path, Path(tmp) / path.name)
+        return cached_table(tmp)
+
+
 def claim(path: Path) -> bool:
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -102,7 +116,13 @@ def main() -> None:
     parser.add_argument("runs", type=Path)
     parser.add_argument("--old", type=Path, default=Path("figures/dose_study"))
     parser.add_argument("--cache", type=Path, default=Path("figures/dose_study_learned"))
-    parser.add_argument("--out", type=Path, default=Path("figures/decay"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("figures"),
+        help="dose_study.csv, dose_study_seeds.csv and dose_response.png/.svg: every cell, "
+        "re-analysed ones in place of the committed ones",
+    )
     parser.add_argument("--reverse", action="store_true", help="take the cells from the end")
     parser.add_argument("--no-train", action="store_true", help="only cells already trained")
     args = parser.parse_args()
@@ -131,7 +151,8 @@ def main() -> None:
         (args.cache / f".{cell.name}.claim").unlink()
         minutes = (time.perf_counter() - started) / 60
         print(f"{cell.name}: {result_line(result)} ({minutes:.1f} min here)", flush=True)
-        write_outputs(cached_table(args.cache), args.out)
+        write_outputs(merged_table(args.old, args.cache), args.out)
+    write_outputs(merged_table(args.old, args.cache), args.out)
 
 
 if __name__ == "__main__":
