@@ -35,7 +35,7 @@ def plot_dose_response(
     """
     if table.empty:
         raise WDAnalysisError("no finished cells to plot", hint="run wdanalysis demo --study dose")
-    figure = Figure(figsize=(4.2 * len(modules), 3.8), layout="constrained")
+    figure = Figure(figsize=(4.2 * len(modules) + 2.2, 3.8), layout="constrained")
     axes = figure.subplots(1, len(modules), squeeze=False)[0]
     methods = [m for m in PAPER_ORDER if m in set(table["method"])]
     lengths = sorted(set(table["steps"]))
@@ -62,7 +62,8 @@ def plot_dose_response(
         ax.set_xlabel("weight-decay dose  wd · Σₜ lrₜ")
         ax.set_title(f"{module}")
     axes[0].set_ylabel("pooled Pearson r (ΔM on ΔD)")
-    axes[-1].legend(fontsize=7, loc="lower left")
+    # outside the panels: the study's lines cover every corner of them
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.suptitle("r against decay dose (★ paper's r at the paper's dose)", fontsize=10)
     return figure
 
