@@ -16,26 +16,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
 from wdanalysis.demo import decay_study
+from wdanalysis.demo.decay_study import markdown_table
 from wdanalysis.demo.reproduction import MODULES
 from wdanalysis.plots.decay import plot_r_intervals, plot_raw_vs_learned
 from wdanalysis.plots.report import save_figure_pair
 from wdanalysis.storage.atomic_write import write_csv_atomic, write_text_atomic
-
-
-def markdown(frame: pd.DataFrame, digits: int = 2) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float) and value != value:
-            return "—"
-        if isinstance(value, float):
-            return f"{value:+.{digits}f}" if abs(value) < 10 else f"{value:.3g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -72,11 +58,11 @@ def main() -> None:
     columns = ["y", "method", "module", "seed", "pearson_r", "pearson_r_boot_low"]
     columns += ["pearson_r_boot_high", "within_step_r", "slope"]
     tables = [
-        "## Runs\n\n" + markdown(sources),
+        "## Runs\n\n" + markdown_table(sources),
         "## Per seed (pooled r, layer-bootstrap 95 % interval, within-step r)\n\n"
-        + markdown(per_seed[columns].sort_values(["method", "module", "seed", "y"])),
-        "## Over seeds (Student-t 95 % interval)\n\n" + markdown(across),
-        "## Mechanism across layers (last common checkpoint)\n\n" + markdown(mech),
+        + markdown_table(per_seed[columns].sort_values(["method", "module", "seed", "y"])),
+        "## Over seeds (Student-t 95 % interval)\n\n" + markdown_table(across),
+        "## Mechanism across layers (last common checkpoint)\n\n" + markdown_table(mech),
     ]
     text = "# Issue 36: raw and decay-corrected r (written by scripts/decay_figure.py)\n\n"
     text += "\n\n".join(tables) + "\n"

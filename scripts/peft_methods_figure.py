@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from wdanalysis.demo import decay_study
+from wdanalysis.demo.decay_study import markdown_table
 from wdanalysis.demo.reproduction import MODULES, model_path
 from wdanalysis.plots.report import save_figure_pair
 from wdanalysis.storage.atomic_write import write_csv_atomic, write_text_atomic
@@ -158,17 +159,6 @@ def plot_scatter(deltas: pd.DataFrame) -> Figure:
     return figure
 
 
-def markdown(frame: pd.DataFrame) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "—" if value != value else f"{value:+.2f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path)
@@ -185,7 +175,7 @@ def main() -> None:
     save_figure_pair(plot_scatter(deltas), args.out, "peft_methods_scatter", dpi=100)
     show = stats[["method", "module", "y", "pearson_r", "pearson_r_boot_low",
                   "pearson_r_boot_high", "within_step_r", "shrink_last"]]  # fmt: skip
-    print(markdown(show))
+    print(markdown_table(show))
     print(run_info(args.runs).to_string(index=False))
     print("\n".join(notes))
 

@@ -171,3 +171,19 @@ def _ratio(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ok = b > 0
     return float((a[ok] / b[ok]).mean()) if ok.any() else float("nan")
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 2) -> str:
+    """``frame`` as a Markdown table: floats signed to ``digits`` places (``.3g`` from 10 up),
+    NaN as "—" (the tables the issue-36 scripts print and commit)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float) and value != value:
+            return "—"
+        if isinstance(value, float):
+            return f"{value:+.{digits}f}" if abs(value) < 10 else f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines)
