@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from builders import check_table, reference_delta
+from builders import check_table, llama_config, reference_delta
 
 import wdanalysis
 from wdanalysis.engine import adapter_sums, streaming
@@ -30,14 +30,8 @@ TARGETS = ["q_proj", "k_proj", "down_proj"]  # (64, 48), (32, 48), (48, 80): non
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    config = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+    config = llama_config(
+        vocab_size=32, hidden_size=48, intermediate_size=80, num_key_value_heads=2, head_dim=16
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("threads") / "base"
