@@ -14,17 +14,26 @@ Cases, each timed in one run on the same machine:
    :data:`BEFORE`, serial), by the per-module report of :data:`PER_MODULE` (3 figures per
    module, the CLI's default then) and by the current code (the overview pages);
 2. ``32-layer``: a synthetic deltas table, 32 layers × 8 steps × 3 runs × 2 modules;
-3. ``reference``: the demo's own ``figures/deltas.csv`` (6 layers × 2 modules).
+3. ``reference``: the demo's own ``figures/deltas.csv`` (6 layers × 2 modules); its
+   analysis (``compare`` of the demo's checkpoints) is timed too where ``--demo-runs``
+   holds them (``wdanalysis demo`` writes them to ``runs/demo``);
+4. ``8x7 CLI`` and ``reference CLI``: ``wdanalysis compare`` end to end on the 8 × 7 set
+   and on the demo's checkpoints, with and without ``--no-figures`` (interpreter, imports
+   and writing included): what the figures add to a user's command, the measure of the
+   issue that asked for this benchmark.
 
-Every report runs in a fresh subprocess and is timed inside it around ``write_report``
-(fits, every figure and index.html; the old path PNG + SVG serially, 2 figures per module;
-the per-module path PNG in parallel workers; the new path Figure 2 and the trajectories of
+Every report and every analysis runs in a fresh subprocess and is timed inside it around
+``write_report`` or ``compare`` (so interpreter start-up and imports are left out of both,
+and both pay their first-call costs; the workers' start-up is counted). Reports: fits,
+every figure and index.html; the old path PNG + SVG serially, 2 figures per module; the
+per-module path PNG in parallel workers; the new path Figure 2 and the trajectories of
 every module on one page each, heatmaps in index.html, as PNG + SVG serially, PNG + SVG
-with workers, and PNG only with workers, the CLI's default), so interpreter start-up is
-left out; the workers' start-up is counted. Each is timed ``--repeat`` times (and so is
-the analysis; the old path once); the table shows the median wall time, the JSON every
-time, the median CPU seconds (the process and its workers: what an idle machine's cores
-would have to do) and the load average (1, 5, 15 min) before each case. Prints a table and writes
+with workers, PNG with workers (the CLI's options in a process without torch: a
+notebook's) and PNG serially (what the command line does: torch is loaded there, so two
+pages are drawn in its process). Each is timed ``--repeat`` times (the old path once);
+the table shows the median wall time, the JSON every time, the median CPU seconds (the
+process and its workers: what an idle machine's cores would have to do) and the load
+average (1, 5, 15 min) before each case. Prints a table and writes
 ``benchmarks/results/bench_figures.json``.
 """
 
@@ -39,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +70,10 @@ sys.path.insert(0, sys.argv[1])
 import matplotlib
 matplotlib.use("Agg")
 from wdanalysis.plots.report import write_report
+try:  # imported before the clock starts, as torch is for the analysis (a report's own
+    import wdanalysis.plots.figures, wdanalysis.plots.overview  # process no longer imports
+except ImportError:  # them: its workers do); the old trees have no overview module
+    pass
 from wdanalysis.table.schema import read_table
 table = read_table(sys.argv[2])
 kwargs = eval(sys.argv[4])
@@ -71,6 +85,24 @@ def cpu():
 started, spent = time.perf_counter(), cpu()
 result = write_report(table, sys.argv[3], **kwargs)
 print("SECONDS", time.perf_counter() - started, len(result.paths), cpu() - spent)
+"""
+
+
+#: The analysis timed as the report is: a fresh process, timed inside around the call
+#: (imports left out), so both pay the same first-call costs.
+TIMED_ANALYSIS = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from wdanalysis import compare
+base, runs, modules = json.loads(sys.argv[2])
+def cpu():
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+started, spent = time.perf_counter(), cpu()
+compare(base, runs, modules=modules, progress=False)
+print("SECONDS", time.perf_counter() - started, 0, cpu() - spent)
 """
 
 
@@ -181,6 +213,9 @@ NEW = {
     "new_serial": {"workers": 1, "formats": "png,svg"},
     "new_parallel": {"workers": None, "formats": "png,svg"},
     "new_cli_default": {"workers": None, "formats": "png"},
+    # what the command line runs: torch is loaded there, so two pages do not pay for
+    # starting a forkserver (drawing.PARALLEL_FROM) and are drawn in the calling process
+    "new_png_serial": {"workers": 1, "formats": "png"},
 }
 
 
@@ -209,6 +244,71 @@ def run_case(name: str, table: Path, scratch: Path, trees: dict, repeat: int) ->
     return row
 
 
+def cli_case(name: str, base: Path, runs: dict, modules, scratch: Path, repeat: int) -> dict:
+    """``wdanalysis compare`` end to end, with figures and with ``--no-figures``, taken in
+    turns (the same load for both); median wall seconds and every time."""
+    command = [sys.executable, "-m", "wdanalysis", "compare", str(base)]
+    command += [*map(str, runs.values()), "--labels", *runs, "--modules", *modules, "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    times: dict[str, list[float]] = {"cli_tables": [], "cli_figures": []}
+    for index in range(repeat):
+        for label, extra in (("cli_tables", ["--no-figures"]), ("cli_figures", [])):
+            out = scratch / f"cli-{name}-{label}-{index}"
+            started = time.perf_counter()
+            done = subprocess.run(
+                [*command, "--out", str(out), *extra], env=env, text=True, capture_output=True
+            )
+            times[label].append(time.perf_counter() - started)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr[-3000:])
+    row: dict = {"case": f"{name} CLI", "load_average": os.getloadavg()}
+    for label, values in times.items():
+        row[f"{label}_seconds"], row[f"{label}_all_seconds"] = float(np.median(values)), values
+    row["figures_add_seconds"] = row["cli_figures_seconds"] - row["cli_tables_seconds"]
+    return row
+
+
+def demo_inputs(demo_runs: Path) -> tuple[Path, dict, tuple] | None:
+    """The demo's base, runs and modules, or None (printing why) where not installed."""
+    try:
+        from wdanalysis.demo.reproduction import MODULES as DEMO_MODULES
+        from wdanalysis.demo.reproduction import RUN_LABELS, model_path
+
+        base = model_path()
+    except Exception as error:  # noqa: BLE001 - the case is optional
+        print(f"reference analysis not timed: {error}", file=sys.stderr)
+        return None
+    runs = {label: demo_runs / method for method, label in RUN_LABELS.items()}
+    if not all(path.is_dir() for path in runs.values()):
+        print(f"reference analysis not timed: no demo runs in {demo_runs}", file=sys.stderr)
+        return None
+    return base, runs, DEMO_MODULES
+
+
+def timed_analysis(base: Path, runs: dict, modules: Sequence[str], repeat: int) -> dict:
+    """``compare`` in a fresh process each time (as the reports are timed)."""
+    spec = json.dumps([str(base), {k: str(v) for k, v in runs.items()}, list(modules)])
+    times, cpus = [], []
+    for _ in range(repeat):
+        done = subprocess.run(
+            [sys.executable, "-c", TIMED_ANALYSIS, str(REPO), spec],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        line = next((x for x in done.stdout.splitlines() if x.startswith("SECONDS")), None)
+        if line is None:
+            raise RuntimeError(done.stderr[-3000:])
+        _, seconds, _, cpu = line.split()
+        times.append(float(seconds))
+        cpus.append(float(cpu))
+    return {
+        "analysis_seconds": float(np.median(times)),
+        "analysis_all_seconds": times,
+        "analysis_cpu_seconds": float(np.median(cpus)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
@@ -216,6 +316,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--repeat", type=int, default=3, help="times per timing (default 3)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_figures.json")
+    parser.add_argument(
+        "--demo-runs",
+        type=Path,
+        default=REPO / "runs/demo",
+        help="the demo's checkpoints, for the reference case's analysis (default runs/demo)",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from wdanalysis import compare
@@ -225,22 +331,24 @@ def main() -> None:
         trees = {"before": old_tree(scratch), "per_module": old_tree(scratch, PER_MODULE)}
         runs = write_set(scratch / "set", args.hidden, args.layers)
         size = sum(p.stat().st_size for p in (scratch / "set").rglob("*.safetensors"))
-        analyses, analysis_cpu = [], []
-        for _ in range(args.repeat):
-            started, spent = time.perf_counter(), time.process_time()
-            deltas = compare(scratch / "set" / "base", runs, modules=list(MODULES), progress=False)
-            analyses.append(time.perf_counter() - started)
-            analysis_cpu.append(time.process_time() - spent)
-        deltas.to_csv(scratch / "8x7.csv", index=False)
+        analysis = timed_analysis(scratch / "set" / "base", runs, MODULES, args.repeat)
+        compare(scratch / "set" / "base", runs, modules=list(MODULES), progress=False).to_csv(
+            scratch / "8x7.csv", index=False
+        )
         synthetic_table(32, 8, ("q_proj", "v_proj")).to_csv(scratch / "32.csv", index=False)
         rows = [run_case("8x7", scratch / "8x7.csv", scratch, trees, args.repeat)]
-        rows[0] |= {"analysis_seconds": float(np.median(analyses)), "checkpoint_bytes": size}
-        rows[0]["analysis_all_seconds"] = analyses
-        rows[0]["analysis_cpu_seconds"] = float(np.median(analysis_cpu))
+        rows[0] |= {**analysis, "checkpoint_bytes": size}
         rows.append(run_case("32-layer", scratch / "32.csv", scratch, trees, args.repeat))
         if (REPO / "figures/deltas.csv").is_file():
             reference = REPO / "figures/deltas.csv"
             rows.append(run_case("reference", reference, scratch, trees, args.repeat))
+        demo = demo_inputs(args.demo_runs)
+        if demo is not None and len(rows) == 3:
+            rows[-1] |= timed_analysis(*demo, args.repeat)
+        set_dir = scratch / "set"
+        rows.append(cli_case("8x7", set_dir / "base", runs, MODULES, scratch, args.repeat))
+        if demo is not None:
+            rows.append(cli_case("reference", *demo, scratch, args.repeat))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result = {
@@ -257,6 +365,8 @@ def main() -> None:
     columns = ["analysis", "old", "per_module", *NEW]
     print(f"{'case':<10}" + "".join(f"{c + ' s':>18}" for c in columns) + "  files old → new")
     for row in rows:
+        if row["case"].endswith(" CLI"):
+            continue
         values = [row.get(f"{c}_seconds", float("nan")) for c in columns]
         print(
             f"{row['case']:<10}"
@@ -266,6 +376,12 @@ def main() -> None:
         )
         cpus = [row.get(f"{c}_cpu_seconds", float("nan")) for c in columns]
         print(f"{'  CPU s':<10}" + "".join(f"{v:>18.1f}" for v in cpus))
+    for cli in (row for row in rows if row["case"].endswith(" CLI")):
+        print(
+            f"wdanalysis compare ({cli['case']}, end to end): --no-figures "
+            f"{cli['cli_tables_seconds']:.2f} s, with figures {cli['cli_figures_seconds']:.2f} s:"
+            f" figures add {cli['figures_add_seconds']:.2f} s"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

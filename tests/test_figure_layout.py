@@ -8,9 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from builders import synthetic_deltas  # noqa: E402
@@ -20,6 +22,7 @@ from wdanalysis.plots.figures import plot_figure2, plot_heatmap, plot_trajectori
 from wdanalysis.plots.layout import layout_of  # noqa: E402
 
 SPEC = (("FT", -0.62), ("LoRA", 0.83), ("DoRA", -0.31))
+TESTS = Path(__file__).resolve().parent
 
 
 def texts_of(ax):
@@ -73,10 +76,15 @@ def test_nothing_overlaps_and_everything_is_inside(draw, layers, steps):
 
 
 def test_the_plotting_path_imports_no_torch():
-    """Figure workers import the plotting modules; torch would cost seconds each."""
-    code = "import sys, wdanalysis.plots.report; print('torch' in sys.modules)"
+    """Figure workers import the plotting modules; torch would cost seconds each, and
+    scipy.stats ~1 s of every report (the fits need only scipy.special). The report's own
+    process, whose pages workers draw, needs no matplotlib figure machinery (~0.3 s)."""
+    code = (
+        "import sys, wdanalysis.plots.report; print("
+        "*(m in sys.modules for m in ('torch', 'scipy.stats', 'matplotlib.figure')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.stdout.strip() == "False", done.stderr
+    assert done.stdout.strip() == "False False False", done.stderr
 
 
 def test_workers_fork_only_from_a_single_threaded_process_without_torch(monkeypatch):
@@ -117,3 +125,43 @@ def test_no_worker_reimports_a_script_without_a_main_guard(monkeypatch, tmp_path
     monkeypatch.setitem(sys.modules, "__main__", cli)
     monkeypatch.setattr(sys, "argv", [cli.__file__])
     assert drawing._main_reimport_safe()
+
+
+PRESTARTED = """
+import json, sys
+from pathlib import Path
+import torch  # as in the command line: no fork from this process
+from builders import synthetic_deltas
+from wdanalysis.plots import drawing
+from wdanalysis.plots.report import write_report
+assert drawing.prestart_workers()
+plans = []
+plan = drawing._plan
+drawing._plan = lambda *a: plans.append(plan(*a)) or plans[-1]
+deltas = synthetic_deltas(steps=(1, 2), layers=4, modules=("q", "v"), seed=5)
+parallel = write_report(deltas, Path(sys.argv[1]) / "parallel", workers=None, formats="png")
+serial = write_report(deltas, Path(sys.argv[1]) / "serial", workers=1, formats="png")
+print(json.dumps({
+    "plans": [(count, context and context.get_start_method()) for count, context in plans],
+    "same": [a.read_bytes() == b.read_bytes() for a, b in zip(parallel.paths, serial.paths)],
+    "names": [p.name for p in parallel.paths],
+}))
+"""
+
+
+def test_prestarted_forkserver_draws_the_two_pages_in_workers(tmp_path):
+    """The command line starts the forkserver before it imports torch; with it running, a
+    report of two pages is drawn by workers (not here) and writes the same bytes."""
+    import json
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", PRESTARTED, str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    cores = os.cpu_count() or 1
+    assert result["plans"][0] == ([min(cores, 2), "forkserver"] if cores > 1 else [1, None])
+    assert result["plans"][1] == [1, None]
+    assert result["names"][1:3] == ["figure2.png", "trajectories.png"]
+    assert all(result["same"][1:3])  # the pages; fits.csv and index.html name their folder

@@ -160,3 +160,28 @@ def test_fits_read_back_from_csv_print_the_same(tmp_path):
     fits.to_csv(tmp_path / "fits.csv", index=False)
     again = pd.read_csv(tmp_path / "fits.csv")
     assert format_fit_table(again) == format_fit_table(fits)
+
+
+def test_signs_held_of_every_pooled_row_is_sign_held_row_by_row(tmp_path):
+    from wdanalysis.stats.fit_table import sign_held, signs_held
+    from wdanalysis.table.schema import IDENTITY_COLUMNS, name_column
+
+    deltas = synthetic_deltas(steps=(1, 2, 3, 4), layers=5, modules=("q", "v"), seed=7)
+    deltas.loc[deltas["step"] == 2, "delta_m"] *= -3.0  # a step whose sign may differ
+    fits = fit_lines(deltas, n_boot=0)
+    fits.loc[fits.index[-1], "slope"] = np.nan  # a step without a fit is not counted
+    for table in (fits, pd.read_csv(_csv(fits, tmp_path))):  # NaN identities from CSV too
+        keys = [c for c in (name_column(table), "run", "module", *IDENTITY_COLUMNS) if c in table]
+        held = signs_held(table, keys)
+        pooled = table.loc[table["scope"] == "pooled"]
+        assert list(held) == list(pooled.index)
+        assert [held[i] for i in pooled.index] == [
+            sign_held(table, row, keys) for _, row in pooled.iterrows()
+        ]
+        assert {h.split("/")[1] for h in held.values()} == {"4", "3"}
+
+
+def _csv(fits: pd.DataFrame, tmp_path) -> str:
+    path = tmp_path / "fits.csv"
+    fits.to_csv(path, index=False)
+    return str(path)

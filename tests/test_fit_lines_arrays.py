@@ -231,3 +231,18 @@ def test_fit_one_calls_scipy_where_the_replicas_do_not_apply(monkeypatch):
         x, y = rng.normal(size=n), rng.normal(size=n)
         want, got = ref_fit_one(x, y), fit_one(x, y)
         assert all(v == got[k] or (v != v and got[k] != got[k]) for k, v in want.items()), n
+
+
+@pytest.mark.parametrize("replicates", [True, False])
+def test_t_quantile_is_scipy_t_ppf_bit_for_bit(monkeypatch, replicates):
+    """The replica calls special.stdtrit, what t.ppf calls, so a report need not import
+    scipy.stats; with another scipy it calls t.ppf itself."""
+    monkeypatch.setattr(fast_fits, "REPLICATES", replicates and fast_fits.REPLICATES)
+    fast_fits.t_quantile.cache_clear()
+    try:
+        for df in [*range(1, 120), 500, 10_000]:
+            for probability in (0.5, 0.9, 0.975, 0.995, 0.025):
+                got = fast_fits.t_quantile(probability, df)
+                assert got == float(sps.t.ppf(probability, df)), (probability, df)
+    finally:
+        fast_fits.t_quantile.cache_clear()

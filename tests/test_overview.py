@@ -20,11 +20,14 @@ from wdanalysis.plots.facets import Box, nice_ticks, tick_labels  # noqa: E402
 from wdanalysis.plots.figures import FIT_GID  # noqa: E402
 from wdanalysis.plots.heatmap import heatmap_grid  # noqa: E402
 from wdanalysis.plots.html_heatmap import grid_of, heatmap_section  # noqa: E402
+from wdanalysis.plots.kinds import kinds_of, of_kind  # noqa: E402
 from wdanalysis.plots.overview import (  # noqa: E402
     TRAJECTORY_GID,
     _line_fit,
+    overview_rows,
     plot_figure2_overview,
     plot_trajectories_overview,
+    row_panels,
 )
 from wdanalysis.stats.fits import fit_lines, fit_one  # noqa: E402
 
@@ -98,7 +101,7 @@ def test_figure2_overview_colours_steps_at_80_layers():
     texts = _texts(figure)
     assert "training step" in texts and "layer" not in texts  # colour key = steps
     points = [c for c in figure.axes[0].collections if isinstance(c, PathCollection)]
-    assert len(points) == 8  # one collection per step and run, one colour each
+    assert len(points) == 4  # one collection per step for the whole page, one colour each
     for collection in points:
         assert len(np.unique(collection.get_array())) == 1
 
@@ -146,3 +149,34 @@ def test_heatmap_section_cells_carry_the_table_values():
     assert any(v == pytest.approx(lora["delta_d"].iloc[0], rel=1e-2) for v in shown)
     colours = re.findall(r"background:(#[0-9a-f]{6})", page)
     assert len(set(colours)) > 4  # painted on a scale, not one colour
+
+
+def _t5_like() -> pd.DataFrame:
+    """Two stacks (one module with decoder self- and cross-attention), an empty identity
+    cell as CSV gives it back (NaN), rows interleaved so table order matters."""
+    deltas = synthetic_deltas(SPEC[:2], (10, 20), 3, ("q", "o"), ("encoder", "decoder"), seed=4)
+    deltas["attention"] = deltas["stack"].map({"decoder": "self"})  # NaN in the encoder
+    cross = deltas.loc[deltas["stack"] == "decoder"].assign(attention="cross")
+    deltas = pd.concat([deltas, cross]).sample(frac=1.0, random_state=0)
+    deltas.loc[deltas["module"] == "o", "attention"] = np.nan  # one module: no kind split
+    return deltas.reset_index(drop=True)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_overview_rows_and_panels_are_the_kinds_of_each_module(pool):
+    data = _t5_like()
+    expected = []
+    for module in dict.fromkeys(data["module"].astype(str)):
+        part = data.loc[data["module"].astype(str) == module]
+        expected += [(module, kind) for kind in kinds_of(part, pool)]
+    rows = overview_rows(data, pool)
+    assert rows == expected
+    assert len(rows) == (2 if pool else 5)  # q: enc, dec self, dec cross; o: enc, dec
+    order = list(dict.fromkeys(data["run"].astype(str)))
+    arrays = {"i": np.arange(len(data))}
+    panels = row_panels(data.assign(run=data["run"].astype(str)), rows, order, arrays)
+    for r, (module, kind) in enumerate(rows):
+        part = of_kind(data.loc[data["module"] == module], kind)
+        for run in order:
+            want = part.index[part["run"].astype(str) == run].to_numpy()
+            np.testing.assert_array_equal(panels[r, run]["i"], want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 from functools import partial
@@ -256,6 +257,10 @@ def run_compare(args: argparse.Namespace) -> int:
     each failure is printed, figures are not made and the exit status is 2. So is the
     table when only the figures fail.
     """
+    if not args.no_figures and os.environ.get("RANK", "0") == "0":
+        from wdanalysis.plots.drawing import prestart_workers
+
+        prestart_workers()  # the figure workers import matplotlib while torch loads here
     from wdanalysis.storage.out_folder import output_folder
     from wdanalysis.table.comparison import PartialResultError, compare
     from wdanalysis.table.distributed import compare_distributed, join_compare_job

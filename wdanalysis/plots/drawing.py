@@ -10,9 +10,10 @@ When there are enough jobs to pay for it, worker processes draw beside the calli
 process, which draws too (so the workers' start-up is not waited for). Workers are
 forked from this process when it runs one thread and has not loaded torch (they start
 at once, with everything imported), else from a ``forkserver`` that imported the
-plotting modules once (safe whatever threads the caller runs; ``spawn`` where there is
-no fork), so no worker imports torch. The order of the returned files never depends on
-which process finished first.
+plotting modules once (safe whatever threads the caller runs; the command line starts
+it early, :func:`prestart_workers`, so its workers too start at once; ``spawn`` where
+there is no fork), so no worker imports torch. The order of the returned files never
+depends on which process finished first.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ import pandas as pd
 
 from wdanalysis.storage.atomic_write import save_figure_atomic
 
-__all__ = ["FORMATS", "FigureJob", "draw_jobs", "parse_formats", "save_figure"]
+__all__ = [
+    "FORMATS",
+    "FigureJob",
+    "draw_jobs",
+    "parse_formats",
+    "prestart_workers",
+    "save_figure",
+]
 
 #: Formats a report can write: PNG to view, SVG and PDF for papers.
 FORMATS: tuple[str, ...] = ("png", "svg", "pdf")
@@ -46,6 +54,9 @@ PARALLEL_FROM = 6
 #: zlib level of the PNG files: 1 compresses them about a third faster than the default 6,
 #: for files ~15 % larger (figures are flat colours and lines).
 PNG_COMPRESSION = 1
+#: FreeType hinting of the PNG text: none draws a report page's ~130 labels ~25 % faster
+#: than matplotlib's default (auto-hinting each glyph) and looks the same at 100 dpi.
+TEXT_HINTING = "no_hinting"
 #: What the worker processes' forkserver imports once, before forking them.
 _PRELOAD = ["wdanalysis.plots.drawing", "wdanalysis.plots.figures", "wdanalysis.plots.overview"]
 
@@ -71,7 +82,7 @@ def save_figure(figure, out_dir: Path, stem: str, formats: Sequence[str], dpi: f
     paths = []
     for fmt in formats:
         metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt)
-        with matplotlib.rc_context({"svg.hashsalt": "wdanalysis"}):
+        with matplotlib.rc_context({"svg.hashsalt": "wdanalysis", "text.hinting": TEXT_HINTING}):
             kwargs = {}
             if fmt == "png":
                 kwargs = {"dpi": dpi, "pil_kwargs": {"compress_level": PNG_COMPRESSION}}
@@ -136,6 +147,31 @@ def _main_reimport_safe() -> bool:
         return True
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return script == "wdanalysis" or "ipykernel" in (spec.name if spec else "")
+
+
+_prestarted = False  # whether prestart_workers() started this process's forkserver
+
+
+def prestart_workers() -> bool:
+    """Start the forkserver that figure workers fork from now, so that it imports the
+    plotting modules in its own process while this one goes on; a later report's workers
+    then start at once and draw its pages in parallel. The command line calls this before
+    it imports torch and analyses (on another core, the imports cost no wall time); a
+    process that may fork instead (:func:`_context`) need not. Returns whether a
+    forkserver is running (False: no forkserver on this platform, or workers may not
+    import this ``__main__`` again)."""
+    global _prestarted
+    if "forkserver" not in multiprocessing.get_all_start_methods() or not _main_reimport_safe():
+        return False
+    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    from multiprocessing import forkserver
+
+    try:
+        forkserver.ensure_running()
+    except OSError:  # e.g. no room for another process: the report draws here instead
+        return False
+    _prestarted = True
+    return True
 
 
 def _context():
@@ -204,7 +240,7 @@ def _plan(workers: int | None, jobs: int):
     if context is None:
         return 1, None
     if workers is None:
-        forked = context.get_start_method() == "fork"
+        forked = context.get_start_method() == "fork" or _prestarted  # start at once
         workers = (os.cpu_count() or 1) if jobs >= (2 if forked else PARALLEL_FROM) else 1
     count = max(1, min(workers, jobs))
     return (count, context) if count > 1 else (1, None)

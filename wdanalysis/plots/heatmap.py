@@ -15,13 +15,14 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from wdanalysis.plots.common import PowerOfTen, panel_title, panel_titles, prepare, y_label
 from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind
 from wdanalysis.plots.layout import finish, fixed_figure, layout_of
+from wdanalysis.plots.scales import colour_norm
 
 __all__ = ["HEATMAP_GID", "heatmap_grid", "plot_heatmap"]
 
@@ -40,16 +41,6 @@ def heatmap_grid(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[int
     layers = [int(v) for v in table.index]
     steps = [int(v) for v in table.columns]
     return table.to_numpy(dtype=float), layers, steps
-
-
-def colour_norm(values: np.ndarray) -> Normalize:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return Normalize(0, 1)
-    low, high = float(finite.min()), float(finite.max())
-    if low < 0 < high:
-        return TwoSlopeNorm(0.0, low, high)
-    return Normalize(low, high if high > low else low + abs(low) * 1e-6 + 1e-12)
 
 
 def _panel(ax: Axes, figure: Figure, frame: pd.DataFrame, column: str) -> None:

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 
-from wdanalysis.plots.common import order_runs, panel_titles, y_label
-from wdanalysis.plots.heatmap import colour_norm
 from wdanalysis.plots.kinds import kind_label
-from wdanalysis.plots.overview import overview_rows, row_panels
+from wdanalysis.plots.naming import order_runs, panel_titles, y_label
+from wdanalysis.plots.panels import overview_rows, row_panels
+from wdanalysis.plots.scales import colour_norm
 
 __all__ = ["HEATMAP_CSS", "grid_of", "heatmap_section"]
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from wdanalysis.plots.html_heatmap import HEATMAP_CSS
-from wdanalysis.stats.fit_table import fit_table_legend, sign_held
+from wdanalysis.stats.fit_table import fit_table_legend, signs_held
 from wdanalysis.storage.atomic_write import write_text_atomic
 from wdanalysis.table.schema import IDENTITY_COLUMNS, name_column
 
@@ -82,8 +82,8 @@ def _fit_rows(fits: pd.DataFrame, scope: str) -> tuple[list[str], list[list[str]
     head = [*keys, "n", "slope", "slope 95% CI", "r", "r 95% CI", "within-step r", "ρ"]
     pooled = scope == "pooled" and bool((fits["scope"] == "step").any())
     head += ["sign held"] if pooled else []
-    rows, notes = [], []
-    for _, row in fits.loc[fits["scope"] == scope].iterrows():
+    rows, notes, held = [], [], signs_held(fits, keys) if pooled else {}
+    for index, row in fits.loc[fits["scope"] == scope].iterrows():
         cells = [_cell(row[k]) for k in keys]
         cells += [
             _num(row["n"], ".0f"),
@@ -94,7 +94,7 @@ def _fit_rows(fits: pd.DataFrame, scope: str) -> tuple[list[str], list[list[str]
             _num(row.get("within_step_r"), "+.2f"),
             _num(row.get("spearman_rho"), "+.2f"),
         ]
-        cells += [escape(sign_held(fits, row, keys))] if pooled else []
+        cells += [escape(held[index])] if pooled else []
         rows.append(cells)
         note = row.get("note")
         notes.append(escape(note) if isinstance(note, str) else "")

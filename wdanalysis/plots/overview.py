@@ -33,7 +33,8 @@ from wdanalysis.plots.common import (
 )
 from wdanalysis.plots.facets import Box, Facets, nice_ticks
 from wdanalysis.plots.figures import FIT_GID, STEP_MARKERS, format_r, point_style, steps_of
-from wdanalysis.plots.kinds import kind_label, kinds_of, of_kind
+from wdanalysis.plots.kinds import kind_label
+from wdanalysis.plots.panels import overview_rows, row_panels
 from wdanalysis.plots.trajectories import depth_groups, depth_palette
 
 __all__ = [
@@ -46,15 +47,6 @@ __all__ = [
 
 _KEY_WIDTH = 1.0  # inches right of the panels for the colour key
 TRAJECTORY_GID = "trajectory-lines"
-
-
-def overview_rows(data: pd.DataFrame, pool: bool = False) -> list[tuple[str, dict]]:
-    """(module, kind) per row of panels, in table order."""
-    rows = []
-    for module in dict.fromkeys(data["module"].astype(str)):
-        part = data.loc[data["module"].astype(str) == module]
-        rows += [(module, kind) for kind in kinds_of(part, pool)]
-    return rows
 
 
 def _row_name(module: str, kind: dict) -> str:
@@ -103,22 +95,34 @@ def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return slope, intercept, float(dx @ dy / spread) if spread > 0 else np.nan
 
 
-def _scatter(facets: Facets, box: Box, panel: dict, steps: list, style: dict) -> None:
-    """One collection per step: its marker and layer colours, or its step colour."""
+def _collect(points: dict, box: Box, panel: dict) -> None:
+    """Add a panel's points, in page inches, to ``points`` (step rank → arrays)."""
+    for rank in np.unique(panel["code"]):
+        at = panel["code"] == rank
+        mine = points.setdefault(int(rank), {"x": [], "y": [], "layer": []})
+        mine["x"].append(box.x(panel["x"][at]))
+        mine["y"].append(box.y(panel["y"][at]))
+        mine["layer"].append(panel["layer"][at])
+
+
+def _scatter(facets: Facets, points: dict, steps: list, style: dict) -> None:
+    """One collection per step for the whole page (panels never overlap, and one
+    collection draws far faster than one per panel): its marker and layer colours, or
+    its step colour."""
     markers = cycle(STEP_MARKERS, len(steps)) if style["by"] == "layer" else ["o"] * len(steps)
     for rank, marker in enumerate(markers):
-        at = panel["code"] == rank
-        if not at.any():
+        if rank not in points:
             continue
+        x, y, layer = (np.concatenate(points[rank][key]) for key in ("x", "y", "layer"))
         kw = {"marker": marker, "s": style["size"], "edgecolors": "0.15", "linewidths": 0.3}
         if style["by"] == "step":
-            value = np.full(int(at.sum()), np.nan if steps[rank] is pd.NA else float(rank))
+            value = np.full(len(x), np.nan if steps[rank] is pd.NA else float(rank))
             kw.update(c=value, cmap=style["colours"][0], norm=style["colours"][1], alpha=0.85)
         elif style["colours"] is None:
             kw["color"] = "C0"
         else:
-            kw.update(c=panel["layer"][at], cmap=style["colours"][0], norm=style["colours"][1])
-        facets.ax.scatter(box.x(panel["x"][at]), box.y(panel["y"][at]), **kw)
+            kw.update(c=layer, cmap=style["colours"][0], norm=style["colours"][1])
+        facets.ax.scatter(x, y, **kw)
 
 
 def _columns(data: pd.DataFrame, y: str) -> dict[str, np.ndarray]:
@@ -128,20 +132,6 @@ def _columns(data: pd.DataFrame, y: str) -> dict[str, np.ndarray]:
         "y": data[y].to_numpy(float),
         "layer": pd.to_numeric(data["layer"], errors="coerce").to_numpy(float, na_value=np.nan),
     }
-
-
-def row_panels(data: pd.DataFrame, rows: list, order: list, arrays: dict) -> dict:
-    """(row, run) → the panel's slice of each of ``arrays`` (one pass over pandas; ``data``
-    indexed 0..n-1, as the arrays)."""
-    runs = data["run"].to_numpy(str)
-    modules = data["module"].astype(str).to_numpy()
-    panels = {}
-    for r, (module, kind) in enumerate(rows):
-        positions = of_kind(data.loc[modules == module], kind).index.to_numpy()
-        for run in order:
-            at = positions[runs[positions] == run]
-            panels[r, run] = {key: value[at] for key, value in arrays.items()}
-    return panels
 
 
 def plot_figure2_overview(
@@ -168,19 +158,20 @@ def plot_figure2_overview(
     titles = panel_titles(data, order)
     arrays = {**_columns(data, y), "code": _step_codes(data, steps)}
     panels = row_panels(data, rows, order, arrays)
-    lines = []
+    lines, points = [], {}
     for r, (module, kind) in enumerate(rows):
         facets.row_label(r, f"{_row_name(module, kind)}\n{y_label(y, short=True)}")
         for c, run in enumerate(order):
             panel = panels[r, run]
             box = facets.box(r, c, panel["x"], panel["y"])
-            _scatter(facets, box, panel, steps, style)
+            _collect(points, box, panel)
             slope, intercept, r_value = _line_fit(panel["x"], panel["y"])
             if np.isfinite(slope):
                 xs = (float(panel["x"].min()), float(panel["x"].max()))
                 segment = box.clip_line(xs, slope, intercept)
                 lines += [segment] if segment is not None else []
             facets.title(r, c, f"{titles[run]} ({format_r(r_value)})")
+    _scatter(facets, points, steps, style)
     halo = LineCollection(lines, colors="white", linewidths=3.4, alpha=0.8, zorder=3)
     facets.ax.add_collection(halo)
     fit = LineCollection(lines, colors="black", linewidths=1.5, zorder=3, gid=FIT_GID)

@@ -13,9 +13,9 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from matplotlib.figure import Figure
 
 from wdanalysis.plots.drawing import FigureJob, draw_jobs, parse_formats, save_figure
 from wdanalysis.plots.html_heatmap import heatmap_section
@@ -24,6 +24,9 @@ from wdanalysis.stats.fit_table import format_fit_table
 from wdanalysis.stats.fits import drop_undefined, fit_lines, with_y
 from wdanalysis.storage.atomic_write import write_csv_atomic
 from wdanalysis.table.schema import read_table, validate_deltas
+
+if TYPE_CHECKING:  # the figures are drawn by workers: this process needs no figure machinery
+    from matplotlib.figure import Figure
 
 __all__ = [
     "ALL_MODULES",
@@ -186,6 +189,7 @@ def write_report(
             done["fits"] = fit_lines(data, pool=pool, y=y)
         caught.extend(also)
         done["csv"] = write_csv_atomic(done["fits"], out_dir / "fits.csv")
+        done["heatmaps"] = heatmap_section(data, y) if html else ""
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = draw_jobs(jobs, out_dir, chosen, dpi, workers, progress, meanwhile=fits_here)
@@ -199,6 +203,7 @@ def write_report(
     result = ReportResult(out_dir, done["csv"], fits, table, drawn, notes, said)
     if not html:
         return result
-    heatmaps = heatmap_section(data, y)
-    page = write_html_report(out_dir, fits, drawn, notes=notes, warnings=said, extra=heatmaps)
+    page = write_html_report(
+        out_dir, fits, drawn, notes=notes, warnings=said, extra=done["heatmaps"]
+    )
     return ReportResult(out_dir, done["csv"], fits, table, drawn, notes, said, page)

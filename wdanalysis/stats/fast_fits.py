@@ -21,7 +21,6 @@ import warnings
 import numpy as np
 import scipy
 from scipy import special
-from scipy import stats as sps
 
 __all__ = ["REPLICATES", "fisher_interval", "line", "pearson", "spearman", "t_quantile"]
 
@@ -30,18 +29,28 @@ REPLICATES = scipy.__version__.split(".")[:2] == ["1", "17"] and hasattr(np, "ve
 _NEAR_CONSTANT = np.finfo(np.float64).eps ** 0.75
 
 
+def _sps():
+    """``scipy.stats``, imported on first use: it takes ~1 s to import, and the replicas
+    need only ``scipy.special`` (0.1 s), so a report does not pay for it."""
+    from scipy import stats
+
+    return stats
+
+
 @functools.lru_cache(maxsize=512)
 def t_quantile(probability: float, df: int) -> float:
     """``scipy.stats.t.ppf(probability, df)``, remembered (every step row of a table asks
-    for the same few)."""
-    return float(sps.t.ppf(probability, df))
+    for the same few); the replica calls what ``t.ppf`` calls, ``special.stdtrit``."""
+    if REPLICATES:
+        return float(special.stdtrit(df, probability))
+    return float(_sps().t.ppf(probability, df))
 
 
 def line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """Slope, intercept and their standard errors as ``scipy.stats.linregress`` computes
     them (standard errors NaN for two points, where linregress gives 0)."""
     if not REPLICATES:
-        result = sps.linregress(x, y)
+        result = _sps().linregress(x, y)
         ses = (result.stderr, result.intercept_stderr) if len(x) >= 3 else (math.nan,) * 2
         return float(result.slope), float(result.intercept), float(ses[0]), float(ses[1])
     xmean = np.mean(x, None)
@@ -64,7 +73,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Pearson's r and its two-sided p-value as ``scipy.stats.pearsonr`` computes them
     (with its warning when an input is nearly constant)."""
     if not REPLICATES:
-        result = sps.pearsonr(x, y)
+        result = _sps().pearsonr(x, y)
         return float(result.statistic), float(result.pvalue)
     n = np.asarray(len(x), dtype=np.float64)
     xmean = np.mean(x, axis=-1, keepdims=True)
@@ -82,7 +91,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
             "An input array is nearly constant; the computed "
             "correlation coefficient may be inaccurate."
         )
-        warnings.warn(sps.NearConstantInputWarning(message), stacklevel=3)
+        warnings.warn(_sps().NearConstantInputWarning(message), stacklevel=3)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.clip(np.vecdot(xm / normxm, ym / normym, axis=-1), -1.0, 1.0)
     ab = n / 2 - 1
@@ -122,7 +131,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     if not REPLICATES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = sps.spearmanr(x, y)
+            result = _sps().spearmanr(x, y)
         return float(result.statistic), float(result.pvalue)
     ranks = np.empty((2, len(x)))
     ranks[0], ranks[1] = _average_ranks(x), _average_ranks(y)

@@ -17,7 +17,7 @@ import pandas as pd
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.table.schema import IDENTITY_COLUMNS, name_column
 
-__all__ = ["fit_table_legend", "format_fit_table", "sign_held"]
+__all__ = ["fit_table_legend", "format_fit_table", "sign_held", "signs_held"]
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -30,6 +30,36 @@ def _text(value) -> str:
     """A key cell; an empty identity read back from CSV (NaN) prints as —."""
     empty = value is None or value == "" or (isinstance(value, float) and math.isnan(value))
     return "—" if empty else str(value)
+
+
+def signs_held(fits: pd.DataFrame, keys: list[str]) -> dict:
+    """``sign_held`` of every pooled row, by its index: the key columns are read once
+    (one pass over the table, not one per row)."""
+
+    def key_of(frame: pd.DataFrame) -> list[tuple]:
+        return list(zip(*(frame[key].astype(str) for key in keys), strict=True)) if keys else []
+
+    scope = fits["scope"].to_numpy()
+    steps = fits.loc[scope == "step"]
+    slopes = steps["slope"].to_numpy(dtype=float)
+    by_key: dict[tuple, list[float]] = {}
+    for key, slope in zip(key_of(steps) or [()] * len(steps), slopes, strict=True):
+        if np.isfinite(slope):
+            by_key.setdefault(key, []).append(slope)
+    pooled = fits.loc[scope == "pooled"]
+    out = {}
+    for index, key, slope in zip(
+        pooled.index,
+        key_of(pooled) or [()] * len(pooled),
+        pooled["slope"].to_numpy(float),
+        strict=True,
+    ):
+        mine = np.asarray(by_key.get(key, []))
+        if len(mine) == 0 or not np.isfinite(slope):
+            out[index] = "—"
+        else:
+            out[index] = f"{int((np.sign(mine) == np.sign(slope)).sum())}/{len(mine)}"
+    return out
 
 
 def sign_held(fits: pd.DataFrame, pooled: pd.Series, keys: list[str]) -> str:
@@ -97,8 +127,8 @@ def format_fit_table(fits: pd.DataFrame) -> str:
     header = [*keys, "n", "slope", "[95% CI]", "r", "[95% CI]", "within r", "ρ"]
     if has_steps:
         header.append("sign held")
-    lines = []
-    for _, row in pooled.iterrows():
+    lines, held = [], signs_held(fits, keys) if has_steps else {}
+    for index, row in pooled.iterrows():
         cells = [_text(row[key]) for key in keys]
         cells += [
             str(int(row["n"])),
@@ -110,7 +140,7 @@ def format_fit_table(fits: pd.DataFrame) -> str:
             _fmt(row.get("spearman_rho", math.nan), "+.2f"),
         ]
         if has_steps:
-            cells.append(sign_held(fits, row, keys))
+            cells.append(held[index])
         note = row.get("note")
         if isinstance(note, str) and note:  # NaN when the fits were read back from CSV
             cells.append(f"  ({note})")

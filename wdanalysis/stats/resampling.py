@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from wdanalysis.errors import WDAnalysisError
 from wdanalysis.stats.clusters import CLUSTER, bootstrap_group, layer_sums, slope_r, within_step
@@ -210,6 +209,8 @@ def across_seed_summary(
         k = len(values)
         mean = float(values.mean()) if k else math.nan
         if k >= 2:
+            from scipy import stats as sps  # here: importing it costs ~1 s
+
             half = sps.t.ppf((1 + level) / 2, k - 1) * values.std(ddof=1) / math.sqrt(k)
             low, high = mean - half, mean + half
         else:
