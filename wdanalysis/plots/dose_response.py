@@ -20,6 +20,9 @@ __all__ = ["plot_dose_response"]
 
 PAPER_DOSE = {"FT": 0.05, "LoRA": 0.5, "DoRA": 0.5}  # wd·Σlr of the authors' runs (issue 23)
 LENGTH_STYLES = ("-", "--", ":", "-.")
+#: The learned lines: dotted for the first length, dash-dot-dot for the second (thin, so
+#: the raw lines stay in front).
+LEARNED_STYLES = (":", (0, (4, 1.5, 1, 1.5, 1, 1.5)), (0, (1, 3)), (0, (6, 2)))
 
 
 def plot_dose_response(
@@ -45,7 +48,7 @@ def plot_dose_response(
             colour = f"C{i}"
             for j, steps in enumerate(lengths):
                 _line(ax, rows, method, steps, colour, LENGTH_STYLES[j % len(LENGTH_STYLES)])
-                _learned(ax, rows, method, steps, colour)
+                _learned(ax, rows, method, steps, colour, LEARNED_STYLES[j % len(LEARNED_STYLES)])
             if method in PAPER_R:
                 ax.scatter(
                     PAPER_DOSE[method],
@@ -84,7 +87,7 @@ def _line(ax, rows: pd.DataFrame, method: str, steps: int, colour: str, style: s
     )
 
 
-def _learned(ax, rows: pd.DataFrame, method: str, steps: int, colour: str) -> None:
+def _learned(ax, rows: pd.DataFrame, method: str, steps: int, colour: str, style) -> None:
     """The r of ``delta_m_learned`` where the cells have it (cells cached before issue 36
     have not)."""
     if "pearson_r_learned" not in rows:
@@ -95,6 +98,6 @@ def _learned(ax, rows: pd.DataFrame, method: str, steps: int, colour: str) -> No
         return
     mean = mine.groupby("decay_dose", sort=True)["pearson_r_learned"].mean()
     label = f"{method}, {steps} steps, learned ΔM"
-    ax.plot(mean.index, mean.to_numpy(), ":", lw=0.9, color=colour, label=label)
+    ax.plot(mean.index, mean.to_numpy(), linestyle=style, lw=0.9, color=colour, label=label)
     ax.scatter(mine["decay_dose"], mine["pearson_r_learned"], s=18, facecolor="none",
                edgecolor=colour, zorder=3)  # fmt: skip
