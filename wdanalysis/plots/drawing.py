@@ -152,6 +152,16 @@ def _main_reimport_safe() -> bool:
 _prestarted = False  # whether prestart_workers() started this process's forkserver
 
 
+def _forkserver():
+    """The ``forkserver`` context with the plotting modules preloaded, or None where the
+    platform has none."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
+
+
 def prestart_workers() -> bool:
     """Start the forkserver that figure workers fork from now, so that it imports the
     plotting modules in its own process while this one goes on; a later report's workers
@@ -161,9 +171,8 @@ def prestart_workers() -> bool:
     forkserver is running (False: no forkserver on this platform, or workers may not
     import this ``__main__`` again)."""
     global _prestarted
-    if "forkserver" not in multiprocessing.get_all_start_methods() or not _main_reimport_safe():
+    if not _main_reimport_safe() or _forkserver() is None:
         return False
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
     from multiprocessing import forkserver
 
     try:
@@ -185,11 +194,7 @@ def _context():
         return multiprocessing.get_context("fork")
     if not _main_reimport_safe():
         return None
-    if "forkserver" not in methods:
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
-    return context
+    return _forkserver() or multiprocessing.get_context("spawn")
 
 
 def _beside_workers(

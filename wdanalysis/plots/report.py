@@ -183,7 +183,8 @@ def write_report(
         jobs += more
     done: dict = {}
 
-    def fits_here() -> None:  # while the workers draw; Figure 2 fits its panels itself
+    def tables_here() -> None:  # fits, fits.csv and the heatmap tables, while workers draw
+        # (Figure 2 fits its panels itself)
         with warnings.catch_warnings(record=True) as also:
             warnings.simplefilter("always")
             done["fits"] = fit_lines(data, pool=pool, y=y)
@@ -192,7 +193,7 @@ def write_report(
         done["heatmaps"] = heatmap_section(data, y) if html else ""
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = draw_jobs(jobs, out_dir, chosen, dpi, workers, progress, meanwhile=fits_here)
+    files = draw_jobs(jobs, out_dir, chosen, dpi, workers, progress, meanwhile=tables_here)
     for warning in caught:  # passed on to the caller, and kept for index.html
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     said = [str(w.message) for w in caught]

@@ -37,20 +37,21 @@ def signs_held(fits: pd.DataFrame, keys: list[str]) -> dict:
     (one pass over the table, not one per row)."""
 
     def key_of(frame: pd.DataFrame) -> list[tuple]:
-        return list(zip(*(frame[key].astype(str) for key in keys), strict=True)) if keys else []
+        columns = [frame[key].astype(str) for key in keys]
+        return list(zip(*columns, strict=True)) if columns else [()] * len(frame)
 
     scope = fits["scope"].to_numpy()
     steps = fits.loc[scope == "step"]
     slopes = steps["slope"].to_numpy(dtype=float)
     by_key: dict[tuple, list[float]] = {}
-    for key, slope in zip(key_of(steps) or [()] * len(steps), slopes, strict=True):
+    for key, slope in zip(key_of(steps), slopes, strict=True):
         if np.isfinite(slope):
             by_key.setdefault(key, []).append(slope)
     pooled = fits.loc[scope == "pooled"]
     out = {}
     for index, key, slope in zip(
         pooled.index,
-        key_of(pooled) or [()] * len(pooled),
+        key_of(pooled),
         pooled["slope"].to_numpy(float),
         strict=True,
     ):
